@@ -1,0 +1,125 @@
+"""The shared Stable Diffusion backbone: load its parts from a hub id or a diffusers-layout folder."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffsr.errors import BaseModelError
+
+# What each part's folder must hold to be loadable.
+_PART_FILES = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("tokenizer_config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+PARTS = tuple(_PART_FILES)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise BaseModelError(f"unknown dtype '{dtype}' (choose float32, float16 or bfloat16)")
+    return names[dtype]
+
+
+def check_base_folder(base: Path, parts=PARTS) -> None:
+    """Name the first missing part of a local base folder, instead of a deep stack trace later."""
+    if not base.is_dir():
+        raise BaseModelError(f"{base}: base model folder does not exist")
+    for part in parts:
+        folder = base / part
+        if not folder.is_dir():
+            raise BaseModelError(f"{base}: base model folder is missing '{part}/' "
+                                 f"(a diffusers Stable Diffusion folder has {', '.join(p + '/' for p in PARTS)})")
+        if not any((folder / f).is_file() for f in _PART_FILES[part]):
+            raise BaseModelError(f"{folder}: missing {_PART_FILES[part][0]}")
+
+
+@dataclass
+class Backbone:
+    """The Stable Diffusion parts every method shares."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP last hidden states for each prompt, padded to the tokenizer's maximum length (77)."""
+        ids = self.tokenizer(prompts, max_length=self.tokenizer.model_max_length, padding="max_length",
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod
+
+
+@contextmanager
+def quiet_loading():
+    """Silence the libraries' per-load progress bars and notices; our own progress covers loading."""
+    import diffusers
+    import transformers
+
+    levels = diffusers.logging.get_verbosity(), transformers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers.logging.set_verbosity(levels[0])
+        transformers.logging.set_verbosity(levels[1])
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
+
+
+def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                  unet_cls=None, vae_cls=None) -> Backbone:
+    """Load UNet, VAE, text encoder, tokenizer and scheduler config from `base`.
+
+    `base` is a local folder in the diffusers layout or a hub id (resolved by huggingface_hub as usual,
+    including its offline cache). `unet_cls`/`vae_cls` let a method substitute a subclass.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype)
+    local = Path(base).expanduser()
+    is_local = local.exists() or str(base).startswith((".", "/", "~")) or str(base).count("/") != 1
+    if is_local:
+        check_base_folder(local)
+        base = str(local)
+    try:
+        with quiet_loading():
+            unet = (unet_cls or UNet2DConditionModel).from_pretrained(base, subfolder="unet", torch_dtype=dtype)
+            vae = (vae_cls or AutoencoderKL).from_pretrained(base, subfolder="vae", torch_dtype=dtype)
+            text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        from diffusers import DDPMScheduler
+
+        scheduler_config = dict(DDPMScheduler.load_config(base, subfolder="scheduler"))
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = "folder" if is_local else "hub id"
+        raise BaseModelError(f"{base}: cannot load the base model ({where}): {first_line}") from error
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval().to(device=device)
+    return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype)

@@ -1,0 +1,79 @@
+"""Readers for the authors' weight files, and `detect`: which method a file belongs to."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from diffsr.errors import WeightsError
+
+# Top-level keys that identify each release format (a file matches when it has all of them).
+_SIGNATURES = {
+    "osediff": ("unet_lora_encoder_modules", "unet_lora_decoder_modules", "state_dict_unet", "state_dict_vae"),
+    "s3diff": ("unet_lora_target_modules", "vae_lora_target_modules", "state_dict_unet", "w"),
+}
+# State-dict key prefixes of the LDM (Lightning) checkpoints.
+_PREFIXES = {
+    "ccsr": ("control_model.",),
+    "stablesr": ("structcond_stage_model.", "decoder.fusion_layer_1", "first_stage_model.decoder.fusion_layer_1"),
+}
+
+
+def read_weights(path: str | Path) -> dict:
+    """Load a .pkl/.pth/.ckpt (torch pickle) or .safetensors file as a dict, with one clear error line."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder, not a weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises several private error types
+            raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "weights_only" not in str(error):
+                raise
+            # Lightning checkpoints pickle a few non-tensor objects (hyper-parameters, callbacks).
+            warnings.warn(f"{path.name}: holds pickled Python objects; loading it with full unpickling "
+                          "(only do this for files you trust)", stacklevel=2)
+            data = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{path}: not a readable weights file, corrupt or truncated ({reason})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a dict of weights, found {type(data).__name__}")
+    return data
+
+
+def detect(weights: dict) -> str | None:
+    """The method whose release format `weights` has, or None."""
+    for method, keys in _SIGNATURES.items():
+        if all(key in weights for key in keys):
+            return method
+    state = weights.get("state_dict", weights)
+    if isinstance(state, dict):
+        names = [k for k in state if isinstance(k, str)]
+        for method, prefixes in _PREFIXES.items():
+            if any(name.startswith(prefixes) for name in names):
+                return method
+    return None
+
+
+def read_method_weights(path: str | Path, method: str) -> dict:
+    """read_weights + a check that the file is `method`'s release format."""
+    weights = read_weights(path)
+    found = detect(weights)
+    if found != method:
+        what = f"a {found} checkpoint" if found else "not a known release format"
+        raise WeightsError(f"{path}: this is {what}, not {method} weights")
+    return weights

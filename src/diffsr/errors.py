@@ -1,0 +1,21 @@
+"""Errors that carry one clear line for the user: what file, what is wrong."""
+
+
+class DiffsrError(Exception):
+    """Base class; str(error) is the one line shown to the user."""
+
+
+class ImageError(DiffsrError):
+    """An input image is missing, unreadable, truncated or not an image."""
+
+
+class WeightsError(DiffsrError):
+    """A weights file is missing, corrupt, or belongs to another method."""
+
+
+class BaseModelError(DiffsrError):
+    """The Stable Diffusion base (hub id or folder) is missing or incomplete."""
+
+
+class UsageError(DiffsrError):
+    """A knob is out of range or a combination of options is invalid."""

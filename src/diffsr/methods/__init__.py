@@ -1,0 +1,20 @@
+"""The method registry: one class per method, each built from a base model and the authors' weights."""
+
+from __future__ import annotations
+
+from diffsr.errors import UsageError
+from diffsr.methods.base import Upscaler
+from diffsr.methods.osediff import OSEDiff
+
+METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (OSEDiff,)}
+
+
+def list_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> type[Upscaler]:
+    key = name.lower()
+    if key not in METHODS:
+        raise UsageError(f"unknown method '{name}' (available: {', '.join(list_methods())})")
+    return METHODS[key]

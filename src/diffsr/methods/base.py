@@ -1,0 +1,114 @@
+"""What every method shares: the image -> preprocess -> restore -> color fix -> image flow.
+
+A method subclass supplies `load` (build from base + weights), `preprocess` (input picture -> the LR
+tensor the network sees, at processing size) and `restore` (that tensor -> restored image tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffsr.color import COLOR_FIXES, color_fix
+from diffsr.errors import UsageError
+from diffsr.images import Picture, as_picture, resize, tensor_to_array, to_pil
+
+MIN_SCALE, MAX_SCALE = 1, 8
+# Without tiling one pass must fit in memory: the VAE's mid-block attention grows with the square of
+# the latent area (about 17 GB at 2048x2048 output). Larger images need the tiler.
+MAX_SINGLE_PASS_PIXELS = 1600 * 1600
+
+
+@dataclass
+class Prepared:
+    """The network's input and what is needed to bring its output back to the requested size."""
+
+    lr: torch.Tensor  # (1, 3, h, w) in [0, 1], processing size
+    out_size: tuple[int, int]  # (width, height) the user asked for
+
+
+def output_size(picture: Picture, scale: float) -> tuple[int, int]:
+    width, height = picture.size
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def check_scale(scale: float) -> float:
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise UsageError(f"scale {scale} is out of range (choose {MIN_SCALE} to {MAX_SCALE})")
+    return scale
+
+
+class Upscaler:
+    """Base class of the four methods. Call it: `upscaler(image, scale=4, seed=0, **knobs) -> PIL.Image`."""
+
+    name: str = ""
+    default_base: str = ""
+    default_color_fix: str = "adain"
+    weights_name: str = ""  # the release's file name, for messages
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.dtype = dtype
+
+    # -- what a method supplies ------------------------------------------------------------------
+    @classmethod
+    def load(cls, base: str | Path, weights: str | Path, device, dtype, **options) -> "Upscaler":
+        raise NotImplementedError
+
+    @classmethod
+    def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
+        raise NotImplementedError(f"random release-format weights for {cls.name} are not available yet")
+
+    def preprocess(self, picture: Picture, scale: float) -> Prepared:
+        raise NotImplementedError
+
+    def restore(self, lr: torch.Tensor, generator: torch.Generator, **knobs) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- the shared flow -------------------------------------------------------------------------
+    def check_knobs(self, knobs: dict) -> None:
+        """Reject unknown knobs by name (a typo must not silently do nothing)."""
+        allowed = set(self.knob_names())
+        unknown = sorted(set(knobs) - allowed)
+        if unknown:
+            raise UsageError(f"{self.name} has no option {', '.join(unknown)} (options: {', '.join(sorted(allowed))})")
+
+    def knob_names(self) -> tuple[str, ...]:
+        return ("prompt",)
+
+    @torch.no_grad()
+    def upscale(self, image, scale: float = 4, seed: int = 0, color_fix: str | None = None, **knobs) -> Picture:
+        """Upscale and return a Picture in the input's bit depth (alpha upscaled separately)."""
+        picture = as_picture(image)
+        check_scale(scale)
+        fix = color_fix or self.default_color_fix
+        if fix not in COLOR_FIXES:
+            raise UsageError(f"unknown color fix '{fix}' (choose {', '.join(COLOR_FIXES)})")
+        self.check_knobs(knobs)
+        prepared = self.preprocess(picture, scale)
+        height, width = prepared.lr.shape[-2:]
+        if width * height > MAX_SINGLE_PASS_PIXELS:
+            raise UsageError(f"{picture.name}: a {width}x{height} output is too large for one pass "
+                             f"(limit {MAX_SINGLE_PASS_PIXELS / 1e6:.1f} MP) and tiled processing is not available "
+                             "yet: upscale a crop or use a smaller scale")
+        lr = prepared.lr.to(self.device, torch.float32)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        restored = self.restore(lr, generator, **knobs).float()
+        restored = color_fix_and_clamp(restored, lr, fix)
+        depth = picture.rgb.dtype
+        rgb = tensor_to_array(restored, np.uint16 if depth == np.uint16 else np.uint8)
+        rgb = resize(rgb, prepared.out_size, "bicubic")
+        alpha = None if picture.alpha is None else resize(picture.alpha, prepared.out_size, "bicubic")
+        return Picture(rgb, alpha, picture.name)
+
+    def __call__(self, image, scale: float = 4, seed: int = 0, **knobs):
+        """Upscale one image (path, PIL, uint8/uint16 array or [0,1] tensor); returns a PIL.Image."""
+        result = self.upscale(image, scale=scale, seed=seed, **knobs)
+        return to_pil(result.rgb, result.alpha)
+
+
+def color_fix_and_clamp(restored: torch.Tensor, lr: torch.Tensor, method: str) -> torch.Tensor:
+    return color_fix(restored.clamp(0, 1), lr, method).clamp(0, 1)

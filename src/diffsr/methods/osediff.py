@@ -1,0 +1,168 @@
+"""OSEDiff: one UNet step at t=999 on SD 2.1-base, with LoRA on the VAE encoder and the UNet.
+
+Release: cswry/OSEDiff (`osediff.pkl`). Facts: ../shared/METHODS.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffsr.backbone import Backbone, load_backbone
+from diffsr.checkpoints import read_method_weights
+from diffsr.errors import UsageError, WeightsError
+from diffsr.images import Picture, resize
+from diffsr.lora import add_lora, load_lora_state, merge_lora
+from diffsr.methods.base import Prepared, Upscaler, output_size
+from diffsr.prompts import compose_prompt, load_tagger
+
+TIMESTEP = 999
+PROCESS_SIZE = 512  # the release enlarges inputs whose short side is below PROCESS_SIZE // scale
+UNET_ADAPTERS = ("default_encoder", "default_decoder", "default_others")
+VAE_ADAPTER = "default_encoder"
+_UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
+                  "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
+_VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
+
+
+def unet_lora_modules(unet: torch.nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """The release's three UNet target lists: (down blocks + conv_in, up blocks + conv_out, the rest)."""
+    encoder, decoder, others = [], [], []
+    for name, _ in unet.named_parameters():
+        if "bias" in name or "norm" in name or not any(p in name for p in _UNET_PATTERNS):
+            continue
+        module = name.replace(".weight", "")
+        if "down_blocks" in name or "conv_in" in name:
+            encoder.append(module)
+        elif "up_blocks" in name or "conv_out" in name:
+            decoder.append(module)
+        else:
+            others.append(module)
+    return encoder, decoder, others
+
+
+def vae_lora_modules(vae: torch.nn.Module) -> list[str]:
+    """The release's VAE-encoder target list. It appends a name once per matching pattern, so names
+    repeat; kept as released because the list is stored in osediff.pkl."""
+    modules = []
+    for name, _ in vae.named_parameters():
+        if "bias" in name or "norm" in name:
+            continue
+        for pattern in _VAE_PATTERNS:
+            if pattern in name and "encoder" in name:
+                modules.append(name.replace(".weight", ""))
+            elif "quant_conv" in name and "post_quant_conv" not in name:
+                modules.append(name.replace(".weight", ""))
+    return modules
+
+
+def attach_lora(backbone: Backbone, weights: dict) -> None:
+    """Add the release's peft adapters (alpha 8 => scaling 8/rank) and copy the trained tensors in."""
+    unet_lists = [weights[f"unet_lora_{part}_modules"] for part in ("encoder", "decoder", "others")]
+    for adapter, modules in zip(UNET_ADAPTERS, unet_lists):
+        add_lora(backbone.unet, modules, weights["rank_unet"], adapter)
+    add_lora(backbone.vae, weights["vae_lora_encoder_modules"], weights["rank_vae"], VAE_ADAPTER)
+    # conv_in is LoRA-wrapped AND its base weight was trained: the state holds both.
+    load_lora_state(backbone.unet, weights["state_dict_unet"], lambda n: "lora" in n or "conv_in" in n, "state_dict_unet")
+    load_lora_state(backbone.vae, weights["state_dict_vae"], lambda n: "lora" in n, "state_dict_vae")
+    backbone.unet.set_adapter(list(UNET_ADAPTERS))
+    backbone.vae.set_adapter([VAE_ADAPTER])
+
+
+class OSEDiff(Upscaler):
+    name = "osediff"
+    default_base = "stabilityai/stable-diffusion-2-1-base"
+    default_color_fix = "adain"
+    weights_name = "osediff.pkl"
+
+    def __init__(self, backbone: Backbone, tagger=None, sample_posterior: bool = False):
+        super().__init__(backbone.device, backbone.dtype)
+        self.backbone = backbone
+        self.tagger = tagger
+        self.sample_posterior = sample_posterior
+        alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
+        self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+
+    @classmethod
+    def load(cls, base, weights, device="cpu", dtype="float32", merge_lora: bool = False, tagger=None,
+             sample_posterior: bool = False) -> "OSEDiff":
+        if weights is None:
+            raise UsageError("osediff needs its weights: pass weights='osediff.pkl' (--weights)")
+        state = read_method_weights(weights, cls.name)
+        backbone = load_backbone(base, device, dtype)
+        try:
+            attach_lora(backbone, state)
+        except WeightsError as error:
+            raise WeightsError(f"{weights}: {error}") from None
+        if merge_lora:
+            merge_lora(backbone.unet)
+            merge_lora(backbone.vae)
+        return cls(backbone, tagger=load_tagger(tagger), sample_posterior=sample_posterior)
+
+    @classmethod
+    def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
+        """A random osediff.pkl with the release's keys, lists, ranks and adapter names."""
+        backbone = load_backbone(base)
+        unet_lists = unet_lora_modules(backbone.unet)
+        vae_list = vae_lora_modules(backbone.vae)
+        rank = 4
+        for adapter, modules in zip(UNET_ADAPTERS, unet_lists):
+            add_lora(backbone.unet, modules, rank, adapter)
+        add_lora(backbone.vae, vae_list, rank, VAE_ADAPTER)
+        generator = torch.Generator().manual_seed(seed)
+        unet_state = {k: v for k, v in backbone.unet.state_dict().items() if "lora" in k or "conv_in" in k}
+        vae_state = {k: v for k, v in backbone.vae.state_dict().items() if "lora" in k}
+        for state in (unet_state, vae_state):
+            for key, value in state.items():
+                # lora_B starts at zero in training; random here so the adapters visibly act.
+                noise = torch.randn(value.shape, generator=generator) * (0.02 if "lora" in key else 0.01)
+                state[key] = (value + noise).contiguous() if "base_layer" in key else noise
+        torch.save({
+            "vae_lora_encoder_modules": vae_list,
+            "unet_lora_encoder_modules": unet_lists[0],
+            "unet_lora_decoder_modules": unet_lists[1],
+            "unet_lora_others_modules": unet_lists[2],
+            "rank_unet": rank,
+            "rank_vae": rank,
+            "state_dict_unet": unet_state,
+            "state_dict_vae": vae_state,
+        }, out_file)
+
+    def knob_names(self):
+        return ("prompt", "sample_posterior")
+
+    def preprocess(self, picture: Picture, scale: float) -> Prepared:
+        """As test_osediff.py: enlarge small inputs, resize by `scale` (bicubic), then to a multiple of 8
+        (Lanczos), all in PIL on the 8-bit image."""
+        rgb = picture.rgb
+        width, height = picture.size
+        short_side = PROCESS_SIZE // scale
+        if width < short_side or height < short_side:
+            grow = short_side / min(width, height)
+            width, height = int(grow * width), int(grow * height)
+            rgb = resize(rgb, (width, height), "bicubic")
+        width, height = round(width * scale), round(height * scale)
+        rgb = resize(rgb, (width, height), "bicubic")
+        rgb = resize(rgb, (width - width % 8, height - height % 8), "lanczos")
+        # The release meant to resize the output back to scale x input but discarded the result of
+        # that resize; we do resize back, so the output has the size the user asked for.
+        return Prepared(Picture(rgb).to_tensor(), output_size(picture, scale))
+
+    def prompt_for(self, lr: torch.Tensor, prompt: str) -> str:
+        tags = self.tagger(lr)[0] if self.tagger is not None else None
+        return compose_prompt(prompt, tags)
+
+    def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str = "",
+                sample_posterior: bool | None = None) -> torch.Tensor:
+        backbone = self.backbone
+        vae, unet = backbone.vae, backbone.unet
+        sample = self.sample_posterior if sample_posterior is None else sample_posterior
+        text = backbone.encode_prompt([self.prompt_for(lr, prompt)])
+        posterior = vae.encode((lr * 2 - 1).to(self.dtype)).latent_dist
+        latent = (posterior.sample(generator) if sample else posterior.mode()) * vae.config.scaling_factor
+        eps = unet(latent, TIMESTEP, encoder_hidden_states=text).sample
+        # One step from t=999 straight to x0 (what the release's DDPM step returns there).
+        x0 = (latent.float() - self.sqrt_one_minus_alpha_bar * eps.float()) / self.sqrt_alpha_bar
+        image = vae.decode((x0 / vae.config.scaling_factor).to(self.dtype)).sample.clamp(-1, 1)
+        return image.float() * 0.5 + 0.5

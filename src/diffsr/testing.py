@@ -1,0 +1,158 @@
+"""Tiny random models in the real on-disk formats, for tests, benchmarks and offline smoke runs.
+
+`make_tiny_base(path)` writes an SD-2.x-shaped Stable Diffusion folder (diffusers layout) and
+`make_tiny_weights(method, base, out)` writes random method weights in the authors' release format.
+The loaders treat them exactly like the real files; only the sizes differ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diffsr.backbone import quiet_loading
+
+# SD 2.x scheduler config as released (PNDM in the folder; methods build DDPM/DDIM from it).
+SD2_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+TINY_TEXT_DIM = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's byte -> printable-character table (needed to write a valid byte-level BPE vocabulary)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """A CLIP tokenizer with the 512 byte-level symbols and no merges; returns the vocabulary size."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    # SD 2.x pads with "!" (id 0), not with <|endoftext|> as SD 1.x does.
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!", model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+def make_tiny_base(path: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny SD-2.x-shaped base model (UNet, VAE, CLIP text encoder, tokenizer, scheduler).
+
+    The layout and module names are those of stabilityai/stable-diffusion-2-1-base; channel counts,
+    depths and the text width are shrunk so a forward pass takes milliseconds on a CPU.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with quiet_loading():
+        _write_tiny_base(path, seed, prediction_type)
+    return path
+
+
+def _write_tiny_base(path: Path, seed: int, prediction_type: str) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4, 4, 4),
+        cross_attention_dim=TINY_TEXT_DIM,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+    unet.save_pretrained(path / "unet")
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    vae.save_pretrained(path / "vae")
+
+    vocab_size = _write_tokenizer(path / "tokenizer")
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=TINY_TEXT_DIM,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=0,
+    )
+    CLIPTextModel(text_config).save_pretrained(path / "text_encoder")
+
+    (path / "scheduler").mkdir(exist_ok=True)
+    scheduler = dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
+
+
+def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, seed: int = 0) -> Path:
+    """Write random weights for `method` in the authors' release format, shaped for the base at `base_path`."""
+    from diffsr.methods import get_method
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
+    return out_file
