@@ -97,7 +97,7 @@ def run_upscale(args) -> int:
         else:
             seen[target] = path
             planned.append((path, target))
-    if skipped and not args.quiet:
+    if skipped:
         print(f"skipping {skipped} input(s) whose output already exists (use --overwrite to replace)", file=sys.stderr)
     if not planned:
         return EXIT_SOME_FAILED if failures else EXIT_OK
