@@ -147,3 +147,51 @@ def test_incomplete_base_folder_is_named(tmp_path, tiny_base, osediff_weights):
         diffsr.load_upscaler("osediff", base=broken, weights=osediff_weights)
     with pytest.raises(BaseModelError, match="does not exist"):
         diffsr.load_upscaler("osediff", base=tmp_path / "nothing-here", weights=osediff_weights)
+
+
+def test_a_tagger_is_pluggable_and_a_missing_one_is_named(tiny_base, osediff_weights, osediff):
+    seen = []
+
+    def tagger(images):
+        seen.append(tuple(images.shape))
+        return ["cat, grass"]
+
+    tagged = diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, tagger=tagger)
+    assert tagged.prompt_for(lr_tensor(), "sharp") == "cat, grass, sharp,"  # the release's format
+    assert seen == [(1, 3, 64, 64)]
+    with pytest.raises(UsageError, match="no tagger named 'ram' is installed"):
+        diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, tagger="ram")
+
+
+def test_unavailable_device_and_dtype_are_named(tiny_base, osediff_weights):
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="device 'cuda' is not available"):
+            diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, device="cuda")
+    with pytest.raises(UsageError, match="unknown device 'gpu0'"):
+        diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, device="gpu0")
+    with pytest.raises(UsageError, match="unknown dtype 'float8'"):
+        diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, dtype="float8")
+
+
+def test_hub_ids_resolve_through_the_huggingface_cache(tmp_path, tiny_base, osediff_weights):
+    """A hub id loads like any diffusers model: here from a populated offline cache (no network).
+    In a subprocess, because the libraries read the cache location when they are imported."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--someone--sd21-tiny"
+    shutil.copytree(tiny_base, repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef0123456789abcdef01234567")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    code = (f"import diffsr; up = diffsr.load_upscaler('osediff', base='someone/sd21-tiny', weights={str(osediff_weights)!r});"
+            "print(tuple(up.backbone.unet.config.block_out_channels))\n"
+            "try:\n diffsr.load_upscaler('osediff', base='nobody/nothing', weights=" + repr(str(osediff_weights)) + ")\n"
+            "except diffsr.BaseModelError as e: print(e)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "(32, 64, 64, 64)"
+    assert lines[1].startswith("nobody/nothing: cannot load the base model (hub id)")

@@ -30,6 +30,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")
+    parser.add_argument("--tagger", help="image tagger whose tags are prepended to the prompt (none is bundled)")
     parser.add_argument("--sample-posterior", action="store_true",
                         help="sample the VAE posterior with --seed as the release does (default: its mean)")
 
@@ -105,6 +106,8 @@ def run_upscale(args) -> int:
     options = {"merge_lora": args.merge_lora}
     if args.sample_posterior:
         options["sample_posterior"] = True
+    if args.tagger:
+        options["tagger"] = args.tagger
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
                                         dtype=args.dtype, **options)
