@@ -40,6 +40,7 @@ def make_kernels(specs: list[dict], pad_to: int = 21, device="cpu") -> torch.Ten
     count = len(specs)
     if count == 0:
         return torch.zeros(0, pad_to, pad_to, device=device)
+    target, device = device, "cpu"  # tiny: made in float64 on the CPU (not every device has float64), then moved
     f64 = dict(dtype=torch.float64, device=device)
     kind = [s["type"] for s in specs]
     sizes = torch.tensor([s.get("size", 1) for s in specs], device=device)
@@ -75,7 +76,7 @@ def make_kernels(specs: list[dict], pad_to: int = 21, device="cpu") -> torch.Ten
     centre = (x == 0) & (y == 0)
     kernels = torch.where(is_family["pulse"], centre.to(torch.float64), kernels)
     kernels = torch.where(_size_mask(torch.where(is_family["pulse"][:, 0, 0], 1, sizes), pad_to), kernels, 0.0)
-    return (kernels / kernels.sum(dim=(1, 2), keepdim=True)).float()
+    return (kernels / kernels.sum(dim=(1, 2), keepdim=True)).float().to(target)
 
 
 def kernel_sizes(kernels: torch.Tensor) -> list[int]:
@@ -87,11 +88,20 @@ def kernel_sizes(kernels: torch.Tensor) -> list[int]:
     return [max(1, pad_to - 2 * int(f)) for f in first.tolist()]
 
 
+def _rank_one(kernels: torch.Tensor, tolerance: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(separable, column, row): which kernels are outer products column x row (e.g. isotropic Gaussians)."""
+    u, s, vh = torch.linalg.svd(kernels.double().cpu())
+    separable = s[:, 1] <= tolerance * s[:, 0]
+    root = s[:, :1].sqrt()
+    return separable, (u[:, :, 0] * root).float(), (vh[:, 0, :] * root).float()
+
+
 def filter2d(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Filter each image with its own kernel (or one kernel for all), reflect-padded: BasicSR's filter2D.
 
-    Samples are grouped by their kernel's true size, so a 7x7 kernel padded to 21x21 costs a 7x7 filter
-    (same result: the padded taps are zero) and a pulse costs nothing.
+    Cheaper, same result (within float rounding): samples are grouped by their kernel's true size, so a
+    7x7 kernel padded to 21x21 costs a 7x7 filter and a pulse costs nothing, and separable kernels
+    (isotropic Gaussians) run as two 1-D passes.
     """
     if kernels.ndim == 2:
         kernels = kernels[None]
@@ -99,16 +109,20 @@ def filter2d(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     if kernels.shape[0] == 1 and images.shape[0] > 1:
         kernels = kernels.expand(images.shape[0], -1, -1)
     sizes = kernel_sizes(kernels)
+    separable, columns, rows = _rank_one(kernels)
     pad_to = kernels.shape[-1]
     out = images.clone()
-    for size in sorted(set(sizes)):
+    for size, split in sorted(set(zip(sizes, separable.tolist()))):
         if size == 1:  # pulse
             continue
-        index = [i for i, s in enumerate(sizes) if s == size]
-        start = (pad_to - size) // 2
-        trimmed = kernels[index, start:start + size, start:start + size]
+        index = [i for i, (s, p) in enumerate(zip(sizes, separable.tolist())) if (s, p) == (size, split)]
         chosen = torch.tensor(index, device=images.device)
-        out[chosen] = kornia.filters.filter2d(images[chosen], trimmed, border_type="reflect")
+        inner = slice((pad_to - size) // 2, (pad_to + size) // 2)
+        if split:
+            column, row = columns[index, inner].to(images), rows[index, inner].to(images)
+            out[chosen] = kornia.filters.filter2d_separable(images[chosen], row, column, border_type="reflect")
+        else:
+            out[chosen] = kornia.filters.filter2d(images[chosen], kernels[index, inner, inner], border_type="reflect")
     return out
 
 

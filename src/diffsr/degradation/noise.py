@@ -30,8 +30,11 @@ def gaussian_noise(images: torch.Tensor, sigma: float, gray: bool, generator: to
 def _poisson_counts(plane: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Shot noise of 8-bit-rounded `plane`, with the photon count set by its number of distinct values."""
     plane = torch.clamp((plane * 255.0).round(), 0, 255) / 255.0
-    # Photon count: the number of distinct values of each sample, rounded up to a power of two.
-    levels = [2.0 ** math.ceil(math.log2(torch.unique(p).numel())) for p in plane]
+    # Photon count: the number of distinct values of each sample, rounded up to a power of two
+    # (counted with a histogram of the 256 levels: the same count as torch.unique, without a sort).
+    codes = (plane * 255.0).round().to(torch.int64).flatten(1)
+    distinct = [int(torch.bincount(c, minlength=256).count_nonzero()) for c in codes]
+    levels = [2.0 ** math.ceil(math.log2(n)) for n in distinct]
     levels = torch.tensor(levels, dtype=plane.dtype, device=plane.device).view(-1, 1, 1, 1)
     return torch.poisson(plane * levels, generator=generator) / levels - plane
 
