@@ -10,6 +10,16 @@ from scipy.stats import chisquare
 
 from diffsr.degradation import load_config, sample_params
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small tensor ops: one thread is several times faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 COUNT = 1000
 P_MIN = 1e-3  # reject the fit below this p-value
 

@@ -30,6 +30,7 @@ class BlurConfig:
     rotation: list[float] = field(default_factory=lambda: [-math.pi, math.pi])
     betag: list[float] = field(default_factory=lambda: [0.5, 4.0])  # generalized Gaussian shape
     betap: list[float] = field(default_factory=lambda: [1.0, 2.0])  # plateau shape
+    beta_below_one_prob: float = 0.5  # beta is uniform in [low, 1] with this probability, else in [1, high]
     sinc_prob: float = 0.1
     # Sinc cutoff omega_c: small kernels get a higher floor so that they do not ring too much.
     sinc_small_size: int = 13  # kernels smaller than this use sinc_cutoff_small
@@ -92,7 +93,8 @@ class DegradationConfig:
     final: FinalConfig = field(default_factory=FinalConfig)
     usm: UsmConfig = field(default_factory=UsmConfig)
     kernel_pad_to: int = 21  # kernels are stored padded to this size (must cover every kernel size)
-    no_degradation_prob: float = 0.0  # LR is a plain bicubic downscale of the HR
+    no_degradation_prob: float = 0.0  # LR is then a plain downscale of the HR, with no_degradation_mode
+    no_degradation_mode: str = "bicubic"
     quantize: bool = True  # round the LR to 8 bits at the end
     jpeg_differentiable: bool = False  # cubic rounding inside JPEG (gradients); Real-ESRGAN uses plain rounding
 
@@ -113,6 +115,7 @@ class DegradationConfig:
                "final.sinc_sizes: kernel sizes must be odd and at most kernel_pad_to")
         _check(all(m in RESIZE_MODES for m in self.final.resize_modes), f"final.resize_modes: one of {RESIZE_MODES}")
         _check(self.scale >= 1, f"scale must be at least 1, got {self.scale}")
+        _check(self.no_degradation_mode in RESIZE_MODES, f"no_degradation_mode: one of {RESIZE_MODES}")
         return self
 
 

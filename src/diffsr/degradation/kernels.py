@@ -88,20 +88,11 @@ def kernel_sizes(kernels: torch.Tensor) -> list[int]:
     return [max(1, pad_to - 2 * int(f)) for f in first.tolist()]
 
 
-def _rank_one(kernels: torch.Tensor, tolerance: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(separable, column, row): which kernels are outer products column x row (e.g. isotropic Gaussians)."""
-    u, s, vh = torch.linalg.svd(kernels.double().cpu())
-    separable = s[:, 1] <= tolerance * s[:, 0]
-    root = s[:, :1].sqrt()
-    return separable, (u[:, :, 0] * root).float(), (vh[:, 0, :] * root).float()
-
-
 def filter2d(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Filter each image with its own kernel (or one kernel for all), reflect-padded: BasicSR's filter2D.
 
-    Cheaper, same result (within float rounding): samples are grouped by their kernel's true size, so a
-    7x7 kernel padded to 21x21 costs a 7x7 filter and a pulse costs nothing, and separable kernels
-    (isotropic Gaussians) run as two 1-D passes.
+    Samples are grouped by their kernel's true size, so a 7x7 kernel padded to 21x21 costs a 7x7 filter
+    (same result: the padded taps are zero) and a pulse costs nothing.
     """
     if kernels.ndim == 2:
         kernels = kernels[None]
@@ -109,20 +100,13 @@ def filter2d(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     if kernels.shape[0] == 1 and images.shape[0] > 1:
         kernels = kernels.expand(images.shape[0], -1, -1)
     sizes = kernel_sizes(kernels)
-    separable, columns, rows = _rank_one(kernels)
     pad_to = kernels.shape[-1]
     out = images.clone()
-    for size, split in sorted(set(zip(sizes, separable.tolist()))):
-        if size == 1:  # pulse
-            continue
-        index = [i for i, (s, p) in enumerate(zip(sizes, separable.tolist())) if (s, p) == (size, split)]
-        chosen = torch.tensor(index, device=images.device)
+    for size in sorted(set(sizes) - {1}):  # size 1: a pulse
+        index = [i for i, s in enumerate(sizes) if s == size]
         inner = slice((pad_to - size) // 2, (pad_to + size) // 2)
-        if split:
-            column, row = columns[index, inner].to(images), rows[index, inner].to(images)
-            out[chosen] = kornia.filters.filter2d_separable(images[chosen], row, column, border_type="reflect")
-        else:
-            out[chosen] = kornia.filters.filter2d(images[chosen], kernels[index, inner, inner], border_type="reflect")
+        chosen = torch.tensor(index, device=images.device)
+        out[chosen] = kornia.filters.filter2d(images[chosen], kernels[index, inner, inner], border_type="reflect")
     return out
 
 
@@ -135,13 +119,33 @@ def gaussian_kernel_1d(size: int, sigma: float = 0.0) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def reflect_filter_matrix(length: int, taps: torch.Tensor) -> torch.Tensor:
+    """(length, length) M with x @ M = x filtered along its last axis by the odd 1-D `taps`, reflect-padded."""
+    radius = taps.shape[-1] // 2
+    outputs = torch.arange(length)[:, None]
+    inputs = outputs + torch.arange(-radius, radius + 1)[None]
+    inputs = torch.where(inputs < 0, -inputs, inputs)
+    inputs = torch.where(inputs >= length, 2 * (length - 1) - inputs, inputs)
+    matrix = torch.zeros(length, length, dtype=taps.dtype)
+    matrix.index_put_((inputs.flatten(), outputs.expand_as(inputs).flatten()), taps.expand(length, -1).flatten(),
+                      accumulate=True)
+    return matrix
+
+
 def usm_sharpen(images: torch.Tensor, radius: int = 50, weight: float = 0.5, threshold: float = 10.0) -> torch.Tensor:
-    """Unsharp masking as BasicSR's USMSharp, with the (separable) Gaussian applied as two 1-D passes."""
+    """Unsharp masking as BasicSR's USMSharp (cv2's Gaussian of size radius (made odd), sigma from the size).
+
+    The Gaussian is separable and large (51 taps); applied as two matrix products (rows, then columns)
+    it runs several times faster on the CPU than a 51x51 or two 1x51 convolutions, with the same result.
+    """
     size = radius + 1 if radius % 2 == 0 else radius
-    line = gaussian_kernel_1d(size).to(images.dtype).to(images.device)[None]
+    taps = gaussian_kernel_1d(size)
+    height, width = images.shape[-2:]
+    across = reflect_filter_matrix(width, taps).to(images)
+    down = reflect_filter_matrix(height, taps).T.contiguous().to(images)
 
     def blur(x):
-        return kornia.filters.filter2d_separable(x, line, line, border_type="reflect")
+        return down @ (x @ across)
 
     residual = images - blur(images)
     mask = (residual.abs() * 255 > threshold).to(images.dtype)

@@ -63,8 +63,8 @@ def _sample_kernel(blur: BlurConfig, draw: _Draws) -> dict:
         spec["theta"] = draw.uniform(*blur.rotation)
     if kind.startswith(("generalized", "plateau")):
         low, high = blur.betag if kind.startswith("generalized") else blur.betap
-        # As Real-ESRGAN: half the time below 1, half above (assumes low <= 1 <= high).
-        spec["beta"] = draw.uniform(low, 1) if draw.chance(0.5) else draw.uniform(1, high)
+        # As Real-ESRGAN: below or above 1 (assumes low <= 1 <= high).
+        spec["beta"] = draw.uniform(low, 1) if draw.chance(blur.beta_below_one_prob) else draw.uniform(1, high)
     return spec
 
 
@@ -165,7 +165,9 @@ def apply_degradation(hr: torch.Tensor, params: list[dict], config: DegradationC
     lr = torch.empty(hr.shape[0], 3, *lr_size, dtype=hr.dtype, device=hr.device)
     for i, p in enumerate(params):
         if not p["degrade"]:
-            lr[i] = F.interpolate(source[i:i + 1], size=lr_size, mode="bicubic", antialias=True).clamp(0, 1)[0]
+            mode = config.no_degradation_mode
+            antialias = {"antialias": True} if mode in ("bilinear", "bicubic") else {}
+            lr[i] = F.interpolate(source[i:i + 1], size=lr_size, mode=mode, **antialias).clamp(0, 1)[0]
     if not degraded:
         return lr, target
 
