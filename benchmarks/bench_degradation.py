@@ -119,6 +119,16 @@ def hr_crops(count: int, size: int = 512) -> torch.Tensor:
     return (smooth * 0.7 + stripes).clamp(0, 1)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16, help="our batch (one call), default 16")
@@ -131,8 +141,9 @@ def main() -> None:
     reference = Path(os.environ.get("REFERENCE", "/work/refs/degradation/src"))
 
     print(f"# bench_degradation  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} thread(s); ours on {args.device}, batch {args.batch}; 512-px HR -> 128-px LR")
+    print(f"# machine: {cpu_name()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, {args.threads} thread(s); "
+          f"ours on {args.device}, batch {args.batch}; reference on the CPU, {args.ref_samples} samples one by one; "
+          "512-px HR -> 128-px LR")
     hr = hr_crops(args.batch).to(args.device)
     base = load_config("realesrgan_x4")
     for sharpen in (True, False):

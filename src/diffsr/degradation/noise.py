@@ -46,7 +46,10 @@ def poisson_noise(images: torch.Tensor, scale: float, gray: bool, generator: tor
 
 
 def add_noise(images: torch.Tensor, spec: dict, generator: torch.Generator) -> torch.Tensor:
-    """images + noise, clipped to [0, 1]; spec = {"type": "gaussian", "sigma", "gray"} or {"type": "poisson", "scale", "gray"}."""
+    """images + noise, clipped to [0, 1].
+
+    spec: {"type": "gaussian", "sigma", "gray"} (sigma on the 0..255 scale) or {"type": "poisson", "scale", "gray"}.
+    """
     if spec["type"] == "gaussian":
         noise = gaussian_noise(images, spec["sigma"], spec["gray"], generator)
     else:

@@ -104,7 +104,7 @@ def sample_params(config: DegradationConfig, generator: torch.Generator, count: 
             params["final"]["sinc"] = {"type": "sinc", "size": draw.choice(final.sinc_sizes),
                                        "cutoff": draw.uniform(*final.sinc_cutoff)}
         else:
-            params["final"]["sinc"] = PULSE
+            params["final"]["sinc"] = dict(PULSE)
         samples.append(params)
     return samples
 
@@ -112,8 +112,6 @@ def sample_params(config: DegradationConfig, generator: torch.Generator, count: 
 def _resize(image: torch.Tensor, mode: str, size=None, scale: float | None = None) -> torch.Tensor:
     if scale is not None:  # F.interpolate maps coordinates with this factor, as the reference's first stage does
         return F.interpolate(image, scale_factor=scale, mode=mode)
-    if tuple(image.shape[-2:]) == tuple(size) and mode in ("area", "nearest"):
-        return image
     return F.interpolate(image, size=size, mode=mode)
 
 
@@ -132,7 +130,8 @@ def _middle(image: torch.Tensor, params: dict, config: DegradationConfig, hr_siz
         resize = stage["resize"]
         if "divisor" in resize:
             height, width = image.shape[-2:]
-            image = _resize(image, resize["mode"], size=(int(height // resize["divisor"]), int(width // resize["divisor"])))
+            size = (int(height // resize["divisor"]), int(width // resize["divisor"]))
+            image = _resize(image, resize["mode"], size=size)
         elif number == 0:
             image = _resize(image, resize["mode"], scale=resize["scale"])
         else:  # later stages resize relative to the LR size, as the reference's second stage
@@ -145,7 +144,8 @@ def _middle(image: torch.Tensor, params: dict, config: DegradationConfig, hr_siz
     return image
 
 
-def apply_degradation(hr: torch.Tensor, params: list[dict], config: DegradationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_degradation(hr: torch.Tensor, params: list[dict],
+                      config: DegradationConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(LR, target) for HR images (B, 3, H, W) in [0, 1] and one params dict per sample.
 
     LR is (B, 3, H // scale, W // scale); the target is the HR, USM-sharpened if `config.usm.target`.
@@ -171,7 +171,7 @@ def apply_degradation(hr: torch.Tensor, params: list[dict], config: DegradationC
     if not degraded:
         return lr, target
 
-    first_blur = [params[i]["stage1"]["blur"] or PULSE for i in degraded]
+    first_blur = [params[i]["stage1"]["blur"] or dict(PULSE) for i in degraded]
     blurred = filter2d(source[degraded], make_kernels(first_blur, config.kernel_pad_to, hr.device))
     last_jpeg = []
     for row, i in enumerate(degraded):
@@ -182,7 +182,8 @@ def apply_degradation(hr: torch.Tensor, params: list[dict], config: DegradationC
             image = _jpeg(image, last_jpeg[-1], config)
         lr[i] = _resize(image, p["final"]["mode"], size=lr_size)[0]
 
-    out = filter2d(lr[degraded], make_kernels([params[i]["final"]["sinc"] for i in degraded], config.kernel_pad_to, hr.device))
+    sincs = make_kernels([params[i]["final"]["sinc"] for i in degraded], config.kernel_pad_to, hr.device)
+    out = filter2d(lr[degraded], sincs)
     late = [row for row, i in enumerate(degraded) if params[i]["final"]["resize_first"] and last_jpeg[row] is not None]
     if late:
         out[late] = _jpeg(out[late], [last_jpeg[row] for row in late], config)
@@ -193,7 +194,8 @@ def apply_degradation(hr: torch.Tensor, params: list[dict], config: DegradationC
     return lr, target
 
 
-def degrade_batch(hr: torch.Tensor, config: DegradationConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def degrade_batch(hr: torch.Tensor, config: DegradationConfig,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """Draw parameters for each sample from `generator` and degrade: (LR, target, params)."""
     params = sample_params(config, generator, hr.shape[0])
     lr, target = apply_degradation(hr, params, config)
