@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     degrade = commands.add_parser("degrade", help="make a paired LR/HR test set with the Real-ESRGAN degradation")
     degrade.add_argument("hr_dir", type=Path, metavar="HR_DIR", help="folder of HR images")
     degrade.add_argument("-o", "--output", required=True, type=Path, help="output folder (hr/, lr/, pairs.json)")
-    degrade.add_argument("--config", default="realesrgan_x4",
-                         help="degradation YAML, or realesrgan_x4 / s3diff / osediff_face (default realesrgan_x4)")
+    degrade.add_argument("--config", help="degradation YAML, or a bundled one: realesrgan_x4 / s3diff / osediff_face "
+                                          "(default: the Real-ESRGAN x4 settings)")
     degrade.add_argument("--crop", type=int, default=512, help="HR crop size in pixels (default 512)")
     degrade.add_argument("--scale", type=int, help="LR = crop / scale (default: the config's, 4)")
     degrade.add_argument("--count", type=int, default=3000, help="number of pairs (default 3000)")

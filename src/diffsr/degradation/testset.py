@@ -71,7 +71,7 @@ def make_test_set(hr_dir: str | Path, out: str | Path, crop: int = 512, count: i
     from tqdm import tqdm
 
     hr_dir, out = Path(hr_dir), Path(out)
-    config = load_config(config or "realesrgan_x4")
+    config = load_config(config)  # None: the Real-ESRGAN x4 defaults
     if scale is not None:
         config = load_config({**config.to_dict(), "scale": scale})
     if not hr_dir.is_dir():
