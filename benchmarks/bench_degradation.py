@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import os
 import platform
 import random
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -35,41 +33,13 @@ import torch
 
 from diffsr.degradation import degrade_batch, load_config
 
-
-def _load(name: str, folder: Path):
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name.rsplit('.', 1)[-1]}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_reference(folder: Path):
-    """Real-ESRGAN's model class and BasicSR's kernel functions, with stand-ins for what they import but
-    the degradation does not use (registries, the GAN base class, torchvision's grayscale)."""
-    def gray(img, num_output_channels=1):  # torchvision.transforms.functional.rgb_to_grayscale, tensor path
-        r, g, b = img.unbind(dim=-3)
-        out = (0.2989 * r + 0.587 * g + 0.114 * b).to(img.dtype).unsqueeze(dim=-3)
-        return out.expand(img.shape) if num_output_channels == 3 else out
-
-    stubs = {"torchvision": {}, "torchvision.transforms": {}, "torchvision.transforms.functional": {"rgb_to_grayscale": gray},
-             "basicsr": {}, "basicsr.data": {}, "basicsr.utils": {},
-             "basicsr.data.transforms": {"paired_random_crop": lambda gts, lq, size, scale: (gts, lq)},
-             "basicsr.models": {}, "basicsr.models.srgan_model": {"SRGANModel": object},
-             "basicsr.utils.registry": {"MODEL_REGISTRY": types.SimpleNamespace(register=lambda: (lambda c: c))}}
-    for name, attrs in stubs.items():
-        sys.modules[name] = types.SimpleNamespace(**attrs)
-    degradations = _load("basicsr.data.degradations", folder)
-    process = _load("basicsr.utils.img_process_util", folder)
-    diffjpeg = _load("basicsr.utils.diffjpeg", folder)
-    sys.modules["basicsr.utils"].DiffJPEG = diffjpeg.DiffJPEG
-    sys.modules["basicsr.utils"].USMSharp = process.USMSharp
-    model_module = _load("realesrgan_model", folder)
-    return degradations, process, diffjpeg, model_module.RealESRGANModel
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_degradation import load_reference, make_model  # noqa: E402
 
 
 def reference_runner(folder: Path, config, sharpen: bool):
-    degradations, process, diffjpeg, model_class = load_reference(folder)
+    reference = load_reference(folder)
+    degradations = reference.degradations
     s1, s2, final = config.stage1, config.stage2, config.final
     opt = {"resize_prob": s1.resize_probs, "resize_range": s1.resize_range, "gaussian_noise_prob": s1.gaussian_noise_prob,
            "noise_range": s1.noise_sigma, "poisson_scale_range": s1.poisson_scale, "gray_noise_prob": s1.gray_noise_prob,
@@ -77,11 +47,7 @@ def reference_runner(folder: Path, config, sharpen: bool):
            "resize_range2": s2.resize_range, "gaussian_noise_prob2": s2.gaussian_noise_prob, "noise_range2": s2.noise_sigma,
            "poisson_scale_range2": s2.poisson_scale, "gray_noise_prob2": s2.gray_noise_prob, "jpeg_range2": s2.jpeg_range,
            "scale": config.scale, "gt_size": None}
-    model = model_class.__new__(model_class)
-    model.opt, model.device, model.is_train = opt, torch.device("cpu"), True
-    model.jpeger = diffjpeg.DiffJPEG(differentiable=False)
-    model.usm_sharpener = process.USMSharp() if sharpen else (lambda x: x)
-    model._dequeue_and_enqueue = lambda: None  # the pool only reorders samples
+    model = make_model(reference, opt, sharpen)
 
     def kernel(blur):
         """One kernel as Real-ESRGAN's dataset draws it, padded to 21."""

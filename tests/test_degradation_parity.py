@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffsr.degradation import add_noise, filter2d, jpeg, make_kernels, usm_sharpen
+from diffsr.degradation import (add_noise, apply_degradation, filter2d, jpeg, load_config, make_kernels,
+                                usm_sharpen)
 from diffsr.degradation.kernels import kernel_sizes
 
 
@@ -95,3 +96,18 @@ def test_usm_sharpening_matches(ref):
     # The reference filters with the 51x51 outer product in float32, ours with two 51-tap passes.
     assert diff <= 2e-6, diff
     assert (ours - _t(ref["usm_input"])).abs().max() > 0.01
+
+
+def test_whole_pipeline_matches_real_esrgan_with_the_same_choices(ref):
+    """RealESRGANModel.feed_data with its random choices replayed from our parameters (noise sigma 0)."""
+    cases = json.loads(str(ref["pipeline_cases"]))
+    hr = _t(ref["pipeline_input"]).expand(len(cases), -1, -1, -1)
+    config = load_config({"usm": {"input": True, "target": True}})
+    lr, target = apply_degradation(hr, cases, config)
+    expected = _t(ref["pipeline_lr"])
+    diff = (lr - expected).abs()
+    # Both are rounded to 8 bits at the end: float noise may flip a rounding, nothing more.
+    assert diff.max().item() <= 1 / 255 + 1e-6, diff.max().item() * 255
+    assert diff.mean().item() <= 0.05 / 255, diff.mean().item() * 255
+    assert (target - _t(ref["pipeline_target"])).abs().max().item() <= 2e-6
+    assert len({tuple(x.flatten()[:40].tolist()) for x in expected}) == len(cases)  # the cases differ
