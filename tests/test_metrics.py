@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import synthetic
-from conftest import FIXTURES
-from diffsr.errors import WeightsError
+from metric_helpers import FIXTURES, metric_weights, no_weight_cache  # noqa: F401  (fixtures)
+import synthetic  # noqa: E402  (on the path once metric_helpers is imported)
 from diffsr.metrics import MetricUnavailable, create_metric, pyiqa_available
 from diffsr.metrics.fid import FIDInception, frechet_distance, inception_features
 
@@ -164,4 +163,3 @@ def test_identical_images_score_perfectly(metric_weights):
     assert create_metric("ssim")(image, image) == pytest.approx(1.0)
     assert create_metric("lpips", weights_dir=metric_weights, download=False)(image, image) == pytest.approx(0, abs=1e-7)
     assert create_metric("dists", weights_dir=metric_weights, download=False)(image, image) == pytest.approx(0, abs=1e-5)
-    assert WeightsError  # imported for the error hierarchy: MetricUnavailable wraps it

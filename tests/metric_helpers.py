@@ -1,3 +1,5 @@
+"""Fixtures shared by the metric, evaluation and report tests (imported by name into each test module)."""
+
 import sys
 from pathlib import Path
 
