@@ -133,7 +133,8 @@ def niqe(rgb: torch.Tensor, crop_border: int = 0) -> torch.Tensor:
     scores = []
     for feats in features:
         mu = torch.nanmean(feats, dim=0)  # NaN features (e.g. a block with no negative coefficient) are skipped
-        cov = torch.cov(feats[~torch.isnan(feats).any(dim=1)].T)
+        rows = feats[~torch.isnan(feats).any(dim=1)]
+        cov = torch.cov(rows.T, correction=1 if len(rows) > 1 else 0)  # one block: zero covariance, as pyiqa
         diff = (mu_pristine.to(mu) - mu)[None]
         inverse = torch.linalg.pinv((cov_pristine.to(cov) + cov) / 2)
         scores.append((diff @ inverse @ diff.T).squeeze().sqrt())
