@@ -225,7 +225,9 @@ def run_evaluate(args) -> int:
 
                 work = args.work_dir or Path(scratch)
                 failures: list[str] = []
-                options = {"merge_lora": args.merge_lora}
+                options = {"merge_lora": True} if args.merge_lora else {}
+                if args.sample_posterior:
+                    options["sample_posterior"] = True
                 method = run_method(args.method, collect_inputs([args.lr]), work, args.scale, seeds, args.device,
                                     args.dtype, args.base, args.weights, options, failures)
                 for failure in failures:
