@@ -56,7 +56,7 @@ def test_missing_weights_fail_alone(folders, no_weight_cache, tmp_path):
     assert "LPIPS_v0.1_alex-df73285e.pth" in result.unavailable["lpips"]
     assert all({"psnr", "ssim"} <= set(scores) for scores in result.per_image.values())
     text = render(result, "md")
-    assert "lpips: not computed: lpips: missing weights file LPIPS_v0.1_alex-df73285e.pth" in text
+    assert "lpips: not computed: missing weights file LPIPS_v0.1_alex-df73285e.pth" in text
 
 
 def test_formats(folders):
@@ -121,4 +121,4 @@ def test_cli_evaluate_reports_unavailable_metric_and_still_scores(folders, no_we
     captured = capsys.readouterr()
     assert code == 1
     assert "| mean | 26.78" in captured.out
-    assert "dists not computed: dists: missing weights file DISTS_weights-f5e65c96.pth" in captured.err
+    assert "dists not computed: missing weights file DISTS_weights-f5e65c96.pth" in captured.err

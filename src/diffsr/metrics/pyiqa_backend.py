@@ -28,7 +28,7 @@ def build(spec: MetricSpec, device: torch.device, options: dict):
     try:
         metric = pyiqa.create_metric(spec.pyiqa_name, device=device, **{**spec.pyiqa_options, **options})
     except Exception as error:  # weights download failures and the like, in pyiqa's words
-        raise MetricUnavailable(f"{spec.name}: pyiqa could not build it ({type(error).__name__}: "
+        raise MetricUnavailable(f"pyiqa could not build {spec.pyiqa_name} ({type(error).__name__}: "
                                 f"{str(error).strip()[:120]})") from None
     if spec.kind == DISTRIBUTION:
         def compute(sr_paths, gt_paths):

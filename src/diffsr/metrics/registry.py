@@ -173,7 +173,7 @@ def create_metric(name: str, device: str | torch.device = "cpu", backend: str = 
         try:
             return Metric(spec, "builtin", spec.builtin(device, weights_dir, download, **options))
         except DiffsrError as error:
-            raise MetricUnavailable(f"{spec.name}: {error}") from None
+            raise MetricUnavailable(str(error)) from None
         except TypeError as error:
             raise UsageError(f"{spec.name}: bad option ({error})") from None
     from diffsr.metrics.pyiqa_backend import build as build_pyiqa
