@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from diffsr.errors import DiffsrError, UsageError
 from diffsr.images import collect_inputs, read_image, resize_picture, write_image
 from diffsr.metrics.evaluate import Evaluation, RunsEvaluation, build_metrics, evaluate, evaluate_runs, parse_metric_names
@@ -51,18 +49,15 @@ class Benchmark:
     unavailable: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> tuple[list[str], list[list]]:
-        header = ["method"] + [m for m in self.metrics if m not in self.unavailable]
-        if self.runs > 1:
-            header.append("l-std")
-        header += ["s/image", "peak MB"]
+        metrics = [m for m in self.metrics if m not in self.unavailable]
+        stability = ["l-std"] if self.runs > 1 else []
         rows = []
         for method in self.methods:
             summary = method.summary()
-            row = [method.name] + [summary.get(m) for m in header[1:len(header) - 2 - (self.runs > 1)]]
-            if self.runs > 1:
-                row.append(getattr(method.evaluation, "l_std", None))
-            rows.append(row + [method.seconds_per_image, method.peak_memory_mb])
-        return header, rows
+            l_std = [getattr(method.evaluation, "l_std", None)] if stability else []
+            rows.append([method.name] + [summary.get(m) for m in metrics] + l_std
+                        + [method.seconds_per_image, method.peak_memory_mb])
+        return ["method"] + metrics + stability + ["s/image", "peak MB"], rows
 
     def to_dict(self) -> dict:
         return {
@@ -206,7 +201,3 @@ def write_outputs(bench: Benchmark, title: str = "diffsr benchmark") -> dict[str
     write_report(bench, paths["html"], title)
     return paths
 
-
-def mean_or_none(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
