@@ -9,14 +9,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIXTURES / "metrics"))  # synthetic.py: shared with the pyiqa fixture script
 
 
+_written: list = []  # this module is imported once, so the files are written once per session
+
+
 @pytest.fixture(scope="session")
 def metric_weights(tmp_path_factory):
     """Synthetic weights in the standard files (same values pyiqa was given for the fixtures)."""
     import synthetic
 
-    folder = tmp_path_factory.mktemp("metric-weights")
-    synthetic.write_diffsr_weight_files(folder)
-    return folder
+    if not _written:
+        folder = tmp_path_factory.mktemp("metric-weights")
+        synthetic.write_diffsr_weight_files(folder)
+        _written.append(folder)
+    return _written[0]
 
 
 @pytest.fixture

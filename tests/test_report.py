@@ -75,6 +75,9 @@ def test_benchmark_runs_methods_through_the_api(dataset, tmp_path, fake_methods,
     assert "| method | PSNR ↑ | SSIM ↑ | LPIPS ↓ | NIQE ↓ | L-STD (pixels in [0, 1]) | s/image | peak MB |" in markdown
     assert "## Beside the papers (DIV2K-Val)" in markdown and "| osediff (1 step, paper) | 23.7200" in markdown
     assert "s3diff (1 step, paper)" in markdown
+    deviations = markdown.split("G-STD over the 2 runs")[1]
+    assert "| bicubic | 0.0000 | 0.0000 | 0.0000 | 0.0000 |" in deviations  # deterministic: no spread
+    assert "| s3diff | 0.0000 |" not in deviations
     rows = paths["csv"].read_text().splitlines()
     assert rows[0] == "method,psnr,ssim,lpips,niqe,l-std,s/image,peak MB" and len(rows) == 4
     data = json.loads(paths["json"].read_text())

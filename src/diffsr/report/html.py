@@ -14,7 +14,7 @@ from PIL import Image
 from diffsr.images import read_image, to_pil
 from diffsr.metrics.evaluate import column_title
 from diffsr.metrics.registry import get_spec
-from diffsr.report.tables import dataset_name, paper_rows, reference_label
+from diffsr.report.tables import dataset_name, paper_rows, reference_label, stability_table
 
 # (x, y) metric pairs for the perception-distortion plot, first available wins
 PLOT_AXES = (("psnr", "lpips"), ("psnr", "dists"), ("ssim", "lpips"), ("psnr", "niqe"))
@@ -120,6 +120,18 @@ def results_table(bench) -> str:
     return "\n".join(out)
 
 
+def stability_html(bench) -> str:
+    table = stability_table(bench)
+    if table is None:
+        return ""
+    header, rows = table
+    out = [f'<p class="meta">G-STD over the {bench.runs} runs per image (CCSR eq. 4; lower is more stable):</p><table><tr>'
+           + "".join(f"<th>{html.escape(column_title(h))}</th>" for h in header) + "</tr>"]
+    out += ["<tr>" + f"<td>{html.escape(row[0])}</td>" + "".join(f"<td>{fmt(v)}</td>" for v in row[1:]) + "</tr>"
+            for row in rows]
+    return "\n".join(out) + "</table>"
+
+
 def scatter_plot(bench) -> str:
     """Inline SVG of the methods' mean scores: distortion (x) against perception (y), better towards top right."""
     for x_name, y_name in PLOT_AXES:
@@ -210,7 +222,7 @@ def write_report(bench, path: Path, title: str = "diffsr benchmark", max_images:
         f'<p class="meta">LR {html.escape(str(bench.lr_dir))} · GT {html.escape(str(bench.gt_dir))} · '
         f"x{bench.scale:g} · device {html.escape(bench.device)} · {bench.runs} run(s) per method"
         + (f" · dataset {html.escape(dataset_name(bench.dataset))}" if bench.dataset else "") + "</p>",
-        "<h2>Results</h2>", results_table(bench),
+        "<h2>Results</h2>", results_table(bench), stability_html(bench),
         f'<p class="meta">s/image: upscaling time per image (model loading excluded). peak MB: '
         f"{html.escape(', '.join(memory) or 'n/a')}"
         + (" (process-wide peak so far, so it only grows across methods)" if "process RSS" in memory else "") + ".</p>",

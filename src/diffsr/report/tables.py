@@ -41,7 +41,10 @@ def benchmark_markdown(bench) -> str:
     header, rows = bench.table()
     text = markdown_table(header, rows)
     text += f"\n{len(bench.methods)} method(s) on {bench.lr_dir} (x{bench.scale:g}), ground truth {bench.gt_dir}, " \
-            f"device {bench.device}" + (f", {bench.runs} runs per method (means; G-STD in results.json)" if bench.runs > 1 else "") + "\n"
+            f"device {bench.device}" + (f", {bench.runs} runs per method (means)" if bench.runs > 1 else "") + "\n"
+    deviations = stability_table(bench)
+    if deviations:
+        text += f"\nG-STD over the {bench.runs} runs (CCSR eq. 4; lower is more stable):\n\n" + markdown_table(*deviations)
     notes = [f"- {metric}: not computed: {why}" for metric, why in bench.unavailable.items()]
     notes += [f"- {m.name}: not run: {m.error}" for m in bench.methods if m.error]
     for method in bench.methods:
@@ -59,6 +62,15 @@ def benchmark_markdown(bench) -> str:
         text += f"\n## Beside the papers ({dataset_name(bench.dataset)})\n\n" + markdown_table(["method"] + metrics, ours + ref_rows)
         text += "\nSources: " + "; ".join(sorted({r["source"] for r in references})) + "\n"
     return text
+
+
+def stability_table(bench) -> tuple[list[str], list[list]] | None:
+    """G-STD per method and metric when each method ran several times; None otherwise."""
+    if bench.runs < 2:
+        return None
+    metrics = [m for m in bench.metrics if any(m in getattr(r.evaluation, "g_std", {}) for r in bench.methods)]
+    rows = [[r.name] + [getattr(r.evaluation, "g_std", {}).get(m) for m in metrics] for r in bench.methods]
+    return (["method"] + metrics, rows) if metrics else None
 
 
 def benchmark_csv(bench) -> str:
