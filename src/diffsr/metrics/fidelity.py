@@ -24,9 +24,9 @@ def luma(rgb: torch.Tensor, color_space: str = "ycbcr") -> torch.Tensor:
         raise ValueError(f"unknown color space {color_space!r} (choose {', '.join(Y_WEIGHTS)})")
     rgb = rgb.float()
     if color_space == "ycbcr":  # pyiqa's order of operations: weights in 0-255 units, then / 255
-        weights = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float32)
+        weights = torch.tensor([65.481, 128.553, 24.966], dtype=torch.float32, device=rgb.device)
         return ((rgb.permute(0, 2, 3, 1) @ weights + 16) / 255)[:, None]
-    weights = torch.tensor(Y_WEIGHTS[color_space], dtype=torch.float32)
+    weights = torch.tensor(Y_WEIGHTS[color_space], dtype=torch.float32, device=rgb.device)
     return (rgb.permute(0, 2, 3, 1) @ weights)[:, None]
 
 
@@ -42,15 +42,6 @@ def psnr(sr: torch.Tensor, gt: torch.Tensor, y_channel: bool = True, color_space
         sr, gt = luma(sr, color_space), luma(gt, color_space)
     mse = ((sr.double() - gt.double()) ** 2).mean(dim=(1, 2, 3))
     return 10 * torch.log10(1 / (mse + 1e-8))
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """MATLAB's fspecial('gaussian'), rounded to float32 as pyiqa stores it."""
-    half = (size - 1) / 2
-    coords = np.arange(-half, half + 1)
-    window = np.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * sigma * sigma))
-    window[window < np.finfo(window.dtype).eps * window.max()] = 0
-    return torch.from_numpy(window / window.sum()).float()
 
 
 def ssim(sr: torch.Tensor, gt: torch.Tensor, y_channel: bool = True, color_space: str = "ycbcr",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffsr.metrics.fidelity import gaussian_window, luma
+from diffsr.metrics.fidelity import luma
 
 BLOCK = 96
 
@@ -31,6 +31,15 @@ def pristine_model() -> tuple[torch.Tensor, torch.Tensor]:
     with resources.as_file(resources.files("diffsr.metrics") / "data" / "niqe_pristine.npz") as path:
         data = np.load(path)
         return torch.from_numpy(data["mu"]).double(), torch.from_numpy(data["cov"]).double()
+
+
+def gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    """MATLAB's fspecial('gaussian'), rounded to float32 as pyiqa stores it."""
+    half = (size - 1) / 2
+    coords = np.arange(-half, half + 1)
+    window = np.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * sigma * sigma))
+    window[window < np.finfo(window.dtype).eps * window.max()] = 0
+    return torch.from_numpy(window / window.sum()).float()
 
 
 def _gamma_table(device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +111,9 @@ def matlab_half_size(image: torch.Tensor) -> torch.Tensor:
     """MATLAB imresize(image, 0.5) (bicubic, antialiased) of (N, 1, H, W), in float32 like pyiqa's port,
     accumulated tap by tap in the same order."""
     dtype, image = image.dtype, image.float()
-    index, weights = _resize_taps(image.shape[-2], 0.5)
+    index, weights = (t.to(image.device) for t in _resize_taps(image.shape[-2], 0.5))
     rows = sum(image[:, :, index[t], :] * weights[t][:, None] for t in range(len(index)))
-    index, weights = _resize_taps(image.shape[-1], 0.5)
+    index, weights = (t.to(image.device) for t in _resize_taps(image.shape[-1], 0.5))
     return sum(rows[:, :, :, index[t]] * weights[t] for t in range(len(index))).to(dtype)
 
 
