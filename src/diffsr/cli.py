@@ -11,8 +11,8 @@ import warnings
 from pathlib import Path
 
 from diffsr.color import COLOR_FIXES
-from diffsr.errors import DiffsrError
-from diffsr.images import OUTPUT_FORMATS
+from diffsr.errors import DiffsrError, UsageError
+from diffsr.images import OUTPUT_FORMATS, collect_inputs
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -75,7 +75,61 @@ def build_parser() -> argparse.ArgumentParser:
     degrade.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     degrade.add_argument("--batch-size", type=int, default=16, help="pairs degraded per call (default 16)")
     degrade.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_evaluation_commands(commands)
     return parser
+
+
+def _add_metric_options(parser: argparse.ArgumentParser) -> None:
+    from diffsr.metrics import DEFAULT_METRICS, list_metrics
+
+    parser.add_argument("--gt", type=Path, help="ground-truth folder (images matched by name)")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help=f"comma-separated, from: {', '.join(list_metrics())} (default %(default)s)")
+    parser.add_argument("--crop-border", type=int, default=0, help="pixels cropped from each edge for PSNR/SSIM/NIQE")
+    parser.add_argument("--metric-backend", default="auto", choices=["auto", "builtin", "pyiqa"],
+                        help="built-in metrics or pyiqa's (auto: built-in where available)")
+    parser.add_argument("--metric-weights", type=Path, help="folder with the metric networks' weight files")
+    parser.add_argument("--offline", action="store_true", help="never download metric weights")
+    parser.add_argument("--metric-device", default=None, help="device for the metrics (default: --device or cpu)")
+
+
+def _add_evaluation_commands(commands) -> None:
+    from diffsr.metrics.evaluate import FORMATS
+
+    evaluate = commands.add_parser("evaluate", help="score result folders against ground truth (PSNR, LPIPS, FID, ...)")
+    evaluate.add_argument("sr", nargs="*", type=Path, metavar="SR_DIR",
+                          help="result folder; several folders = runs of one method with different seeds (adds G-STD, L-STD)")
+    _add_metric_options(evaluate)
+    evaluate.add_argument("--format", default="md", choices=FORMATS)
+    evaluate.add_argument("-o", "--output", type=Path, help="write the table here (default: print it)")
+    evaluate.add_argument("--lr", type=Path, help="with --runs/--seeds: upscale this LR folder N times, then evaluate")
+    evaluate.add_argument("--runs", type=int, help="upscale N times with seeds 0..N-1 and report mean, G-STD, L-STD")
+    evaluate.add_argument("--seeds", help="comma-separated seeds for the runs (instead of --runs)")
+    evaluate.add_argument("--scale", type=float, default=4)
+    evaluate.add_argument("--work-dir", type=Path, help="where the runs' images are written (default: a temporary folder)")
+    evaluate.add_argument("--quiet", action="store_true")
+    _add_model_options(evaluate)
+
+    benchmark = commands.add_parser("benchmark", help="upscale with several methods, evaluate, write tables and an HTML report")
+    benchmark.add_argument("--methods", required=True, help="comma-separated methods; 'bicubic' is a baseline")
+    benchmark.add_argument("--lr", type=Path, required=True, help="LR input folder")
+    benchmark.add_argument("-o", "--output", type=Path, required=True, help="report folder")
+    _add_metric_options(benchmark)
+    benchmark.add_argument("--weights", action="append", default=[], metavar="METHOD=FILE", help="weights per method")
+    benchmark.add_argument("--base", action="append", default=[], metavar="[METHOD=]DIR",
+                           help="Stable Diffusion base for all methods, or per method")
+    benchmark.add_argument("--de-net", action="append", default=[], metavar="METHOD=FILE",
+                           help="degradation estimator weights (S3Diff)")
+    benchmark.add_argument("--results", action="append", default=[], metavar="NAME=DIR",
+                           help="also include finished results from another tool")
+    benchmark.add_argument("--device", default="cpu")
+    benchmark.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    benchmark.add_argument("--scale", type=float, default=4)
+    benchmark.add_argument("--seed", type=int, default=0)
+    benchmark.add_argument("--runs", type=int, default=1, help="runs per method with seeds seed..seed+N-1 (adds G-STD, L-STD)")
+    benchmark.add_argument("--dataset", help="dataset name for the papers' reference rows (e.g. DIV2K-Val, RealSR)")
+    benchmark.add_argument("--title", default="diffsr benchmark")
+    benchmark.add_argument("--quiet", action="store_true")
 
 
 def _output_path(path: Path, output: Path, fmt: str | None) -> Path:
@@ -177,6 +231,86 @@ def run_degrade(args) -> int:
     return EXIT_SOME_FAILED if report.failed else EXIT_OK
 
 
+def _metric_kwargs(args) -> dict:
+    return dict(backend=args.metric_backend, weights_dir=args.metric_weights, download=not args.offline,
+                crop_border=args.crop_border)
+
+
+def run_evaluate(args) -> int:
+    from tempfile import TemporaryDirectory
+
+    from tqdm import tqdm
+
+    from diffsr.metrics.evaluate import evaluate, evaluate_runs, render
+
+    def progress(items):
+        return tqdm(items, desc="evaluating", unit="image", disable=args.quiet, file=sys.stderr, leave=False)
+
+    device = args.metric_device or args.device
+    try:
+        if args.runs or args.seeds:
+            if args.lr is None or args.sr:
+                raise UsageError("--runs/--seeds upscale the --lr folder: give --lr and no SR_DIR")
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(args.runs))
+            with TemporaryDirectory() as scratch:
+                from diffsr.report.benchmark import run_method
+
+                work = args.work_dir or Path(scratch)
+                failures: list[str] = []
+                options = {"merge_lora": True} if args.merge_lora else {}
+                if args.sample_posterior:
+                    options["sample_posterior"] = True
+                method = run_method(args.method, collect_inputs([args.lr]), work, args.scale, seeds, args.device,
+                                    args.dtype, args.base, args.weights, options, failures)
+                for failure in failures:
+                    _fail(failure)
+                result = evaluate_runs(method.folders, args.gt, args.metrics, device=device, progress=progress,
+                                       **_metric_kwargs(args))
+        elif len(args.sr) > 1:
+            result = evaluate_runs(args.sr, args.gt, args.metrics, device=device, progress=progress, **_metric_kwargs(args))
+        elif len(args.sr) == 1:
+            result = evaluate(args.sr[0], args.gt, args.metrics, device=device, progress=progress, **_metric_kwargs(args))
+        else:
+            raise UsageError("give a result folder (SR_DIR), or --lr with --runs")
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    text = render(result, args.format)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    else:
+        print(text, end="")
+    data = result.to_dict()
+    for metric, why in data["unavailable"].items():
+        _fail(f"{metric} not computed: {why}")
+    return EXIT_SOME_FAILED if data["unavailable"] or data["problems"] else EXIT_OK
+
+
+def run_benchmark(args) -> int:
+    from diffsr.report.benchmark import run_benchmark as benchmark, write_outputs
+
+    def log(message):
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
+    try:
+        result = benchmark(args.methods.split(","), args.lr, args.gt, args.output, args.metrics, scale=args.scale,
+                           seed=args.seed, runs=args.runs, device=args.device, dtype=args.dtype, bases=args.base,
+                           weights=args.weights, de_nets=args.de_net, results=args.results,
+                           metric_device=args.metric_device, metric_backend=args.metric_backend,
+                           metric_weights=args.metric_weights, download=not args.offline,
+                           crop_border=args.crop_border, dataset=args.dataset, log=log)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    paths = write_outputs(result, args.title)
+    print(paths["md"].read_text(), end="")
+    log(f"report: {paths['html']}")
+    failed = [m for m in result.methods if m.error] or result.unavailable
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "upscale":
@@ -185,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args)
     if args.command == "degrade":
         return run_degrade(args)
+    if args.command == "evaluate":
+        return run_evaluate(args)
+    if args.command == "benchmark":
+        return run_benchmark(args)
     if args.command == "methods":
         from diffsr.methods import list_methods
 

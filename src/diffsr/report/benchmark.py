@@ -1,0 +1,203 @@
+"""Benchmark: upscale one LR folder with several methods, evaluate each against the GT, keep time and memory.
+
+Methods run through the public API (`diffsr.load_upscaler`, `Upscaler.upscale`); 'bicubic' is a
+baseline (PIL bicubic), and finished results from other tools can be included as folders.
+Outputs: OUT/<method>/ (or OUT/<method>/seed<k>/ with several runs), results.md/.csv/.json, report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffsr.errors import DiffsrError, UsageError
+from diffsr.images import collect_inputs, read_image, resize_picture, write_image
+from diffsr.metrics.evaluate import Evaluation, RunsEvaluation, build_metrics, evaluate, evaluate_runs, parse_metric_names
+
+BASELINE = "bicubic"
+
+
+@dataclass
+class MethodResult:
+    name: str
+    folders: list[Path]  # one per run
+    seconds_per_image: float | None = None
+    peak_memory_mb: float | None = None
+    memory_kind: str = ""  # "GPU allocated" or "process RSS"
+    evaluation: Evaluation | RunsEvaluation | None = None
+    error: str | None = None  # why the method could not run
+
+    def summary(self) -> dict[str, float]:
+        return self.evaluation.summary() if self.evaluation else {}
+
+
+@dataclass
+class Benchmark:
+    methods: list[MethodResult]
+    metrics: list[str]
+    lr_dir: Path
+    gt_dir: Path | None
+    output: Path
+    scale: float
+    runs: int
+    device: str
+    dataset: str | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> tuple[list[str], list[list]]:
+        metrics = [m for m in self.metrics if m not in self.unavailable]
+        stability = ["l-std"] if self.runs > 1 else []
+        rows = []
+        for method in self.methods:
+            summary = method.summary()
+            l_std = [getattr(method.evaluation, "l_std", None)] if stability else []
+            rows.append([method.name] + [summary.get(m) for m in metrics] + l_std
+                        + [method.seconds_per_image, method.peak_memory_mb])
+        return ["method"] + metrics + stability + ["s/image", "peak MB"], rows
+
+    def to_dict(self) -> dict:
+        return {
+            "lr_dir": str(self.lr_dir), "gt_dir": str(self.gt_dir) if self.gt_dir else None, "scale": self.scale,
+            "runs": self.runs, "device": self.device, "dataset": self.dataset, "metrics": self.metrics,
+            "unavailable": self.unavailable,
+            "methods": [{"name": m.name, "folders": [str(f) for f in m.folders], "seconds_per_image": m.seconds_per_image,
+                         "peak_memory_mb": m.peak_memory_mb, "memory_kind": m.memory_kind, "error": m.error,
+                         "evaluation": m.evaluation.to_dict() if m.evaluation else None} for m in self.methods],
+        }
+
+
+def parse_assignments(items: list[str], what: str) -> tuple[dict[str, str], str | None]:
+    """['osediff=a.pkl', 'DIR'] -> ({'osediff': 'a.pkl'}, 'DIR') (a bare value applies to every method)."""
+    per_method, default = {}, None
+    for item in items:
+        if "=" in item:
+            name, value = item.split("=", 1)
+            per_method[name.strip().lower()] = value
+        elif default is None:
+            default = item
+        else:
+            raise UsageError(f"{what}: give one value for all methods or METHOD=VALUE pairs, not '{item}'")
+    return per_method, default
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, failures: list[str]) -> float:
+    """Upscale every LR image into out_dir (PNG, same stem); returns seconds spent upscaling."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spent = 0.0
+    for path in lr_paths:
+        try:
+            picture = read_image(path)
+            start = time.perf_counter()
+            result = upscale(picture, seed)
+            spent += time.perf_counter() - start
+            write_image(out_dir / f"{path.stem}.png", result.rgb, result.alpha)
+        except DiffsrError as error:
+            failures.append(str(error))
+    return spent
+
+
+def bicubic(scale: float):
+    def upscale(picture, seed):
+        width, height = picture.size
+        return resize_picture(picture, (round(width * scale), round(height * scale)), "bicubic")
+    return upscale
+
+
+def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seeds: list[int], device: str,
+               dtype: str, base: str | None, weights: str | None, options: dict, failures: list[str]) -> MethodResult:
+    import torch
+
+    import diffsr
+
+    folders = [output / name] if len(seeds) == 1 else [output / name / f"seed{s}" for s in seeds]
+    cuda = torch.device(device).type == "cuda"
+    if name == BASELINE:
+        upscale = bicubic(scale)
+    else:
+        upscaler = diffsr.load_upscaler(name, base=base, weights=weights, device=device, dtype=dtype, **options)
+
+        def upscale(picture, seed):
+            return upscaler.upscale(picture, scale=scale, seed=seed)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    spent = sum(upscale_folder(upscale, lr_paths, folder, seed, failures) for folder, seed in zip(folders, seeds))
+    done = len(lr_paths) * len(seeds)
+    result = MethodResult(name, folders, seconds_per_image=spent / done if done else None)
+    if cuda:
+        result.peak_memory_mb, result.memory_kind = torch.cuda.max_memory_allocated() / 2**20, "GPU allocated"
+    else:
+        result.peak_memory_mb, result.memory_kind = _peak_rss_mb(), "process RSS"
+    return result
+
+
+def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scale: float = 4, seed: int = 0,
+                  runs: int = 1, device: str = "cpu", dtype: str = "float32", bases: list[str] = (),
+                  weights: list[str] = (), de_nets: list[str] = (), results: list[str] = (), metric_device=None,
+                  metric_backend: str = "auto", metric_weights=None, download: bool = True, crop_border: int = 0,
+                  dataset: str | None = None, progress=None, log=print) -> Benchmark:
+    lr_dir, output = Path(lr_dir), Path(output)
+    gt_dir = Path(gt_dir) if gt_dir else None
+    lr_paths = collect_inputs([lr_dir])
+    if not lr_paths:
+        raise UsageError(f"{lr_dir}: no images found")
+    if runs < 1:
+        raise UsageError(f"--runs must be at least 1, got {runs}")
+    names = parse_metric_names(metrics)
+    base_for, default_base = parse_assignments(list(bases), "--base")
+    weights_for, _ = parse_assignments(list(weights), "--weights")
+    de_net_for, _ = parse_assignments(list(de_nets), "--de-net")
+    external, _ = parse_assignments(list(results), "--results")
+    seeds = [seed + k for k in range(runs)]
+    built = build_metrics(names, metric_device or device, metric_backend, metric_weights, download, crop_border,
+                          has_gt=gt_dir is not None)
+    bench = Benchmark([], names, lr_dir, gt_dir, output, scale, runs, device, dataset, unavailable=dict(built[1]))
+    for name in [m.strip().lower() for m in methods if m.strip()]:
+        failures: list[str] = []
+        log(f"{name}: upscaling {len(lr_paths)} image(s) x {runs} run(s)")
+        try:
+            options = {"de_net": de_net_for[name]} if name in de_net_for else {}
+            result = run_method(name, lr_paths, output, scale, seeds, device, dtype, base_for.get(name, default_base),
+                                weights_for.get(name), options, failures)
+        except (DiffsrError, TypeError, RuntimeError) as error:
+            bench.methods.append(MethodResult(name, [], error=str(error).strip().splitlines()[0]))
+            log(f"{name}: cannot run: {bench.methods[-1].error}")
+            continue
+        for failure in failures:
+            log(f"{name}: {failure}")
+        bench.methods.append(result)
+    for name, folder in external.items():
+        bench.methods.append(MethodResult(name, [Path(folder)]))
+    for method in bench.methods:
+        if not method.folders:
+            continue
+        log(f"{method.name}: evaluating")
+        if len(method.folders) > 1:
+            method.evaluation = evaluate_runs(method.folders, gt_dir, names, built=built, progress=progress)
+        else:
+            method.evaluation = evaluate(method.folders[0], gt_dir, names, built=built, progress=progress)
+    return bench
+
+
+def write_outputs(bench: Benchmark, title: str = "diffsr benchmark") -> dict[str, Path]:
+    """results.md, results.csv, results.json and report.html in the benchmark's output folder."""
+    from diffsr.report.html import write_report
+    from diffsr.report.tables import benchmark_csv, benchmark_markdown
+
+    bench.output.mkdir(parents=True, exist_ok=True)
+    paths = {"md": bench.output / "results.md", "csv": bench.output / "results.csv",
+             "json": bench.output / "results.json", "html": bench.output / "report.html"}
+    paths["md"].write_text(f"# {title}\n\n" + benchmark_markdown(bench))
+    paths["csv"].write_text(benchmark_csv(bench))
+    paths["json"].write_text(json.dumps(bench.to_dict(), indent=1, default=float) + "\n")
+    write_report(bench, paths["html"], title)
+    return paths
+
