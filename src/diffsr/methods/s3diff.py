@@ -164,6 +164,19 @@ def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
         image = F.pad(image, (0, min(pad_w, width - 1), 0, min(pad_h, height - 1)), mode="reflect")
 
 
+def guided_noise(unet: nn.Module, latents: torch.Tensor, text: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """eps at t=999 with classifier-free guidance. `text` is (2, 77, d) = [positive, negative]: both
+    branches run in ONE batched UNet call, eps = neg + s * (pos - neg); or (1, 77, d): no guidance."""
+    count = latents.shape[0]
+    batch = torch.cat([latents] * len(text))
+    context = text.repeat_interleave(count, dim=0)  # [positive] * count (+ [negative] * count)
+    eps = unet(batch, TIMESTEP, encoder_hidden_states=context).sample
+    if len(text) == 1:
+        return eps
+    positive, negative = eps.chunk(2)
+    return negative + guidance_scale * (positive - negative)
+
+
 def _checked_weights(path, weights: dict) -> None:
     missing = [key for key in WEIGHT_KEYS if key not in weights]
     if missing:
@@ -329,15 +342,8 @@ class S3Diff(Upscaler):
         unet, modulation = self.backbone.unet, self.unet_modulation
 
         def denoise(latents: torch.Tensor, conditions: torch.Tensor | None = None) -> torch.Tensor:
-            count = latents.shape[0]
-            context = text.repeat_interleave(count, dim=0)  # [positive] * count (+ [negative] * count)
-            batch = torch.cat([latents] * len(text)).to(self.dtype)
             with modulation.use(matrices):
-                eps = unet(batch, TIMESTEP, encoder_hidden_states=context).sample
-            if not guided:
-                return eps
-            positive, negative = eps.chunk(2)
-            return negative + guidance_scale * (positive - negative)
+                return guided_noise(unet, latents.to(self.dtype), text, guidance_scale)
 
         return denoise
 
