@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from diffsr.errors import BaseModelError
+from diffsr.errors import BaseModelError, UsageError
 
 # What each part's folder must hold to be loadable.
 _PART_FILES = {
@@ -27,8 +27,23 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in names:
-        raise BaseModelError(f"unknown dtype '{dtype}' (choose float32, float16 or bfloat16)")
+        raise UsageError(f"unknown dtype '{dtype}' (choose float32, float16 or bfloat16)")
     return names[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device that exists on this machine, or one clear error line."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{device}' (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device '{device}' is not available: this torch has no CUDA or there is no GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) found")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device '{device}' is not available on this machine")
+    return device
 
 
 def check_base_folder(base: Path, parts=PARTS) -> None:
@@ -100,7 +115,7 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    device = torch.device(device)
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     local = Path(base).expanduser()
     is_local = local.exists() or str(base).startswith((".", "/", "~")) or str(base).count("/") != 1

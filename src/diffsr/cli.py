@@ -30,6 +30,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")
+    parser.add_argument("--tagger", help="image tagger whose tags are prepended to the prompt (none is bundled)")
     parser.add_argument("--sample-posterior", action="store_true",
                         help="sample the VAE posterior with --seed as the release does (default: its mean)")
     parser.add_argument("--de-net", help="s3diff: degradation estimator weights (default: de_net.pth beside --weights)")
@@ -85,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
 
     commands.add_parser("methods", help="list the available methods")
+
+    degrade = commands.add_parser("degrade", help="make a paired LR/HR test set with the Real-ESRGAN degradation")
+    degrade.add_argument("hr_dir", type=Path, metavar="HR_DIR", help="folder of HR images")
+    degrade.add_argument("-o", "--output", required=True, type=Path, help="output folder (hr/, lr/, pairs.json)")
+    degrade.add_argument("--config", help="degradation YAML, or a bundled one: realesrgan_x4 / s3diff / osediff_face "
+                                          "(default: the Real-ESRGAN x4 settings)")
+    degrade.add_argument("--crop", type=int, default=512, help="HR crop size in pixels (default 512)")
+    degrade.add_argument("--scale", type=int, help="LR = crop / scale (default: the config's, 4)")
+    degrade.add_argument("--count", type=int, default=3000, help="number of pairs (default 3000)")
+    degrade.add_argument("--seed", type=int, default=0, help="fixes every pair (default 0)")
+    degrade.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    degrade.add_argument("--batch-size", type=int, default=16, help="pairs degraded per call (default 16)")
+    degrade.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -121,7 +135,7 @@ def run_upscale(args) -> int:
         else:
             seen[target] = path
             planned.append((path, target))
-    if skipped and not args.quiet:
+    if skipped:
         print(f"skipping {skipped} input(s) whose output already exists (use --overwrite to replace)", file=sys.stderr)
     if not planned:
         return EXIT_SOME_FAILED if failures else EXIT_OK
@@ -129,6 +143,8 @@ def run_upscale(args) -> int:
     options = {"merge_lora": args.merge_lora}
     if args.sample_posterior:
         options["sample_posterior"] = True
+    if args.tagger:
+        options["tagger"] = args.tagger
     if args.de_net:
         options["de_net"] = args.de_net
     try:
@@ -171,12 +187,30 @@ def run_demo(args) -> int:
     return demo(args.output, args.models, quiet=args.quiet)
 
 
+def run_degrade(args) -> int:
+    from diffsr.degradation.testset import make_test_set
+
+    try:
+        report = make_test_set(args.hr_dir, args.output, crop=args.crop, count=args.count, seed=args.seed,
+                               config=args.config, scale=args.scale, device=args.device,
+                               batch_size=args.batch_size, quiet=args.quiet)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    if not args.quiet:
+        print(f"wrote {report.written} pair(s) to {args.output}, {report.already_there} already there"
+              + (f"; {len(report.failed)} failed" if report.failed else ""), file=sys.stderr)
+    return EXIT_SOME_FAILED if report.failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "upscale":
         return run_upscale(args)
     if args.command == "demo":
         return run_demo(args)
+    if args.command == "degrade":
+        return run_degrade(args)
     if args.command == "methods":
         from diffsr.methods import list_methods
 

@@ -130,6 +130,7 @@ def _write_tiny_base(path: Path, seed: int, prediction_type: str) -> None:
         pad_token_id=0,
     )
     CLIPTextModel(text_config).save_pretrained(path / "text_encoder")
+    _prefix_text_encoder_keys(path / "text_encoder" / "model.safetensors")
 
     (path / "scheduler").mkdir(exist_ok=True)
     scheduler = dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type)
@@ -146,6 +147,16 @@ def _write_tiny_base(path: Path, seed: int, prediction_type: str) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
+
+
+def _prefix_text_encoder_keys(file: Path) -> None:
+    """Released SD text encoders name their tensors 'text_model.*'; transformers 5 saves them without the
+    prefix, which older transformers (the authors' environments) silently fail to load."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(file))
+    if not all(key.startswith("text_model.") for key in state):
+        save_file({f"text_model.{k}": v for k, v in state.items()}, str(file), metadata={"format": "pt"})
 
 
 def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, seed: int = 0) -> Path:

@@ -41,9 +41,10 @@ def read_weights(path: str | Path) -> dict:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            if "weights_only" not in str(error):
+            if "weights_only" not in str(error) or path.suffix != ".ckpt":
                 raise
-            # Lightning checkpoints pickle a few non-tensor objects (hyper-parameters, callbacks).
+            # Lightning checkpoints pickle a few non-tensor objects (hyper-parameters, callbacks);
+            # other files never need full unpickling, so a .pkl/.pth that does is treated as corrupt.
             warnings.warn(f"{path.name}: holds pickled Python objects; loading it with full unpickling "
                           "(only do this for files you trust)", stacklevel=2)
             data = torch.load(path, map_location="cpu", weights_only=False)

@@ -13,7 +13,8 @@ from diffsr.backbone import Backbone, load_backbone
 from diffsr.checkpoints import read_method_weights
 from diffsr.errors import UsageError, WeightsError
 from diffsr.images import Picture, resize
-from diffsr.lora import add_lora, load_lora_state, merge_lora
+from diffsr import lora
+from diffsr.lora import add_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.prompts import compose_prompt, load_tagger
 
@@ -76,9 +77,11 @@ class OSEDiff(Upscaler):
     default_color_fix = "adain"
     weights_name = "osediff.pkl"
 
-    def __init__(self, backbone: Backbone, tagger=None, sample_posterior: bool = False):
+    def __init__(self, backbone: Backbone, tagger=None, sample_posterior: bool = False,
+                 process_size: int = PROCESS_SIZE):
         super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
+        self.process_size = process_size
         self.tagger = tagger
         self.sample_posterior = sample_posterior
         alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
@@ -86,7 +89,7 @@ class OSEDiff(Upscaler):
 
     @classmethod
     def load(cls, base, weights, device="cpu", dtype="float32", merge_lora: bool = False, tagger=None,
-             sample_posterior: bool = False) -> "OSEDiff":
+             sample_posterior: bool = False, process_size: int = PROCESS_SIZE) -> "OSEDiff":
         if weights is None:
             raise UsageError("osediff needs its weights: pass weights='osediff.pkl' (--weights)")
         state = read_method_weights(weights, cls.name)
@@ -96,9 +99,9 @@ class OSEDiff(Upscaler):
         except WeightsError as error:
             raise WeightsError(f"{weights}: {error}") from None
         if merge_lora:
-            merge_lora(backbone.unet)
-            merge_lora(backbone.vae)
-        return cls(backbone, tagger=load_tagger(tagger), sample_posterior=sample_posterior)
+            lora.merge_lora(backbone.unet)
+            lora.merge_lora(backbone.vae)
+        return cls(backbone, tagger=load_tagger(tagger), sample_posterior=sample_posterior, process_size=process_size)
 
     @classmethod
     def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
@@ -137,7 +140,7 @@ class OSEDiff(Upscaler):
         (Lanczos), all in PIL on the 8-bit image."""
         rgb = picture.rgb
         width, height = picture.size
-        short_side = PROCESS_SIZE // scale
+        short_side = self.process_size // scale
         if width < short_side or height < short_side:
             grow = short_side / min(width, height)
             width, height = int(grow * width), int(grow * height)

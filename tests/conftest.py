@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    from diffsr.testing import make_tiny_base
+
+    return make_tiny_base(tmp_path_factory.mktemp("models") / "sd21-tiny")
+
+
+@pytest.fixture(scope="session")
+def osediff_weights(tiny_base):
+    from diffsr.testing import make_tiny_weights
+
+    return make_tiny_weights("osediff", tiny_base, tiny_base.parent / "osediff.pkl")
+
+
+@pytest.fixture(scope="session")
+def osediff(tiny_base, osediff_weights):
+    import diffsr
+
+    return diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights)
+
+
+def smooth_image(height, width, seed=0, channels=3):
+    """A deterministic test picture: smooth colour waves plus a little noise (uint8)."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    planes = [127 + 90 * np.sin(x / (5 + 3 * c) + c) * np.cos(y / (7 + 2 * c)) for c in range(channels)]
+    image = np.stack(planes, axis=2) + rng.normal(0, 8, (height, width, channels))
+    return image.clip(0, 255).astype(np.uint8)

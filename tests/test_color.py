@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from diffsr.color import adain, color_fix, wavelet
+
+
+def test_adain_gives_result_the_source_statistics():
+    torch.manual_seed(0)
+    source = torch.rand(1, 3, 32, 40) * 0.5 + 0.25
+    result = torch.rand(1, 3, 32, 40) * 0.2
+    fixed = adain(result, source)
+    torch.testing.assert_close(fixed.mean(dim=(2, 3)), source.mean(dim=(2, 3)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(fixed.std(dim=(2, 3)), source.std(dim=(2, 3)), atol=1e-3, rtol=0)
+
+
+def test_wavelet_keeps_result_detail_and_source_colour():
+    torch.manual_seed(0)
+    detail = torch.rand(1, 3, 64, 64) * 0.1
+    result = detail + 0.2
+    source = torch.full((1, 3, 64, 64), 0.7)
+    fixed = wavelet(result, source)
+    # A constant shift lives entirely in the low band: the source's colour replaces it.
+    assert abs(fixed.mean().item() - (0.7 + detail.mean().item() - detail.mean().item())) < 0.02
+    torch.testing.assert_close(fixed - fixed.mean(), result - result.mean(), atol=0.05, rtol=0)
+    # Identity when both are the same image.
+    torch.testing.assert_close(wavelet(result, result), result.clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_unknown_fix_is_rejected():
+    with pytest.raises(ValueError, match="unknown color fix 'sepia'"):
+        color_fix(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), "sepia")

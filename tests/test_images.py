@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffsr.errors import ImageError
+from diffsr.images import as_picture, collect_inputs, read_image, resize, write_image
+from conftest import smooth_image
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".bmp", ".tif"])
+def test_reads_every_supported_format(tmp_path, suffix):
+    rgb = smooth_image(20, 30)
+    path = tmp_path / f"a{suffix}"
+    Image.fromarray(rgb).save(path)
+    picture = read_image(path)
+    assert picture.rgb.shape == (20, 30, 3) and picture.rgb.dtype == np.uint8
+    assert picture.alpha is None
+    if suffix in (".png", ".bmp", ".tif"):
+        np.testing.assert_array_equal(picture.rgb, rgb)
+    else:  # lossy formats come back close
+        assert np.abs(picture.rgb.astype(int) - rgb).mean() < 12
+
+
+def test_grayscale_palette_and_rgba_are_converted(tmp_path):
+    gray = smooth_image(10, 12, channels=1)[:, :, 0]
+    Image.fromarray(gray, "L").save(tmp_path / "g.png")
+    picture = read_image(tmp_path / "g.png")
+    assert picture.rgb.shape == (10, 12, 3)
+    np.testing.assert_array_equal(picture.rgb[:, :, 1], gray)
+
+    rgba = np.dstack([smooth_image(10, 12), np.linspace(0, 255, 120).reshape(10, 12).astype(np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    picture = read_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(picture.rgb, rgba[:, :, :3])
+    np.testing.assert_array_equal(picture.alpha, rgba[:, :, 3])
+
+    Image.fromarray(smooth_image(10, 12)).convert("P").save(tmp_path / "p.png")
+    assert read_image(tmp_path / "p.png").rgb.shape == (10, 12, 3)
+
+
+def test_16_bit_colour_and_gray_keep_their_depth(tmp_path):
+    import cv2
+
+    deep = (np.random.RandomState(0).rand(8, 9, 3) * 65535).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "c16.png"), deep[:, :, ::-1])
+    picture = read_image(tmp_path / "c16.png")
+    assert picture.rgb.dtype == np.uint16
+    np.testing.assert_array_equal(picture.rgb, deep)
+
+    cv2.imwrite(str(tmp_path / "g16.png"), deep[:, :, 0])
+    picture = read_image(tmp_path / "g16.png")
+    assert picture.rgb.dtype == np.uint16 and picture.rgb.shape == (8, 9, 3)
+    np.testing.assert_array_equal(picture.rgb[:, :, 2], deep[:, :, 0])
+
+    write_image(tmp_path / "out.png", picture.rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "out.png").rgb, picture.rgb)
+
+
+def test_bad_files_give_one_clear_line(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("this is not an image")
+    with pytest.raises(ImageError, match="notes.png: not an image"):
+        read_image(tmp_path / "notes.png")
+    Image.fromarray(smooth_image(64, 64)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cut.png: truncated"):
+        read_image(tmp_path / "cut.png")
+    Image.fromarray(smooth_image(64, 64)).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cut.jpg: truncated"):
+        read_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageError, match="is a folder"):
+        read_image(tmp_path)
+    for error in (ImageError,):
+        assert "\n" not in str(error("x"))
+
+
+def test_as_picture_accepts_arrays_tensors_and_pil():
+    import torch
+
+    rgb = smooth_image(6, 7)
+    np.testing.assert_array_equal(as_picture(rgb).rgb, rgb)
+    np.testing.assert_array_equal(as_picture(Image.fromarray(rgb)).rgb, rgb)
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    picture = as_picture(tensor[None])
+    assert picture.rgb.dtype == np.uint16
+    np.testing.assert_allclose(picture.rgb / 65535, rgb / 255, atol=1e-4)
+    with pytest.raises(ImageError, match="batch"):
+        as_picture(torch.zeros(2, 3, 4, 4))
+
+
+def test_resize_uint8_matches_pil_and_uint16_is_close():
+    rgb = smooth_image(17, 23)
+    ours = resize(rgb, (46, 34), "bicubic")
+    np.testing.assert_array_equal(ours, np.asarray(Image.fromarray(rgb).resize((46, 34), Image.BICUBIC)))
+    deep = rgb.astype(np.uint16) * 257
+    np.testing.assert_allclose(resize(deep, (46, 34)) / 65535, ours / 255, atol=2 / 255)
+
+
+def test_write_keeps_no_partial_file_and_collect_walks_folders(tmp_path):
+    rgb = smooth_image(5, 5)
+    write_image(tmp_path / "x" / "a.png", rgb)
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["a.png"]
+    (tmp_path / "x" / "b.txt").write_text("skip me")
+    Image.fromarray(rgb).save(tmp_path / "x" / "c.JPG")
+    assert [p.name for p in collect_inputs([tmp_path / "x"])] == ["a.png", "c.JPG"]
+    assert collect_inputs([tmp_path / "nope.png"]) == [tmp_path / "nope.png"]
