@@ -10,26 +10,17 @@ import torch
 
 import diffsr
 from diffsr.errors import UsageError, WeightsError
+from conftest import smooth_image
 
 FIXTURE = Path(__file__).parent / "fixtures" / "s3diff" / "parity.pt"
 
 
-def smooth_image(height, width, seed=0):
-    rng = np.random.RandomState(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    planes = [127 + 90 * np.sin(x / (5 + 3 * c) + c) * np.cos(y / (7 + 2 * c)) for c in range(3)]
-    return (np.stack(planes, axis=2) + rng.normal(0, 8, (height, width, 3))).clip(0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny SD-Turbo-shaped base with random s3diff.pkl and de_net.pth (seed 0, as in the fixture)."""
-    from diffsr.testing import make_tiny_base, make_tiny_weights
+def models(tiny_base):
+    """conftest's tiny SD-Turbo-shaped base with random s3diff.pkl and de_net.pth (seed 0, as in the fixture)."""
+    from diffsr.testing import make_tiny_weights
 
-    folder = tmp_path_factory.mktemp("s3diff")
-    base = make_tiny_base(folder / "base")
-    weights = make_tiny_weights("s3diff", base, folder / "weights" / "s3diff.pkl")
-    return base, weights
+    return tiny_base, make_tiny_weights("s3diff", tiny_base, tiny_base.parent / "s3diff" / "s3diff.pkl")
 
 
 @pytest.fixture(scope="module")
