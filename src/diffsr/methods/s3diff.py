@@ -218,7 +218,7 @@ class S3Diff(Upscaler):
                  sample_posterior: bool = False):
         super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
-        self.conditioner = conditioner.to(backbone.device)
+        self.conditioner = conditioner.requires_grad_(False).to(backbone.device)
         self.vae_modulation, self.unet_modulation = modulations
         # The estimator is small: it stays in float32 whatever the model's dtype.
         self.estimator = estimator.to(backbone.device)
