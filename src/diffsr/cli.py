@@ -33,13 +33,37 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tagger", help="image tagger whose tags are prepended to the prompt (none is bundled)")
     parser.add_argument("--sample-posterior", action="store_true",
                         help="sample the VAE posterior with --seed as the release does (default: its mean)")
+    parser.add_argument("--de-net", help="s3diff: degradation estimator weights (default: de_net.pth beside --weights)")
+
+
+def _score(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return value
+
+
+def _method_knobs(args) -> dict:
+    """The method knobs given on the command line (the others keep the method's defaults)."""
+    knobs = {name: getattr(args, name) for name in ("prompt", "negative_prompt", "guidance_scale")
+             if getattr(args, name) is not None}
+    if args.degradation_blur is not None or args.degradation_noise is not None:
+        knobs["degradation"] = (args.degradation_blur, args.degradation_noise)
+    if args.show_degradation:
+        knobs["show_degradation"] = True
+    return knobs
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--scale", type=float, default=4, help="upscaling factor, 1 to 8 (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every random draw (default 0)")
-    parser.add_argument("--prompt", default="", help="text prompt (default empty)")
+    parser.add_argument("--prompt", help="text prompt (default: the method's; empty for osediff)")
+    parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: the method's)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (s3diff default 1.07; 1 = off)")
+    parser.add_argument("--degradation-blur", type=_score, help="s3diff: use this blur score in [0, 1] instead of the estimate")
+    parser.add_argument("--degradation-noise", type=_score, help="s3diff: use this noise score in [0, 1] instead of the estimate")
+    parser.add_argument("--show-degradation", action="store_true", help="s3diff: print each image's degradation scores")
     parser.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction (default: the method's release default)")
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -175,6 +199,8 @@ def run_upscale(args) -> int:
         options["sample_posterior"] = True
     if args.tagger:
         options["tagger"] = args.tagger
+    if args.de_net:
+        options["de_net"] = args.de_net
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
                                         dtype=args.dtype, **options)
@@ -192,7 +218,7 @@ def run_upscale(args) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = upscaler.upscale(picture, scale=args.scale, seed=args.seed, color_fix=args.color_fix,
-                                          prompt=args.prompt)
+                                          **_method_knobs(args))
                 write_image(target, result.rgb, result.alpha)
             written += 1
             for warning in caught:

@@ -167,3 +167,45 @@ def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
     return out_file
+
+
+def weights_digest(*paths: str | Path) -> str:
+    """sha256 over the tensors (names, dtypes, shapes, values) in weight files and base-model folders.
+
+    Parity fixtures store it to tell whether the tiny models they were made from have changed. File
+    bytes would not do: torch.save writes a fresh serialization id each time, configs carry versions.
+    """
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+
+    def add(name: str, value) -> None:
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        elif isinstance(value, bytes):
+            digest.update(value)
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                add(f"{name}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                add(f"{name}/{index}", item)
+        else:
+            digest.update(repr(value).encode())
+
+    for path in map(Path, paths):
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            name = file.relative_to(path).as_posix() if path.is_dir() else file.name
+            if file.suffix == ".safetensors":
+                add(name, load_file(str(file)))
+            elif file.suffix in (".pkl", ".pth", ".ckpt", ".bin"):
+                add(name, torch.load(file, map_location="cpu", weights_only=True))
+            elif file.name in ("vocab.json", "merges.txt"):
+                add(name, file.read_bytes())
+    return digest.hexdigest()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from diffsr.errors import UsageError
 from diffsr.methods.base import Upscaler
 from diffsr.methods.osediff import OSEDiff
+from diffsr.methods.s3diff import S3Diff
 
-METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (OSEDiff,)}
+METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (OSEDiff, S3Diff)}
 
 
 def list_methods() -> list[str]:

@@ -1,0 +1,1 @@
+"""Networks that are not part of Stable Diffusion (e.g. S3Diff's degradation estimator)."""
