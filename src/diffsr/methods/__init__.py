@@ -5,8 +5,9 @@ from __future__ import annotations
 from diffsr.errors import UsageError
 from diffsr.methods.base import Upscaler
 from diffsr.methods.osediff import OSEDiff
+from diffsr.methods.stablesr import StableSR
 
-METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (OSEDiff,)}
+METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (OSEDiff, StableSR)}
 
 
 def list_methods() -> list[str]:
