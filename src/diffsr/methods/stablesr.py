@@ -120,20 +120,21 @@ class StableSR(Upscaler):
     weights_name = "stablesr_000117.ckpt"
 
     def __init__(self, backbone: Backbone, unet: SFTUNet, encoder: TimeAwareEncoder, autoencoder: CFWAutoencoder,
-                 prediction: str = "epsilon", default_steps: int = 200):
+                 prediction: str = "epsilon", default_steps: int = 200, process_size: int | None = None):
         super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
         self.unet, self.encoder, self.autoencoder = unet, encoder, autoencoder
         self.prediction = prediction
         self.default_steps = default_steps
         self.scaling_factor = autoencoder.vae.config.scaling_factor
-        # The release processes at the base's native size: shorter side 512 (SD 2.1-base), 768 for 768-v.
-        self.process_size = backbone.unet.config.sample_size * 2 ** (len(autoencoder.vae.config.block_out_channels) - 1)
+        # The release's --input_size: the base's native size, 512 for SD 2.1-base, 768 for the 768-v model.
+        native = backbone.unet.config.sample_size * 2 ** (len(autoencoder.vae.config.block_out_channels) - 1)
+        self.process_size = process_size or native
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
     def load(cls, base, weights, device="cpu", dtype="float32", cfw_weights=None,
-             prediction_type: str | None = None) -> "StableSR":
+             prediction_type: str | None = None, process_size: int | None = None) -> "StableSR":
         if weights is None:
             raise UsageError(f"stablesr needs its weights: pass weights='{cls.weights_name}' (--weights)")
         weights = Path(weights)
@@ -173,7 +174,7 @@ class StableSR(Upscaler):
         for module in (encoder, autoencoder):
             module.requires_grad_(False).eval().to(device=backbone.device, dtype=backbone.dtype)
         default_steps = 4 if "turbo" in weights.name else 200
-        return cls(backbone, unet, encoder, autoencoder, prediction, default_steps)
+        return cls(backbone, unet, encoder, autoencoder, prediction, default_steps, process_size)
 
     @staticmethod
     def find_cfw(weights: Path) -> Path | None:
