@@ -191,3 +191,38 @@ def test_bad_input(stablesr, files, tmp_path):
     lonely.symlink_to(weights)
     with pytest.warns(UserWarning, match="plain VAE decoder"):
         StableSR.load(base, lonely)
+
+
+def test_convert_cli_then_load_gives_the_same_model(stablesr, files, reference, tmp_path):
+    from diffsr.cli import main
+
+    base, weights = files
+    out = tmp_path / "converted"
+    assert main(["convert", str(weights), str(weights.parent / CFW_NAME), "-o", str(out), "--base", str(base)]) == 0
+    assert (out / "vqgan_cfw_00011.safetensors").is_file()  # found beside the converted model file
+    converted = StableSR.load(base, out / "stablesr_000117.safetensors")
+    with torch.no_grad():
+        maps = converted.encoder(reference["call_lr_latent"], reference["call_t"])
+        eps = converted.unet(reference["call_x"], reference["call_t"], reference["call_text"], maps)
+        dist, features = converted.autoencoder.encode(reference["cfw_image"])
+        decoded = converted.autoencoder.decode(reference["cfw_z"], features, 0.5)
+    assert max_diff(eps, reference["call_eps"]) <= 1e-4
+    assert max_diff(decoded, reference["cfw_decoded_0.5"]) <= 1e-4
+    assert main(["convert", str(tmp_path / "missing.ckpt"), "-o", str(out), "--base", str(base)]) == 2
+
+
+def test_cli_knobs(files, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from diffsr.cli import main
+
+    base, weights = files
+    Image.fromarray(np.full((12, 10, 3), 120, np.uint8)).save(tmp_path / "a.png")
+    common = ["upscale", str(tmp_path / "a.png"), "--method", "stablesr", "--base", str(base),
+              "--weights", str(weights), "--steps", "1", "--quiet"]
+    assert main(common + ["-o", str(tmp_path / "bad"), "--fidelity", "1.5"]) == 1
+    assert "fidelity 1.5 is out of range" in capsys.readouterr().err
+    assert main(common + ["-o", str(tmp_path / "out"), "--fidelity", "1", "--sampler", "ddim",
+                          "--guidance-scale", "2", "--negative-prompt", "blurry", "--scale", "2"]) == 0
+    assert Image.open(tmp_path / "out" / "a.png").size == (20, 24)

@@ -32,6 +32,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")
     parser.add_argument("--sample-posterior", action="store_true",
                         help="sample the VAE posterior with --seed as the release does (default: its mean)")
+    parser.add_argument("--cfw-weights", help="StableSR: the CFW autoencoder (default: vqgan_cfw_00011.ckpt beside --weights)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Multi-step methods (StableSR); left unset, each method uses its release default.
+    parser.add_argument("--steps", type=int, help="sampling steps (StableSR: 200, 4 for the turbo checkpoint)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="StableSR sampler (default ddpm)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 1: off)")
+    parser.add_argument("--negative-prompt", help="negative prompt used with --guidance-scale")
+    parser.add_argument("--fidelity", type=float, help="StableSR CFW weight w in [0, 1] (default 0.5)")
+
+
+# Knobs passed to the method only when given (a method rejects knobs it does not have).
+_OPTIONAL_KNOBS = ("steps", "sampler", "guidance_scale", "negative_prompt", "fidelity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
 
     commands.add_parser("methods", help="list the available methods")
+
+    convert = commands.add_parser("convert", help="convert released weights to safetensors (loads faster)")
+    convert.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="released weights files")
+    convert.add_argument("-o", "--output", required=True, type=Path, help="output folder (IN name, .safetensors)")
+    convert.add_argument("--method", default="stablesr", help="the method the files belong to (default stablesr)")
+    convert.add_argument("--base", help="Stable Diffusion base the weights are for (default: the method's)")
     return parser
 
 
@@ -102,9 +119,14 @@ def run_upscale(args) -> int:
     if not planned:
         return EXIT_SOME_FAILED if failures else EXIT_OK
 
-    options = {"merge_lora": args.merge_lora}
+    options = {}
+    if args.merge_lora:
+        options["merge_lora"] = True
     if args.sample_posterior:
         options["sample_posterior"] = True
+    if args.cfw_weights:
+        options["cfw_weights"] = args.cfw_weights
+    knobs = {name: getattr(args, name) for name in _OPTIONAL_KNOBS if getattr(args, name) is not None}
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
                                         dtype=args.dtype, **options)
@@ -122,7 +144,7 @@ def run_upscale(args) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = upscaler.upscale(picture, scale=args.scale, seed=args.seed, color_fix=args.color_fix,
-                                          prompt=args.prompt)
+                                          prompt=args.prompt, **knobs)
                 write_image(target, result.rgb, result.alpha)
             written += 1
             for warning in caught:
@@ -145,10 +167,28 @@ def run_demo(args) -> int:
     return demo(args.output, args.models, quiet=args.quiet)
 
 
+def run_convert(args) -> int:
+    from diffsr.methods import get_method
+
+    try:
+        method = get_method(args.method)
+        args.output.mkdir(parents=True, exist_ok=True)
+        for path in args.inputs:
+            target = args.output / (path.stem + ".safetensors")
+            method.convert_weights(path, args.base or method.default_base, target)
+            print(f"wrote {target}", file=sys.stderr)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "upscale":
         return run_upscale(args)
+    if args.command == "convert":
+        return run_convert(args)
     if args.command == "demo":
         return run_demo(args)
     if args.command == "methods":

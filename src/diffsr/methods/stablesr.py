@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffsr.backbone import Backbone, load_backbone
 from diffsr.checkpoints import read_weights
 from diffsr.checkpoints import ldm
-from diffsr.errors import UsageError, WeightsError
+from diffsr.errors import BaseModelError, UsageError, WeightsError
 from diffsr.images import Picture
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.stablesr_nets import SFT_HIDDEN, CFWAutoencoder, SFTUNet, TimeAwareEncoder
@@ -74,7 +74,7 @@ def encoder_config_from_state(state: dict, norm_groups: int, num_heads: int = 4)
                 out_channels=state["fea_tran.0.conv2.weight"].shape[0],
                 channel_mult=tuple(w // model_channels for w in widths),
                 num_res_blocks=len({k.split(".")[3] for k in state if k.startswith("down_blocks.0.resnets.")}),
-                attention_levels=tuple(sorted({int(k.split(".")[1]) for k in state if ".attentions." in k})),
+                attention_levels=tuple(sorted({int(k.split(".")[1]) for k in state if k.startswith("down_blocks.") and ".attentions." in k})),
                 num_heads=num_heads, norm_groups=norm_groups)
 
 
@@ -175,6 +175,28 @@ class StableSR(Upscaler):
             module.requires_grad_(False).eval().to(device=backbone.device, dtype=backbone.dtype)
         default_steps = 4 if "turbo" in weights.name else 200
         return cls(backbone, unet, encoder, autoencoder, prediction, default_steps, process_size)
+
+    @classmethod
+    def convert_weights(cls, weights: Path, base: str | Path, out_file: Path) -> None:
+        """Write a release .ckpt (model or CFW autoencoder) in the diffusers layout as safetensors
+        (`unet.*` with `.sft.` layers, `encoder.*`, `vae.*`, `fusion.*`); `load` reads either."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from safetensors.torch import save_file
+
+        from diffsr.backbone import quiet_loading
+
+        try:
+            with quiet_loading():
+                unet_config = UNet2DConditionModel.load_config(str(base), subfolder="unet")
+                vae_config = AutoencoderKL.load_config(str(base), subfolder="vae")
+        except (OSError, ValueError) as error:
+            raise BaseModelError(f"{base}: cannot read the base model's UNet/VAE configs ({error})") from None
+        parts = read_stablesr_parts(weights, unet_config, vae_config, unet_config["norm_num_groups"])
+        tensors = {f"{part}.{key}": value.detach().clone().contiguous()
+                   for part in ("unet", "encoder", "vae", "fusion") for key, value in parts.get(part, {}).items()}
+        if not tensors:
+            raise WeightsError(f"{weights}: holds no StableSR weights")
+        save_file(tensors, str(out_file), metadata={"format": "pt", "source": Path(weights).name})
 
     @staticmethod
     def find_cfw(weights: Path) -> Path | None:
