@@ -258,22 +258,32 @@ class StableSR(Upscaler):
 
     def network(self, latent: torch.Tensor, condition: torch.Tensor, timestep: torch.Tensor,
                 text: torch.Tensor) -> torch.Tensor:
-        """One denoiser call: time-aware encoder on the LR latent at t, then the SFT UNet. The tiler calls
-        this per tile (latent and condition cut alike)."""
-        if condition.shape[0] != latent.shape[0]:
+        """One denoiser call: time-aware encoder on the LR latent at t, then the SFT UNet."""
+        if condition.shape[0] != latent.shape[0]:  # guidance stacks [negative; positive] copies of the latent
             condition = condition.repeat(latent.shape[0] // condition.shape[0], 1, 1, 1)
         maps = self.encoder(condition.to(self.dtype), timestep)
         return self.unet(latent.to(self.dtype), timestep, text, maps)
 
     def sample(self, condition: torch.Tensor, text: torch.Tensor, generator: torch.Generator, steps: int,
                sampler: str = "ddpm", negative: torch.Tensor | None = None, guidance_scale: float = 1.0,
-               eta: float = 0.0, start: str = "lr", callback=None) -> torch.Tensor:
-        """Denoise from t=999 to a clean latent, conditioned on the (scaled) LR latent `condition`."""
+               eta: float = 0.0, start: str = "lr", tiler=None, callback=None) -> torch.Tensor:
+        """Denoise from t=999 to a clean latent, conditioned on the (scaled) LR latent `condition`.
+
+        `tiler(denoise, latent, condition) -> prediction`, when given, runs `denoise(latent_tiles,
+        condition_tiles)` over tiles and merges the predictions (diffsr.tiling.aggregate); guidance is
+        applied per tile, which is the same as after merging since the merge is linear."""
         alphas_cumprod = self.backbone.alphas_cumprod
         noise = torch.randn(condition.shape, generator=generator, device=condition.device, dtype=torch.float32)
         # The arbitrary-size scripts start from the LR latent noised to t=999 on the full schedule.
         x = q_sample(condition.float(), noise, alphas_cumprod[START_TIMESTEP].item()) if start == "lr" else noise
-        model = guided(lambda x_, t, text_: self.network(x_, condition, t, text_), text, negative, guidance_scale)
+
+        def model(latent, timestep):
+            def denoise(tiles, condition_tiles):
+                call = lambda x_, t_, text_: self.network(x_, condition_tiles, t_, text_)  # noqa: E731
+                return guided(call, text, negative, guidance_scale)(tiles, timestep[:1].expand(tiles.shape[0]))
+
+            return denoise(latent, condition) if tiler is None else tiler(denoise, latent, condition)
+
         schedule = Schedule.respaced(alphas_cumprod, steps)
         if sampler == "ddpm":
             return sample_ddpm(model, x, schedule, generator, self.prediction, callback)
