@@ -49,11 +49,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="StableSR sampler (default ddpm)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 1: off)")
     parser.add_argument("--negative-prompt", help="negative prompt used with --guidance-scale")
+    parser.add_argument("--eta", type=float, help="DDIM noise (default 0: deterministic)")
     parser.add_argument("--fidelity", type=float, help="StableSR CFW weight w in [0, 1] (default 0.5)")
 
 
 # Knobs passed to the method only when given (a method rejects knobs it does not have).
-_OPTIONAL_KNOBS = ("steps", "sampler", "guidance_scale", "negative_prompt", "fidelity")
+_OPTIONAL_KNOBS = ("steps", "sampler", "guidance_scale", "negative_prompt", "eta", "fidelity")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from diffsr.checkpoints import ldm
 from diffsr.errors import BaseModelError, UsageError, WeightsError
 from diffsr.images import Picture
 from diffsr.methods.base import Prepared, Upscaler, output_size
-from diffsr.nets.stablesr_nets import SFT_HIDDEN, CFWAutoencoder, SFTUNet, TimeAwareEncoder
+from diffsr.nets.stablesr_nets import SFT_HIDDEN, CFWAutoencoder, SFTUNet, TimeAwareEncoder, add_sft
 from diffsr.samplers import PREDICTIONS, Schedule, guided, q_sample, release_ddim_alphas, sample_ddim, sample_ddpm
 
 CFW_NAME = "vqgan_cfw_00011.ckpt"
@@ -216,7 +216,7 @@ class StableSR(Upscaler):
                               num_res_blocks=2, attention_levels=(0, 1, 2), num_heads=4,
                               norm_groups=unet_config.norm_num_groups)
         generator = torch.Generator().manual_seed(seed)
-        SFTUNet(backbone.unet, channels, SFT_HIDDEN)
+        add_sft(backbone.unet, channels, SFT_HIDDEN)
         encoder = TimeAwareEncoder(**encoder_config)
         autoencoder = CFWAutoencoder(vae)
 
