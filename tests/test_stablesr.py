@@ -249,3 +249,12 @@ def test_tiler_hook_sees_latent_and_condition_tiles(stablesr, reference):
     assert len(seen) == 2 and seen[0] == (condition.shape, condition.shape)
     assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
     assert max_diff(tiled, whole) > 1e-3  # halves really ran separately (no context across the cut)
+
+
+@pytest.mark.slow
+def test_bfloat16_runs(files):
+    base, weights = files
+    method = StableSR.load(base, weights, dtype="bfloat16", process_size=64)
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    image = method.upscale(lr, scale=4, seed=0, steps=2, sampler="ddim", guidance_scale=2.0)
+    assert image.rgb.shape == (64, 64, 3)

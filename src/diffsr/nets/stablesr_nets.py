@@ -33,8 +33,9 @@ class SFT(nn.Module):
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         actv = self.mlp_shared(cond)
-        # The release normalises in float32 (its GroupNorm32).
-        normalized = self.param_free_norm(h.float()).to(h.dtype)
+        # The release normalises in float32 (its GroupNorm32), also when the model runs in half precision.
+        norm = self.param_free_norm
+        normalized = F.group_norm(h.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).to(h.dtype)
         return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
 
 
