@@ -171,7 +171,7 @@ class StableSR(Upscaler):
             _load_strict(backbone.vae, vae_parts["vae"], cfw_path or weights, "autoencoder")
         if "fusion" in vae_parts:
             _load_strict(autoencoder.fusion, vae_parts["fusion"], cfw_path, "CFW fusion layers")
-        for module in (encoder, autoencoder):
+        for module in (unet, encoder, autoencoder):  # the new SFT/encoder/fusion layers were built in float32
             module.requires_grad_(False).eval().to(device=backbone.device, dtype=backbone.dtype)
         default_steps = 4 if "turbo" in weights.name else 200
         return cls(backbone, unet, encoder, autoencoder, prediction, default_steps, process_size)
