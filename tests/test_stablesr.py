@@ -186,6 +186,11 @@ def test_bad_input(stablesr, files, tmp_path):
     torch.save({"state_dict": {k: v for k, v in state.items() if "fusion_layer" not in k}}, plain)
     with pytest.raises(WeightsError, match="fusion"):
         StableSR.load(base, weights, cfw_weights=plain)
+    no_sft = tmp_path / "sd.ckpt"
+    main = torch.load(weights)["state_dict"]
+    torch.save({"state_dict": {k: v for k, v in main.items() if ".spade." not in k}}, no_sft)
+    with pytest.raises(WeightsError, match="no SFT"):
+        StableSR.load(base, no_sft)
     lonely = tmp_path / "alone" / "stablesr_000117.ckpt"
     lonely.parent.mkdir()
     lonely.symlink_to(weights)
@@ -211,6 +216,7 @@ def test_convert_cli_then_load_gives_the_same_model(stablesr, files, reference, 
     assert main(["convert", str(tmp_path / "missing.ckpt"), "-o", str(out), "--base", str(base)]) == 2
 
 
+@pytest.mark.slow
 def test_cli_knobs(files, tmp_path, capsys):
     import numpy as np
     from PIL import Image

@@ -92,7 +92,9 @@ def _load_strict(module: torch.nn.Module, state: dict, path, what: str) -> None:
 
 def sft_shapes(unet_state: dict) -> tuple[int, int]:
     """(condition channels, hidden width) of the SFT layers in a converted UNet state."""
-    weight = next(v for k, v in unet_state.items() if k.endswith(".sft.mlp_shared.0.weight"))
+    weight = next((v for k, v in unet_state.items() if k.endswith(".sft.mlp_shared.0.weight")), None)
+    if weight is None:
+        raise WeightsError("its UNet has no SFT (spade) layers: a plain Stable Diffusion UNet, not StableSR's")
     return weight.shape[1], weight.shape[0]
 
 
@@ -151,12 +153,17 @@ class StableSR(Upscaler):
             if needed not in parts:
                 raise WeightsError(f"{weights}: no {needed} weights: not a StableSR model checkpoint "
                                    f"(the CFW autoencoder file goes to cfw_weights / --cfw-weights)")
-        cond_channels, hidden = sft_shapes(parts["unet"])
+        try:
+            cond_channels, hidden = sft_shapes(parts["unet"])
+        except WeightsError as error:
+            raise WeightsError(f"{weights}: {error}") from None
         unet = SFTUNet(backbone.unet, cond_channels, hidden)
         _load_strict(backbone.unet, parts["unet"], weights, "UNet")
         encoder = TimeAwareEncoder(**parts["encoder_config"])
         _load_strict(encoder, parts["encoder"], weights, "time-aware encoder")
 
+        # One autoencoder serves encoding and decoding: the CFW file's when there is one (the release trained
+        # only its fusion layers, so its encoder/decoder are the main file's first stage, the SD 2.1 VAE).
         cfw_path = Path(cfw_weights) if cfw_weights else cls.find_cfw(weights)
         vae_parts = parts if cfw_path is None else read_stablesr_parts(cfw_path, backbone.unet.config,
                                                                          backbone.vae.config, groups)
