@@ -34,6 +34,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-posterior", action="store_true",
                         help="sample the VAE posterior with --seed as the release does (default: its mean)")
     parser.add_argument("--de-net", help="s3diff: degradation estimator weights (default: de_net.pth beside --weights)")
+    parser.add_argument("--cfw-weights", help="StableSR: the CFW autoencoder (default: vqgan_cfw_00011.ckpt beside --weights)")
 
 
 def _score(text: str) -> float:
@@ -44,9 +45,9 @@ def _score(text: str) -> float:
 
 
 def _method_knobs(args) -> dict:
-    """The method knobs given on the command line (the others keep the method's defaults)."""
-    knobs = {name: getattr(args, name) for name in ("prompt", "negative_prompt", "guidance_scale")
-             if getattr(args, name) is not None}
+    """The method knobs given on the command line (the others keep the method's defaults; a method
+    rejects knobs it does not have)."""
+    knobs = {name: getattr(args, name) for name in _OPTIONAL_KNOBS if getattr(args, name) is not None}
     if args.degradation_blur is not None or args.degradation_noise is not None:
         knobs["degradation"] = (args.degradation_blur, args.degradation_noise)
     if args.show_degradation:
@@ -60,7 +61,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="fixes every random draw (default 0)")
     parser.add_argument("--prompt", help="text prompt (default: the method's; empty for osediff)")
     parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: the method's)")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (s3diff default 1.07; 1 = off)")
+    parser.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance scale (default: the method's; s3diff 1.07, stablesr 1; 1 = off)")
     parser.add_argument("--degradation-blur", type=_score, help="s3diff: use this blur score in [0, 1] instead of the estimate")
     parser.add_argument("--degradation-noise", type=_score, help="s3diff: use this noise score in [0, 1] instead of the estimate")
     parser.add_argument("--show-degradation", action="store_true", help="s3diff: print each image's degradation scores")
@@ -68,6 +70,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    # Multi-step methods (StableSR); left unset, each method uses its release default.
+    parser.add_argument("--steps", type=int, help="sampling steps (StableSR: 200, 4 for the turbo checkpoint)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="StableSR sampler (default ddpm)")
+    parser.add_argument("--eta", type=float, help="DDIM noise (default 0: deterministic)")
+    parser.add_argument("--fidelity", type=float, help="StableSR CFW weight w in [0, 1] (default 0.5)")
+
+
+# Knobs passed to the method only when given.
+_OPTIONAL_KNOBS = ("prompt", "negative_prompt", "guidance_scale", "steps", "sampler", "eta", "fidelity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     degrade.add_argument("--batch-size", type=int, default=16, help="pairs degraded per call (default 16)")
     degrade.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_evaluation_commands(commands)
+
+    convert = commands.add_parser("convert", help="convert released weights to safetensors (loads faster)")
+    convert.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="released weights files")
+    convert.add_argument("-o", "--output", required=True, type=Path, help="output folder (IN name, .safetensors)")
+    convert.add_argument("--method", default="stablesr", help="the method the files belong to (default stablesr)")
+    convert.add_argument("--base", help="Stable Diffusion base the weights are for (default: the method's)")
     return parser
 
 
@@ -194,13 +211,17 @@ def run_upscale(args) -> int:
     if not planned:
         return EXIT_SOME_FAILED if failures else EXIT_OK
 
-    options = {"merge_lora": args.merge_lora}
+    options = {}
+    if args.merge_lora:
+        options["merge_lora"] = True
     if args.sample_posterior:
         options["sample_posterior"] = True
     if args.tagger:
         options["tagger"] = args.tagger
     if args.de_net:
         options["de_net"] = args.de_net
+    if args.cfw_weights:
+        options["cfw_weights"] = args.cfw_weights
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
                                         dtype=args.dtype, **options)
@@ -337,10 +358,28 @@ def run_benchmark(args) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def run_convert(args) -> int:
+    from diffsr.methods import get_method
+
+    try:
+        method = get_method(args.method)
+        args.output.mkdir(parents=True, exist_ok=True)
+        for path in args.inputs:
+            target = args.output / (path.stem + ".safetensors")
+            method.convert_weights(path, args.base or method.default_base, target)
+            print(f"wrote {target}", file=sys.stderr)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "upscale":
         return run_upscale(args)
+    if args.command == "convert":
+        return run_convert(args)
     if args.command == "demo":
         return run_demo(args)
     if args.command == "degrade":

@@ -1,0 +1,138 @@
+"""Samplers shared by the multi-step methods (StableSR, CCSR): short plain functions.
+
+`model(x, t) -> output` is the network (with any guidance already applied) at ORIGINAL timesteps
+t in [0, 1000); `prediction` says what it predicts ("epsilon" or "v_prediction"). Schedules are the
+released LDM ones: the training betas re-spaced onto a subset of timesteps (guided-diffusion's
+`space_timesteps`), and posterior variance "fixed small".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffsr.errors import UsageError
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def space_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """`count` timesteps evenly spread over [0, num_timesteps - 1], both ends included (rounded)."""
+    if not 1 <= count <= num_timesteps:
+        raise UsageError(f"steps must be between 1 and {num_timesteps}, got {count}")
+    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
+    return sorted({round(i * stride) for i in range(count)})
+
+
+@dataclass
+class Schedule:
+    """A re-spaced discrete schedule: the original timesteps it visits and alpha_bar at each."""
+
+    timesteps: torch.Tensor  # (N,) ascending original timesteps
+    alphas_cumprod: torch.Tensor  # (N,) float64, alpha_bar at those timesteps
+
+    @classmethod
+    def respaced(cls, alphas_cumprod: torch.Tensor, steps: int) -> "Schedule":
+        timesteps = torch.tensor(space_timesteps(len(alphas_cumprod), steps))
+        return cls(timesteps, alphas_cumprod.double()[timesteps])
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def to_eps(output: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction: str) -> torch.Tensor:
+    if prediction == "epsilon":
+        return output
+    if prediction == "v_prediction":
+        return alpha_bar**0.5 * output + (1 - alpha_bar) ** 0.5 * x
+    raise UsageError(f"unknown prediction type '{prediction}' (choose {', '.join(PREDICTIONS)})")
+
+
+def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    return (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """Noise a clean latent to the level alpha_bar."""
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
+
+
+def _step_timestep(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+@torch.no_grad()
+def sample_ddpm(model: Model, x: torch.Tensor, schedule: Schedule, generator: torch.Generator | None = None,
+                prediction: str = "epsilon", callback=None) -> torch.Tensor:
+    """Ancestral DDPM on the re-spaced betas with the fixed-small (posterior) variance, as the release's
+    p_sample_loop with `time_replace`: the network sees original timesteps, the posterior uses the
+    re-spaced betas beta_i = 1 - abar_i / abar_{i-1}."""
+    abar = schedule.alphas_cumprod.tolist()
+    for i in reversed(range(len(schedule))):
+        a, a_prev = abar[i], (abar[i - 1] if i > 0 else 1.0)
+        beta = 1 - a / a_prev
+        output = model(x, _step_timestep(int(schedule.timesteps[i]), x)).float()
+        x0 = x0_from_eps(x, to_eps(output, x, a, prediction), a)
+        mean = (beta * a_prev**0.5 / (1 - a)) * x0 + ((1 - a_prev) * (1 - beta) ** 0.5 / (1 - a)) * x
+        if i > 0:
+            variance = max(beta * (1 - a_prev) / (1 - a), 1e-20)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = mean + variance**0.5 * noise
+        else:
+            x = mean
+        if callback is not None:
+            callback(len(schedule) - i)
+    return x
+
+
+def release_ddim_alphas(alphas_cumprod: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The alpha_bar pairs StableSR's DDIM script uses: its network timesteps come from
+    space_timesteps (ending at 999) but its alphas from LDM's uniform grid range(0, 1000, 1000 // steps),
+    and alpha_prev of the last step is alpha_bar[0], not 1. Kept as released (`release_alphas=True`)."""
+    grid = torch.arange(0, len(alphas_cumprod), len(alphas_cumprod) // steps)
+    a = alphas_cumprod.double()[grid]
+    a_prev = torch.cat([alphas_cumprod.double()[:1], a[:-1]])
+    return a, a_prev
+
+
+@torch.no_grad()
+def sample_ddim(model: Model, x: torch.Tensor, schedule: Schedule, eta: float = 0.0,
+                generator: torch.Generator | None = None, prediction: str = "epsilon",
+                alphas: tuple[torch.Tensor, torch.Tensor] | None = None, callback=None) -> torch.Tensor:
+    """DDIM (eta = 0: deterministic). `alphas` overrides the (alpha_bar_t, alpha_bar_prev) pairs per step,
+    ascending like the schedule (see release_ddim_alphas); by default they are the schedule's own."""
+    if alphas is None:
+        a_all = schedule.alphas_cumprod
+        alphas = a_all, torch.cat([a_all.new_ones(1), a_all[:-1]])
+    a_list, a_prev_list = alphas[0].tolist(), alphas[1].tolist()
+    for i in reversed(range(len(schedule))):
+        a, a_prev = a_list[i], a_prev_list[i]
+        output = model(x, _step_timestep(int(schedule.timesteps[i]), x)).float()
+        eps = to_eps(output, x, a, prediction)
+        x0 = x0_from_eps(x, eps, a)
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if callback is not None:
+            callback(len(schedule) - i)
+    return x
+
+
+def guided(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], text: torch.Tensor,
+           negative: torch.Tensor | None, scale: float) -> Model:
+    """Classifier-free guidance with a negative prompt (StableSR eq. 8): neg + s * (pos - neg), both
+    branches in one batch. `model(x, t, text)`; with scale 1 or no negative prompt, one plain call."""
+    if negative is None or scale == 1:
+        return lambda x, t: model(x, t, text.expand(x.shape[0], -1, -1))
+
+    def call(x, t):
+        batch = x.shape[0]
+        texts = torch.cat([negative.expand(batch, -1, -1), text.expand(batch, -1, -1)])
+        uncond, cond = model(torch.cat([x, x]), torch.cat([t, t]), texts).chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return call

@@ -1,0 +1,266 @@
+"""StableSR: parity with the authors' model code (github:IceClear/StableSR) on tiny random weights,
+the LDM <-> diffusers key conversion, the samplers, and bad input.
+
+The fixture was made by tests/fixtures/stablesr/make_reference.py, which runs their UNetModelDualcondV2,
+EncoderUNetModelWT, AutoencoderKLResi and LatentDiffusionSRTextWT.sample on the checkpoint pair that
+`diffsr.testing.make_tiny_weights("stablesr", ...)` writes with its default seed.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffsr
+from diffsr.checkpoints import ldm
+from diffsr.errors import UsageError, WeightsError
+from diffsr.methods.stablesr import CFW_NAME, StableSR
+from diffsr.samplers import Schedule, guided, sample_ddim, sample_ddpm, space_timesteps, to_eps
+
+FIXTURE = Path(__file__).parent / "fixtures" / "stablesr" / "stablesr_parity.pt"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from diffsr.testing import make_tiny_base, make_tiny_weights
+
+    folder = tmp_path_factory.mktemp("stablesr")
+    base = make_tiny_base(folder / "sd21-tiny")
+    weights = make_tiny_weights("stablesr", base, folder / "stablesr_000117.ckpt")
+    return base, weights
+
+
+@pytest.fixture(scope="module")
+def stablesr(files):
+    base, weights = files
+    return diffsr.load_upscaler("stablesr", base=base, weights=weights)
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    ref = torch.load(FIXTURE)
+    state = torch.load(files[1])["state_dict"]
+    fingerprint = sum(v.double().abs().sum() for _, v in sorted(state.items()) if v.is_floating_point())
+    assert abs(float(fingerprint) - float(ref["weights_fingerprint"])) < 1e-6 * float(fingerprint), (
+        "the tiny StableSR weights changed since the fixture was made: rerun tests/fixtures/stablesr/make_reference.py")
+    return ref
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_release_format_pair(files):
+    base, weights = files
+    main = torch.load(weights)["state_dict"]
+    cfw = torch.load(weights.parent / CFW_NAME)["state_dict"]
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.0.spade.mlp_gamma") for k in main)
+    assert any(k.startswith("structcond_stage_model.fea_tran.3.") for k in main)
+    assert any(k.startswith("first_stage_model.decoder.up.") for k in main)
+    assert any(k.startswith("decoder.fusion_layer_2.encode_enc_2.1.rdb3.conv5") for k in cfw)
+    assert diffsr.checkpoints.detect(main) == "stablesr" and diffsr.checkpoints.detect(cfw) == "stablesr"
+
+
+def test_unet_and_encoder_call_matches_release(stablesr, reference):
+    with torch.no_grad():
+        maps = stablesr.encoder(reference["call_lr_latent"], reference["call_t"])
+        eps = stablesr.unet(reference["call_x"], reference["call_t"], reference["call_text"], maps)
+    for width, feature in maps.items():
+        assert max_diff(feature, reference[f"call_map_{width}"]) <= 1e-4
+    assert max_diff(eps, reference["call_eps"]) <= 1e-4
+
+
+def test_cfw_decoder_matches_release(stablesr, reference):
+    with torch.no_grad():
+        dist, features = stablesr.autoencoder.encode(reference["cfw_image"])
+        assert max_diff(dist.mean, reference["cfw_mean"]) <= 1e-4
+        for w in (0.5, 1.0):
+            decoded = stablesr.autoencoder.decode(reference["cfw_z"], features, w)
+            assert max_diff(decoded, reference[f"cfw_decoded_{w}"]) <= 1e-4
+        plain = stablesr.autoencoder.vae.decode(reference["cfw_z"]).sample
+        assert torch.equal(stablesr.autoencoder.decode(reference["cfw_z"], features, 0.0), plain)
+        assert max_diff(stablesr.autoencoder.decode(reference["cfw_z"], features, 0.5), plain) > 1e-3
+
+
+def test_four_step_run_matches_release(stablesr, reference):
+    """Turbo schedule (t = 999, 666, 333, 0) from the LR latent noised to t=999, CFW w = 0.5."""
+    generator = torch.Generator().manual_seed(int(reference["run_seed"]))
+    with torch.no_grad():
+        dist, features = stablesr.autoencoder.encode(reference["run_image"])
+        condition = dist.sample(generator) * stablesr.scaling_factor
+        assert max_diff(condition, reference["run_init_latent"]) <= 1e-4
+        latent = stablesr.sample(condition, reference["run_text"], generator, steps=4)
+        decoded = stablesr.autoencoder.decode(latent / stablesr.scaling_factor, features, 0.5)
+    assert max_diff(latent, reference["run_samples"]) <= 1e-3
+    assert max_diff(decoded, reference["run_decoded"]) <= 1e-3
+
+
+def test_key_conversion_round_trips(stablesr):
+    unet = stablesr.backbone.unet
+    state = unet.state_dict()
+    back = ldm.unet_from_ldm({ldm.UNET_PREFIX + k: v for k, v in ldm.unet_to_ldm(state, 1).items()}, unet.config)
+    assert back.keys() == state.keys() and all(back[k] is state[k] for k in state)
+    config = stablesr.encoder.config
+    enc = stablesr.encoder.state_dict()
+    back = ldm.encoder_from_ldm(ldm.encoder_to_ldm(enc, config), config)
+    assert back.keys() == enc.keys() and all(torch.equal(back[k], enc[k]) for k in enc)
+
+
+def test_space_timesteps():
+    assert space_timesteps(1000, 4) == [0, 333, 666, 999]
+    assert space_timesteps(1000, 200)[:3] == [0, 5, 10] and space_timesteps(1000, 200)[-1] == 999
+    with pytest.raises(UsageError):
+        space_timesteps(1000, 0)
+
+
+def test_v_prediction_gives_the_same_samples_as_eps():
+    """A v-model built from an eps-model must sample identically (DDPM and DDIM)."""
+    abar = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64).pow(2)
+    abar = torch.cumprod(1 - abar, 0)
+    eps_model = lambda x, t: torch.tanh(x) * (t.float()[:, None, None, None] / 1000 + 0.5)  # noqa: E731
+
+    def v_model(x, t):
+        a = abar[t].float()[:, None, None, None]
+        eps = eps_model(x, t)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    schedule = Schedule.respaced(abar, 10)
+    for run in (lambda m, p: sample_ddpm(m, x, schedule, torch.Generator().manual_seed(1), p),
+                lambda m, p: sample_ddim(m, x, schedule, 0.5, torch.Generator().manual_seed(1), p)):
+        assert torch.allclose(run(eps_model, "epsilon"), run(v_model, "v_prediction"), atol=1e-4)
+    with pytest.raises(UsageError):
+        to_eps(x, x, 0.5, "x0")
+
+
+def test_guidance_combines_negative_and_positive():
+    model = lambda x, t, text: x * text.mean(dim=(1, 2))[:, None, None, None]  # noqa: E731
+    x, t = torch.ones(1, 4, 2, 2), torch.tensor([10])
+    positive, negative = torch.full((1, 77, 8), 2.0), torch.full((1, 77, 8), 0.5)
+    assert torch.allclose(guided(model, positive, negative, 7.0)(x, t), x * (0.5 + 7 * 1.5))
+    assert torch.allclose(guided(model, positive, None, 7.0)(x, t), x * 2)
+
+
+def small(stablesr):
+    """The same networks with the release's --input_size lowered, so whole runs stay fast."""
+    return StableSR(stablesr.backbone, stablesr.unet, stablesr.encoder, stablesr.autoencoder, process_size=64)
+
+
+def test_upscale_odd_size_all_samplers(stablesr):
+    method = small(stablesr)
+    lr = torch.rand(1, 3, 13, 17, generator=torch.Generator().manual_seed(0))
+    # processed at 64 x 83 (padded to 64 x 96), brought back to 4x the input
+    image = method(lr, scale=4, seed=0, sampler="ddim", steps=2, guidance_scale=3.0, fidelity=1.0, start="noise")
+    assert image.size == (68, 52)
+    first = method.upscale(lr, scale=4, seed=3, steps=2).rgb
+    assert first.shape == (52, 68, 3)
+    assert (first == method.upscale(lr, scale=4, seed=3, steps=2).rgb).all()
+    assert (first != method.upscale(lr, scale=4, seed=4, steps=2).rgb).any()
+
+
+def test_preprocess_as_released(stablesr):
+    from diffsr.images import Picture
+    import numpy as np
+
+    picture = Picture(np.zeros((30, 50, 3), np.uint8))
+    prepared = stablesr.preprocess(picture, 4)
+    # shorter side to the base's native size (256 for the tiny base), by one factor for both sides
+    assert prepared.lr.shape[-2:] == (256, int(50 * 256 / 30)) and prepared.out_size == (200, 120)
+
+
+def test_bad_input(stablesr, files, tmp_path):
+    lr = torch.rand(1, 3, 16, 16)
+    for fidelity in (-0.1, 1.5):
+        with pytest.raises(UsageError, match="fidelity"):
+            small(stablesr)(lr, scale=4, fidelity=fidelity, steps=1)
+    with pytest.raises(UsageError, match="sampler"):
+        small(stablesr)(lr, scale=4, sampler="euler", steps=1)
+    base, weights = files
+    v_file = tmp_path / "stablesr_768v_000139.ckpt"
+    v_file.symlink_to(weights)
+    with pytest.raises(WeightsError, match="v-prediction"):
+        StableSR.load(base, v_file)
+    plain = tmp_path / "plain_vae.ckpt"
+    state = torch.load(weights.parent / CFW_NAME)["state_dict"]
+    torch.save({"state_dict": {k: v for k, v in state.items() if "fusion_layer" not in k}}, plain)
+    with pytest.raises(WeightsError, match="fusion"):
+        StableSR.load(base, weights, cfw_weights=plain)
+    no_sft = tmp_path / "sd.ckpt"
+    main = torch.load(weights)["state_dict"]
+    torch.save({"state_dict": {k: v for k, v in main.items() if ".spade." not in k}}, no_sft)
+    with pytest.raises(WeightsError, match="no SFT"):
+        StableSR.load(base, no_sft)
+    lonely = tmp_path / "alone" / "stablesr_000117.ckpt"
+    lonely.parent.mkdir()
+    lonely.symlink_to(weights)
+    with pytest.warns(UserWarning, match="plain VAE decoder"):
+        StableSR.load(base, lonely)
+
+
+def test_convert_cli_then_load_gives_the_same_model(stablesr, files, reference, tmp_path):
+    from diffsr.cli import main
+
+    base, weights = files
+    out = tmp_path / "converted"
+    assert main(["convert", str(weights), str(weights.parent / CFW_NAME), "-o", str(out), "--base", str(base)]) == 0
+    assert (out / "vqgan_cfw_00011.safetensors").is_file()  # found beside the converted model file
+    converted = StableSR.load(base, out / "stablesr_000117.safetensors")
+    with torch.no_grad():
+        maps = converted.encoder(reference["call_lr_latent"], reference["call_t"])
+        eps = converted.unet(reference["call_x"], reference["call_t"], reference["call_text"], maps)
+        dist, features = converted.autoencoder.encode(reference["cfw_image"])
+        decoded = converted.autoencoder.decode(reference["cfw_z"], features, 0.5)
+    assert max_diff(eps, reference["call_eps"]) <= 1e-4
+    assert max_diff(decoded, reference["cfw_decoded_0.5"]) <= 1e-4
+    assert main(["convert", str(tmp_path / "missing.ckpt"), "-o", str(out), "--base", str(base)]) == 2
+
+
+@pytest.mark.slow
+def test_cli_knobs(files, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from diffsr.cli import main
+
+    base, weights = files
+    Image.fromarray(np.full((12, 10, 3), 120, np.uint8)).save(tmp_path / "a.png")
+    common = ["upscale", str(tmp_path / "a.png"), "--method", "stablesr", "--base", str(base),
+              "--weights", str(weights), "--steps", "1", "--quiet"]
+    assert main(common + ["-o", str(tmp_path / "bad"), "--fidelity", "1.5"]) == 1
+    assert "fidelity 1.5 is out of range" in capsys.readouterr().err
+    assert main(common + ["-o", str(tmp_path / "out"), "--fidelity", "1", "--sampler", "ddim",
+                          "--guidance-scale", "2", "--negative-prompt", "blurry", "--scale", "2"]) == 0
+    assert Image.open(tmp_path / "out" / "a.png").size == (20, 24)
+
+
+def test_tiler_hook_sees_latent_and_condition_tiles(stablesr, reference):
+    """A tiler that cuts the latent (and the LR-latent condition) into two halves and pastes the
+    predictions back must give the model per-tile calls; with guidance it still merges linearly."""
+    seen = []
+
+    def halves(denoise, latent, condition):
+        seen.append((latent.shape, condition.shape))
+        width = latent.shape[-1] // 2
+        return torch.cat([denoise(latent[..., :width], condition[..., :width]),
+                          denoise(latent[..., width:], condition[..., width:])], dim=-1)
+
+    condition = reference["run_init_latent"]
+    text = reference["run_text"]
+    with torch.no_grad():
+        tiled = stablesr.sample(condition, text, torch.Generator().manual_seed(0), steps=2, tiler=halves,
+                                negative=torch.zeros_like(text), guidance_scale=2.0)
+        whole = stablesr.sample(condition, text, torch.Generator().manual_seed(0), steps=2,
+                                negative=torch.zeros_like(text), guidance_scale=2.0)
+    assert len(seen) == 2 and seen[0] == (condition.shape, condition.shape)
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    assert max_diff(tiled, whole) > 1e-3  # halves really ran separately (no context across the cut)
+
+
+@pytest.mark.slow
+def test_bfloat16_runs(files):
+    base, weights = files
+    method = StableSR.load(base, weights, dtype="bfloat16", process_size=64)
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    image = method.upscale(lr, scale=4, seed=0, steps=2, sampler="ddim", guidance_scale=2.0)
+    assert image.rgb.shape == (64, 64, 3)
