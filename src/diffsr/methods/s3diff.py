@@ -260,7 +260,8 @@ class S3Diff(Upscaler):
             for key, value in state.items():
                 # lora_B starts at zero in training; random here so the adapters visibly act.
                 noise = torch.randn(value.shape, generator=generator)
-                state[key] = value + 0.01 * noise if "conv_in" in key else 0.05 * noise
+                # The UNet's conv_in is fully trained (perturb the base); every other tensor is LoRA state.
+                state[key] = value + 0.01 * noise if key.startswith("conv_in.") else 0.05 * noise
         conditioner = DegradationConditioner(RANK_VAE, RANK_UNET)
         for name, value in conditioner.state_dict().items():
             if "bias" in name:
