@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from diffsr.errors import UsageError
 from diffsr.methods.base import Upscaler
+from diffsr.methods.ccsr import CCSR
 from diffsr.methods.osediff import OSEDiff
 
-METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (OSEDiff,)}
+METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (CCSR, OSEDiff)}
 
 
 def list_methods() -> list[str]:
