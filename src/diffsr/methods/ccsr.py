@@ -295,6 +295,10 @@ class CCSR(Upscaler):
             condition = posterior.mean.float().expand(2 if guided else 1, -1, -1, -1)
         condition = condition * vae.config.scaling_factor
         start = q_sample(condition[:1], start_noise, schedule.start_alpha_bar)
+        # The release draws its start timestep, and the first estimate's, with torch.randint(999, 1000)
+        # from the same RNG: always 999, but the draws advance the RNG before the re-noising noise.
+        for _ in range(1 + (schedule.start_t is not None)):
+            torch.randint(START_T, START_T + 1, (1,), generator=second, device=lr.device)
 
         def model(x, t, cfg):
             if not guided:
