@@ -15,6 +15,7 @@ from diffsr.errors import DiffsrError
 from diffsr.images import OUTPUT_FORMATS
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+KNOBS = ("prompt", "negative_prompt", "steps", "guidance_scale", "t_max", "t_min")
 
 
 def _fail(message: str) -> None:
@@ -39,7 +40,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--scale", type=float, default=4, help="upscaling factor, 1 to 8 (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every random draw (default 0)")
-    parser.add_argument("--prompt", default="", help="text prompt (default empty)")
+    parser.add_argument("--prompt", help="text prompt (default: the method's, empty for most)")
+    parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: the method's)")
+    parser.add_argument("--steps", type=int, help="diffusion steps (multi-step methods; default: the method's)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the method's)")
+    parser.add_argument("--t-max", type=float, help="CCSR: where the truncated chain starts, in [0, 1]")
+    parser.add_argument("--t-min", type=float, help="CCSR: where the truncated chain stops, in [0, 1), below --t-max")
     parser.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction (default: the method's release default)")
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -103,7 +109,7 @@ def run_upscale(args) -> int:
     if not planned:
         return EXIT_SOME_FAILED if failures else EXIT_OK
 
-    options = {"merge_lora": args.merge_lora}
+    options = {"merge_lora": True} if args.merge_lora else {}
     if args.sample_posterior:
         options["sample_posterior"] = True
     if args.tagger:
@@ -117,6 +123,13 @@ def run_upscale(args) -> int:
 
     from tqdm import tqdm
 
+    # Only the knobs the user gave: the others keep each method's release defaults.
+    knobs = {name: getattr(args, name) for name in KNOBS if getattr(args, name) is not None}
+    try:
+        upscaler.check_knobs(knobs)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
     written = 0
     progress = tqdm(planned, desc=f"{method.name} x{args.scale:g}", unit="image", disable=args.quiet, file=sys.stderr)
     for path, target in progress:
@@ -124,8 +137,7 @@ def run_upscale(args) -> int:
             picture = read_image(path)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = upscaler.upscale(picture, scale=args.scale, seed=args.seed, color_fix=args.color_fix,
-                                          prompt=args.prompt)
+                result = upscaler.upscale(picture, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **knobs)
                 write_image(target, result.rgb, result.alpha)
             written += 1
             for warning in caught:

@@ -209,6 +209,15 @@ class CCSR(Upscaler):
         else:
             write_random_v2(Path(base), Path(out_file), seed)
 
+    def check_knobs(self, knobs: dict) -> None:
+        """Unknown names, then values: the chain's settings and the guidance scale, before any work."""
+        super().check_knobs(knobs)
+        settings = {**self.defaults, **{k: v for k, v in knobs.items() if v is not None}}
+        check_truncation(settings["steps"], settings["t_max"], settings["t_min"])
+        scale = settings["guidance_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise UsageError(f"guidance_scale must be a positive number, got {scale!r}")
+
     def knob_names(self):
         return ("prompt", "negative_prompt", "steps", "t_max", "t_min", "guidance_scale", "sample_posterior")
 
@@ -260,9 +269,8 @@ class CCSR(Upscaler):
         given = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, t_max=t_max, t_min=t_min,
                      guidance_scale=guidance_scale)
         knobs = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
+        self.check_knobs(given)
         schedule = self.schedule(knobs["steps"], knobs["t_max"], knobs["t_min"])
-        if not knobs["guidance_scale"] > 0:
-            raise UsageError(f"guidance_scale must be positive, got {knobs['guidance_scale']}")
         sample = self.sample_posterior if sample_posterior is None else sample_posterior
         run = self._restore_v2 if self.version == 2 else self._restore_v1
         latent = run(lr, generator, schedule, knobs, sample)
