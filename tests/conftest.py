@@ -47,3 +47,17 @@ def ccsr_v2(tiny_base, ccsr_v2_weights):
     import diffsr
 
     return diffsr.load_upscaler("ccsr", base=tiny_base, weights=ccsr_v2_weights)
+
+
+@pytest.fixture(scope="session")
+def ccsr_v1_weights(tiny_base):
+    from diffsr.testing import make_tiny_weights
+
+    return make_tiny_weights("ccsr", tiny_base, tiny_base.parent / "real-world_ccsr.ckpt")
+
+
+@pytest.fixture(scope="session")
+def ccsr_v1(tiny_base, ccsr_v1_weights):
+    import diffsr
+
+    return diffsr.load_upscaler("ccsr", base=tiny_base, weights=ccsr_v1_weights)

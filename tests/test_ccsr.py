@@ -56,6 +56,7 @@ def test_v1_evaluation_count(steps, t_max, t_min, expected):
 def test_v1_chain_uses_the_release_indices():
     schedule = v1_schedule(SD2_SCHEDULER_CONFIG, 45, 0.6667, 0.3333)
     spaced = [round(i * 999 / 44) for i in range(45)]
+    spaced[22] = 499  # the release accumulates the stride; 22 * 999 / 44 is exactly 499.5
     assert schedule.start_t == 999
     assert [t for t, _, _ in schedule.steps] == [spaced[i] for i in range(29, 14, -1)]
 
@@ -165,3 +166,46 @@ def test_cli_passes_the_ccsr_knobs(tiny_base, ccsr_v2_weights, tmp_path, capsys)
     assert Image.open(tmp_path / "out" / "in.png").size == (40, 32)
     assert main(common + ["-o", str(tmp_path / "bad"), "--t-min", "0.9"]) == 2
     assert "t_min (0.9) must be smaller than t_max (0.6666)" in capsys.readouterr().err
+
+
+# -- v1 checkpoints ------------------------------------------------------------------------------
+
+def test_v1_names_round_trip_through_diffusers_converters(ccsr_v1):
+    """Our diffusers -> LDM names (used to write checkpoints) are what diffusers' LDM converters read back."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from diffsr.methods.ccsr_v1 import unet_to_ldm, vae_to_ldm
+
+    unet, vae = ccsr_v1.backbone.unet, ccsr_v1.backbone.vae
+    ldm = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()}
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert back.keys() == unet.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in unet.state_dict().items())
+    ldm = {"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), vae.config).items()}
+    back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+    assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in vae.state_dict().items())
+
+
+def test_v1_checkpoint_loads_into_the_same_modules(ccsr_v1, ccsr_v1_weights):
+    state = torch.load(ccsr_v1_weights)["state_dict"]
+    first = state["control_model.input_blocks.0.0.weight"]
+    assert first.shape[1] == 8  # x and the condition latent, concatenated
+    conv_in, condition_conv_in = ccsr_v1.controlnet.conv_in, ccsr_v1.controlnet.condition_conv_in
+    torch.testing.assert_close(torch.cat([conv_in.weight, condition_conv_in.weight], 1), first)
+    assert ccsr_v1.version == 1 and ccsr_v1.condition_vae is not ccsr_v1.backbone.vae
+    # The condition encoder is the checkpoint's cond_encoder, the decoder its first_stage_model's.
+    torch.testing.assert_close(ccsr_v1.condition_vae.encoder.conv_in.weight, state["cond_encoder.encoder.conv_in.weight"])
+    torch.testing.assert_close(ccsr_v1.backbone.vae.decoder.conv_out.weight, state["first_stage_model.decoder.conv_out.weight"])
+    ccsr_v1.evaluations = 0
+    restore(ccsr_v1, steps=6, t_max=2 / 3, t_min=0.5)
+    assert ccsr_v1.evaluations == 2
+
+
+def test_v1_checkpoint_errors(tiny_base, ccsr_v1_weights, osediff_weights, tmp_path):
+    with pytest.raises(WeightsError, match="osediff checkpoint, not ccsr"):
+        diffsr.load_upscaler("ccsr", base=tiny_base, weights=shutil.copy(osediff_weights, tmp_path / "osediff.ckpt"))
+    state = torch.load(ccsr_v1_weights)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("cond_encoder.")}
+    torch.save(state, tmp_path / "no_cond.ckpt")
+    with pytest.raises(WeightsError, match=r"no 'cond_encoder\.\*' tensors"):
+        diffsr.load_upscaler("ccsr", base=tiny_base, weights=tmp_path / "no_cond.ckpt")

@@ -19,9 +19,14 @@ NoiseSampler = Callable[[torch.Tensor], torch.Tensor]
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
     """`count` timesteps evenly spread over [0, num_timesteps - 1], both ends included (rounded), as
-    guided-diffusion's space_timesteps with one section."""
+    guided-diffusion's space_timesteps with one section. The position is accumulated stride by stride as
+    there: the float sum decides the rounding at exact halves (45 steps: 499, where 22 * stride gives 500)."""
     stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
-    return sorted({round(i * stride) for i in range(count)})
+    steps, position = [], 0.0
+    for _ in range(count):
+        steps.append(round(position))
+        position += stride
+    return sorted(set(steps))
 
 
 def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:

@@ -74,6 +74,9 @@ def controlnet_from_unet(unet) -> nn.Module:
     plain = ControlNetModel.from_unet(unet)
     model = controlnet_class()(**{k: v for k, v in plain.config.items() if not k.startswith("_")})
     model.load_state_dict({k: v for k, v in plain.state_dict().items() if "controlnet_cond_embedding" not in k}, strict=False)
+    # Like the zero convs, the condition conv starts at zero (and the result does not depend on the global RNG).
+    torch.nn.init.zeros_(model.condition_conv_in.weight)
+    torch.nn.init.zeros_(model.condition_conv_in.bias)
     return model
 
 
