@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -84,10 +85,10 @@ def controlnet_from_unet(unet) -> nn.Module:
 
 def check_truncation(steps: int, t_max: float, t_min: float) -> None:
     """One clear line for settings that do not describe a truncated chain."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise UsageError(f"steps must be a whole number >= 1, got {steps!r}")
     for name, value in (("t_max", t_max), ("t_min", t_min)):
-        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
             raise UsageError(f"{name} must be between 0 and 1, got {value!r}")
     if t_min >= t_max:
         raise UsageError(f"t_min ({t_min}) must be smaller than t_max ({t_max})")
@@ -218,7 +219,7 @@ class CCSR(Upscaler):
         settings = {**self.defaults, **{k: v for k, v in knobs.items() if v is not None}}
         check_truncation(settings["steps"], settings["t_max"], settings["t_min"])
         scale = settings["guidance_scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
             raise UsageError(f"guidance_scale must be a positive number, got {scale!r}")
 
     def knob_names(self):
