@@ -209,3 +209,25 @@ def test_v1_checkpoint_errors(tiny_base, ccsr_v1_weights, osediff_weights, tmp_p
     torch.save(state, tmp_path / "no_cond.ckpt")
     with pytest.raises(WeightsError, match=r"no 'cond_encoder\.\*' tensors"):
         diffsr.load_upscaler("ccsr", base=tiny_base, weights=tmp_path / "no_cond.ckpt")
+
+
+def test_full_size_controlnet_has_the_release_layout():
+    """On SD 2.1's UNet config (built on the meta device: no memory), the CCSR ControlNet has the release's
+    tensors: condition_conv_in (320, 4, 3, 3), 12 down zero convs and the mid one, no image-condition encoder."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from diffsr.methods.ccsr import controlnet_class
+
+    sd21 = dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+                block_out_channels=[320, 640, 1280, 1280], layers_per_block=2)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd21)
+        config = {k: v for k, v in ControlNetModel.from_unet(unet, load_weights_from_unet=False).config.items()
+                  if not k.startswith("_")}
+        controlnet = controlnet_class()(**config)
+    shapes = {k: tuple(v.shape) for k, v in controlnet.state_dict().items()}
+    assert shapes["condition_conv_in.weight"] == (320, 4, 3, 3)
+    assert not any(k.startswith("controlnet_cond_embedding") for k in shapes)
+    assert sum(k.startswith("controlnet_down_blocks.") and k.endswith(".weight") for k in shapes) == 12
+    assert shapes["controlnet_mid_block.weight"] == (1280, 1280, 1, 1)
+    assert controlnet.config.use_vae_encode_condition

@@ -64,7 +64,8 @@ class TruncatedSchedule:
 
     @property
     def evaluations(self) -> int:
-        """How many network evaluations (UNet + ControlNet, CFG branches batched) the chain costs."""
+        """How many network evaluations (UNet + ControlNet; a CFG pair counts once) the chain costs: the
+        paper's number of diffusion steps, 1 + round(T*t_max) - round(T*t_min)."""
         return (self.start_t is not None) + len(self.steps)
 
 
@@ -72,7 +73,7 @@ class TruncatedSchedule:
 def truncated_sample(model: Callable[[torch.Tensor, int, bool], torch.Tensor], x: torch.Tensor,
                      schedule: TruncatedSchedule, renoise: NoiseSampler, step_noise: NoiseSampler,
                      callback=None) -> torch.Tensor:
-    """CCSR's truncated diffusion (paper Sec. 3.2): x0 from the start latent at t=start_t, re-noise it to
+    """CCSR's non-uniform timestep sampling (paper Sec. III-B): x0 from the start latent at t=start_t, re-noise it to
     t_max, run DDPM steps down to t_min and return the last x0 estimate.
 
     `model(x, t, guided)`: eps; `guided` is False for the first estimate (the release applies no CFG there).
