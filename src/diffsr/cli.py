@@ -27,7 +27,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--method", default="osediff", help=f"one of: {', '.join(list_methods())} (default osediff)")
     parser.add_argument("--base", help="Stable Diffusion base: hub id or local diffusers folder (default: the method's)")
-    parser.add_argument("--weights", help="the method's released weights file (e.g. osediff.pkl)")
+    parser.add_argument("--weights", help="the method's released weights: a file (osediff.pkl, real-world_ccsr.ckpt) or the CCSR-v2 folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")

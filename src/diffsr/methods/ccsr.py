@@ -175,7 +175,8 @@ class CCSR(Upscaler):
         self.sample_posterior = sample_posterior
         self.process_size = process_size
         self.defaults = dict(V2_DEFAULTS if version == 2 else V1_DEFAULTS)
-        self.evaluations = 0  # network evaluations (ControlNet + UNet calls) since loading
+        # ControlNet + UNet calls since loading (v2 batches a CFG pair into one call, v1 makes two, as released)
+        self.evaluations = 0
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
