@@ -33,3 +33,31 @@ def smooth_image(height, width, seed=0, channels=3):
     planes = [127 + 90 * np.sin(x / (5 + 3 * c) + c) * np.cos(y / (7 + 2 * c)) for c in range(channels)]
     image = np.stack(planes, axis=2) + rng.normal(0, 8, (height, width, channels))
     return image.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def ccsr_v2_weights(tiny_base):
+    from diffsr.testing import make_tiny_weights
+
+    return make_tiny_weights("ccsr", tiny_base, tiny_base.parent / "ccsr-v2")
+
+
+@pytest.fixture(scope="session")
+def ccsr_v2(tiny_base, ccsr_v2_weights):
+    import diffsr
+
+    return diffsr.load_upscaler("ccsr", base=tiny_base, weights=ccsr_v2_weights)
+
+
+@pytest.fixture(scope="session")
+def ccsr_v1_weights(tiny_base):
+    from diffsr.testing import make_tiny_weights
+
+    return make_tiny_weights("ccsr", tiny_base, tiny_base.parent / "real-world_ccsr.ckpt")
+
+
+@pytest.fixture(scope="session")
+def ccsr_v1(tiny_base, ccsr_v1_weights):
+    import diffsr
+
+    return diffsr.load_upscaler("ccsr", base=tiny_base, weights=ccsr_v1_weights)

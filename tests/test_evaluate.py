@@ -11,6 +11,7 @@ from PIL import Image
 from metric_helpers import FIXTURES, metric_weights, no_weight_cache  # noqa: F401  (fixtures)
 import synthetic  # noqa: E402
 from diffsr.cli import main
+from diffsr.errors import UsageError
 from diffsr.metrics.evaluate import evaluate, evaluate_runs, render
 from diffsr.metrics.stability import g_std, l_std, pixel_std
 
@@ -78,9 +79,10 @@ def test_stability_formulas():
     # L-STD: per-pixel std over runs of values in [0, 1], averaged (CCSR eq. 5)
     base = np.full((4, 5, 3), 100, np.uint8)
     runs = [base, base + 3, base + 6]
-    assert pixel_std(runs) == pytest.approx(np.std([0, 3, 6]) / 255)
-    assert l_std([runs, [base, base]]) == pytest.approx(np.std([0, 3, 6]) / 255 / 2)
-    with pytest.raises(ValueError, match="at least 2 runs"):
+    assert pixel_std(runs, crop_border=0) == pytest.approx(np.std([0, 3, 6]) / 255)
+    # outputs[run][image]: the first image varies over the runs, the second does not
+    assert l_std([[r, base] for r in runs], crop_border=0) == pytest.approx(np.std([0, 3, 6]) / 255 / 2)
+    with pytest.raises(UsageError, match="at least 2 runs"):
         g_std([[1.0, 2.0]])
 
 

@@ -26,7 +26,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--method", default="osediff", help=f"one of: {', '.join(list_methods())} (default osediff)")
     parser.add_argument("--base", help="Stable Diffusion base: hub id or local diffusers folder (default: the method's)")
-    parser.add_argument("--weights", help="the method's released weights file (e.g. osediff.pkl)")
+    parser.add_argument("--weights", help="the method's released weights: a file (osediff.pkl, real-world_ccsr.ckpt) or the CCSR-v2 folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")
@@ -63,6 +63,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: the method's)")
     parser.add_argument("--guidance-scale", type=float,
                         help="classifier-free guidance scale (default: the method's; s3diff 1.07, stablesr 1; 1 = off)")
+    parser.add_argument("--t-max", type=float, help="CCSR: where the truncated chain starts, in [0, 1]")
+    parser.add_argument("--t-min", type=float, help="CCSR: where the truncated chain stops, in [0, 1), below --t-max")
     parser.add_argument("--degradation-blur", type=_score, help="s3diff: use this blur score in [0, 1] instead of the estimate")
     parser.add_argument("--degradation-noise", type=_score, help="s3diff: use this noise score in [0, 1] instead of the estimate")
     parser.add_argument("--show-degradation", action="store_true", help="s3diff: print each image's degradation scores")
@@ -71,14 +73,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     # Multi-step methods (StableSR); left unset, each method uses its release default.
-    parser.add_argument("--steps", type=int, help="sampling steps (StableSR: 200, 4 for the turbo checkpoint)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the method's; stablesr 200, 4 for turbo)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="StableSR sampler (default ddpm)")
     parser.add_argument("--eta", type=float, help="DDIM noise (default 0: deterministic)")
     parser.add_argument("--fidelity", type=float, help="StableSR CFW weight w in [0, 1] (default 0.5)")
 
 
 # Knobs passed to the method only when given.
-_OPTIONAL_KNOBS = ("prompt", "negative_prompt", "guidance_scale", "steps", "sampler", "eta", "fidelity")
+_OPTIONAL_KNOBS = ("prompt", "negative_prompt", "guidance_scale", "steps", "sampler", "eta", "fidelity", "t_max", "t_min")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +233,13 @@ def run_upscale(args) -> int:
 
     from tqdm import tqdm
 
+    # Only the knobs the user gave: the others keep each method's release defaults.
+    knobs = _method_knobs(args)
+    try:
+        upscaler.check_knobs(knobs)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
     written = 0
     progress = tqdm(planned, desc=f"{method.name} x{args.scale:g}", unit="image", disable=args.quiet, file=sys.stderr)
     for path, target in progress:
@@ -239,7 +248,7 @@ def run_upscale(args) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = upscaler.upscale(picture, scale=args.scale, seed=args.seed, color_fix=args.color_fix,
-                                          **_method_knobs(args))
+                                          **knobs)
                 write_image(target, result.rgb, result.alpha)
             written += 1
             for warning in caught:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from diffsr.errors import UsageError
 from diffsr.methods.base import Upscaler
+from diffsr.methods.ccsr import CCSR
 from diffsr.methods.osediff import OSEDiff
 from diffsr.methods.s3diff import S3Diff
 from diffsr.methods.stablesr import StableSR
 
-METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (OSEDiff, S3Diff, StableSR)}
+METHODS: dict[str, type[Upscaler]] = {cls.name: cls for cls in (CCSR, OSEDiff, S3Diff, StableSR)}
 
 
 def list_methods() -> list[str]:

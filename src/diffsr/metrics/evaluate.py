@@ -227,7 +227,8 @@ def evaluate_runs(run_dirs, gt_dir=None, metrics=None, device="cpu", backend="au
         pictures = [read_image(d / image).rgb for d in run_dirs]
         if len({p.shape for p in pictures}) == 1:
             pixel_runs.append(pictures)
-    return RunsEvaluation(runs, deviations, l_std(pixel_runs) if pixel_runs else None)
+    by_run = [list(run) for run in zip(*pixel_runs)]  # l_std takes outputs[run][image]
+    return RunsEvaluation(runs, deviations, l_std(by_run) if pixel_runs else None)
 
 
 def render(result: Evaluation | RunsEvaluation, fmt: str = "md", digits: int = 4) -> str:

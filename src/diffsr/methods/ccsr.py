@@ -1,0 +1,398 @@
+"""CCSR: truncated diffusion with a ControlNet on SD 2.1-base and a fine-tuned VAE decoder.
+
+Release: csslc/CCSR. v2 (branch CCSR-v2.0, diffusers): weights are a folder with `controlnet/` (a
+ControlNet whose condition is the LR image's VAE latent through one conv, `condition_conv_in`) and
+`vae/` (the stage-2 VAE). v1 (branch CCSR-v1.0, LDM): `real-world_ccsr.ckpt`, converted on load to the
+same modules. Facts: ../shared/METHODS.md; paper: Sun et al., "Improving the Stability and Efficiency
+of Diffusion Models for Content Consistent Super-Resolution".
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+import numbers
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffsr.backbone import Backbone, load_backbone, quiet_loading
+from diffsr.errors import UsageError, WeightsError
+from diffsr.images import Picture, resize
+from diffsr.methods.base import Prepared, Upscaler, output_size
+from diffsr.samplers import TruncatedSchedule, q_sample, space_timesteps, truncated_sample
+
+START_T = 999  # both releases start from the LR latent (v2) or noise (v1) at t = 999
+PROCESS_SIZE = 512
+V2_PROMPT = "clean, high-resolution, 8k"
+V2_NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
+# Release defaults: v2 test_ccsr_tile.py (one step), v1 inference_ccsr.py.
+V2_DEFAULTS = dict(steps=1, t_max=0.6666, t_min=0.0, guidance_scale=1.0, prompt=V2_PROMPT, negative_prompt=V2_NEGATIVE_PROMPT)
+V1_DEFAULTS = dict(steps=45, t_max=0.6667, t_min=0.3333, guidance_scale=1.0, prompt="", negative_prompt="")
+
+
+def _controlnet_init(self, use_vae_encode_condition: bool = True, **config):
+    from diffusers import ControlNetModel
+
+    ControlNetModel.__init__(self, **config)
+    # The release replaces the image-space condition encoder by one conv on the LR latent; the
+    # ControlNet adds its output to conv_in(x) exactly where the encoder's output would go.
+    self.controlnet_cond_embedding = nn.Identity()
+    self.condition_conv_in = nn.Conv2d(self.config.in_channels, self.config.block_out_channels[0], 3, padding=1)
+
+
+@functools.cache
+def controlnet_class():
+    """diffusers' ControlNetModel with the release's `use_vae_encode_condition` conv (built on first use
+    so that importing diffsr does not import diffusers)."""
+    from diffusers import ControlNetModel
+    from diffusers.configuration_utils import register_to_config
+
+    # The config keys are ControlNetModel's plus the flag: give __init__ that signature so that
+    # from_pretrained passes every saved key through.
+    signature = inspect.signature(ControlNetModel.__init__)
+    flag = inspect.Parameter("use_vae_encode_condition", inspect.Parameter.KEYWORD_ONLY, default=True)
+    _controlnet_init.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])
+
+    class CCSRControlNet(ControlNetModel):
+        __init__ = register_to_config(_controlnet_init)
+
+        def forward(self, sample, timestep, encoder_hidden_states, condition_latent, **kwargs):
+            """(down residuals, mid residual) for the UNet; `condition_latent` is the scaled LR latent."""
+            return super().forward(sample, timestep, encoder_hidden_states,
+                                   controlnet_cond=self.condition_conv_in(condition_latent), return_dict=False, **kwargs)
+
+    return CCSRControlNet
+
+
+def controlnet_from_unet(unet) -> nn.Module:
+    """A CCSR ControlNet shaped like `unet`'s encoder half (what training starts from)."""
+    from diffusers import ControlNetModel
+
+    plain = ControlNetModel.from_unet(unet)
+    model = controlnet_class()(**{k: v for k, v in plain.config.items() if not k.startswith("_")})
+    model.load_state_dict({k: v for k, v in plain.state_dict().items() if "controlnet_cond_embedding" not in k}, strict=False)
+    # Like the zero convs, the condition conv starts at zero (and the result does not depend on the global RNG).
+    torch.nn.init.zeros_(model.condition_conv_in.weight)
+    torch.nn.init.zeros_(model.condition_conv_in.bias)
+    return model
+
+
+# -- schedules -----------------------------------------------------------------------------------
+
+def check_truncation(steps: int, t_max: float, t_min: float) -> None:
+    """One clear line for settings that do not describe a truncated chain."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise UsageError(f"steps must be a whole number >= 1, got {steps!r}")
+    for name, value in (("t_max", t_max), ("t_min", t_min)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+            raise UsageError(f"{name} must be between 0 and 1, got {value!r}")
+    if t_min >= t_max:
+        raise UsageError(f"t_min ({t_min}) must be smaller than t_max ({t_max})")
+    if steps > 1:
+        first, last = round(steps * t_max), round(steps * t_min)
+        if first - last < 1:
+            raise UsageError(f"steps={steps} with t_max={t_max}, t_min={t_min} leaves no denoising step: "
+                             f"round(steps*t_max)={first} must exceed round(steps*t_min)={last}")
+
+
+def v2_schedule(scheduler_config: dict, steps: int, t_max: float, t_min: float) -> TruncatedSchedule:
+    """The v2 pipeline's chain on diffusers' DDPM timesteps ('leading' spacing of the base's config).
+
+    steps == 1 is the one-step mode (x0 at t = 999). Otherwise the last round(steps*t_max) timesteps
+    are kept, the first of them is the re-noising level, and the last round(steps*t_min) are dropped;
+    t_max == 1 skips the first x0 estimate (the chain starts from the noised LR latent)."""
+    from diffusers import DDPMScheduler
+
+    check_truncation(steps, t_max, t_min)
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    alpha_bar = scheduler.alphas_cumprod
+    if steps == 1:
+        return TruncatedSchedule(START_T, alpha_bar[START_T].item(), None, [])
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    kept = timesteps[-round(len(timesteps) * t_max):]
+    dropped = round(len(timesteps) * t_min) if t_min > 0 else 0
+    chain = kept[:len(kept) - dropped]
+    steps_list = []
+    for t in chain:
+        prev = int(scheduler.previous_timestep(t))
+        steps_list.append((t, alpha_bar[t].item(), alpha_bar[prev].item() if prev >= 0 else 1.0))
+    start = None if t_max == 1 else START_T
+    return TruncatedSchedule(start, alpha_bar[START_T].item(), alpha_bar[kept[0]].item(), steps_list)
+
+
+def ldm_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """LDM's float64 'linear' schedule (sqrt-linear betas), as the v1 sampler computes it."""
+    betas = torch.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5,
+                           scheduler_config["num_train_timesteps"], dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def v1_schedule(scheduler_config: dict, steps: int, t_max: float, t_min: float) -> TruncatedSchedule:
+    """The v1 sampler's chain (model/q_sampler.py sample_ccsr) on `steps` re-spaced timesteps.
+
+    The x0 estimate at index N-1 (t = 999) is re-noised to index round((N-1)*t_max) (float32 product,
+    as the release computes it); DDPM steps then run from index round(N*t_max)-1 down to round(N*t_min).
+    With t_min = 0 the release's slice is empty and it fails; here the steps go down to index 0.
+    steps == 1 is the one-step mode (x0 at t = 999), which the v1 release does not offer."""
+    check_truncation(steps, t_max, t_min)
+    alpha_bar = ldm_alphas_cumprod(scheduler_config)
+    if steps == 1:
+        return TruncatedSchedule(START_T, alpha_bar[START_T].item(), None, [])
+    timesteps = space_timesteps(len(alpha_bar), steps)
+    spaced = alpha_bar[timesteps].tolist()
+    renoise_index = int(torch.round(torch.tensor(float(steps - 1)) * t_max))
+    first, last = round(steps * t_max), round(steps * t_min)
+    chain = [(timesteps[i], spaced[i], spaced[i - 1] if i > 0 else 1.0) for i in range(first - 1, last - 1, -1)]
+    return TruncatedSchedule(timesteps[-1], spaced[-1], spaced[renoise_index], chain)
+
+
+# -- the method ----------------------------------------------------------------------------------
+
+def _draws(generator: torch.Generator):
+    """A noise sampler: standard normal like x from `generator`."""
+    return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class CCSR(Upscaler):
+    name = "ccsr"
+    default_base = "stabilityai/stable-diffusion-2-1-base"
+    default_color_fix = "adain"
+    weights_name = "CCSR-v2 folder (controlnet/ + vae/) or real-world_ccsr.ckpt"
+
+    def __init__(self, backbone: Backbone, controlnet: nn.Module, version: int, condition_vae=None,
+                 sample_posterior: bool = True, process_size: int = PROCESS_SIZE):
+        super().__init__(backbone.device, backbone.dtype)
+        self.backbone = backbone
+        self.controlnet = controlnet
+        self.version = version
+        # v1 encodes the condition with its own encoder copy (`cond_encoder`); v2 with the stage-2 VAE.
+        self.condition_vae = condition_vae or backbone.vae
+        self.sample_posterior = sample_posterior
+        self.process_size = process_size
+        self.defaults = dict(V2_DEFAULTS if version == 2 else V1_DEFAULTS)
+        # ControlNet + UNet calls since loading (v2 batches a CFG pair into one call, v1 makes two, as released)
+        self.evaluations = 0
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, base, weights, device="cpu", dtype="float32", sample_posterior: bool = True,
+             process_size: int = PROCESS_SIZE) -> "CCSR":
+        if weights is None:
+            raise UsageError("ccsr needs its weights: pass the CCSR-v2 folder (with controlnet/ and vae/) "
+                             "or real-world_ccsr.ckpt (--weights)")
+        weights = Path(weights)
+        if not weights.exists():
+            raise WeightsError(f"{weights}: weights not found")
+        backbone = load_backbone(base, device, dtype)
+        if weights.is_dir():
+            controlnet, backbone.vae = load_v2(weights, backbone.dtype)
+            condition_vae, version = None, 2
+        else:
+            from diffsr.methods.ccsr_v1 import load_v1
+
+            controlnet, condition_vae = load_v1(weights, backbone)
+            version = 1
+        for module in (controlnet, backbone.vae, condition_vae):
+            if module is not None:
+                module.requires_grad_(False).eval().to(device=backbone.device)
+        return cls(backbone, controlnet, version, condition_vae, sample_posterior=sample_posterior,
+                   process_size=process_size)
+
+    @classmethod
+    def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
+        """Random CCSR weights for `base`: a `.ckpt` name gives the v1 LDM checkpoint, anything else the
+        v2 release folder (controlnet/ + vae/)."""
+        if Path(out_file).suffix == ".ckpt":
+            from diffsr.methods.ccsr_v1 import write_random_v1
+
+            write_random_v1(Path(base), Path(out_file), seed)
+        else:
+            write_random_v2(Path(base), Path(out_file), seed)
+
+    def check_knobs(self, knobs: dict) -> None:
+        """Unknown names, then values: the chain's settings and the guidance scale, before any work."""
+        super().check_knobs(knobs)
+        settings = {**self.defaults, **{k: v for k, v in knobs.items() if v is not None}}
+        check_truncation(settings["steps"], settings["t_max"], settings["t_min"])
+        scale = settings["guidance_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
+            raise UsageError(f"guidance_scale must be a positive number, got {scale!r}")
+
+    def knob_names(self):
+        return ("prompt", "negative_prompt", "steps", "t_max", "t_min", "guidance_scale", "sample_posterior")
+
+    # -- the flow --------------------------------------------------------------------------------
+    def preprocess(self, picture: Picture, scale: float) -> Prepared:
+        """v2 (test_ccsr_tile.py): enlarge inputs whose short side is below process_size // scale, resize
+        by `scale`, then down to a multiple of 8 (PIL bicubic throughout). v1 (inference_ccsr.py): resize
+        by `scale` (size rounded up), enlarge to a short side of 512, then to a multiple of 64 (Lanczos)."""
+        rgb = picture.rgb
+        width, height = picture.size
+        if self.version == 2:
+            short_side = self.process_size // scale
+            if width < short_side or height < short_side:
+                grow = short_side / min(width, height)
+                width, height = round(grow * width), round(grow * height)
+                rgb = resize(rgb, (width, height), "bicubic")
+            width, height = round(width * scale), round(height * scale)
+            rgb = resize(rgb, (width, height), "bicubic")
+            rgb = resize(rgb, (width // 8 * 8, height // 8 * 8), "bicubic")
+        else:
+            width, height = math.ceil(width * scale), math.ceil(height * scale)
+            rgb = resize(rgb, (width, height), "bicubic")
+            if min(width, height) < self.process_size:
+                grow = self.process_size / min(width, height)
+                width, height = math.ceil(width * grow), math.ceil(height * grow)
+                rgb = resize(rgb, (width, height), "bicubic")
+            rgb = resize(rgb, (width // 64 * 64, height // 64 * 64), "lanczos")
+        return Prepared(Picture(rgb).to_tensor(), output_size(picture, scale))
+
+    def denoise(self, latent: torch.Tensor, condition: torch.Tensor, text: torch.Tensor, t: int) -> torch.Tensor:
+        """One network evaluation: ControlNet on (latent, condition latent), then the UNet with its
+        residuals -> eps. Batched inputs of the same size; the unit a latent tiler wraps."""
+        self.evaluations += 1
+        unet, dtype = self.backbone.unet, self.dtype
+        timestep = torch.full((latent.shape[0],), t, device=latent.device, dtype=torch.long)
+        latent, condition = latent.to(dtype), condition.to(dtype)
+        down, mid = self.controlnet(latent, timestep, text, condition)
+        return unet(latent, timestep, encoder_hidden_states=text, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample
+
+    def schedule(self, steps: int, t_max: float, t_min: float) -> TruncatedSchedule:
+        build = v2_schedule if self.version == 2 else v1_schedule
+        return build(self.backbone.scheduler_config, steps, t_max, t_min)
+
+    def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str | None = None,
+                negative_prompt: str | None = None, steps: int | None = None, t_max: float | None = None,
+                t_min: float | None = None, guidance_scale: float | None = None,
+                sample_posterior: bool | None = None) -> torch.Tensor:
+        given = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, t_max=t_max, t_min=t_min,
+                     guidance_scale=guidance_scale)
+        knobs = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
+        self.check_knobs(given)
+        schedule = self.schedule(knobs["steps"], knobs["t_max"], knobs["t_min"])
+        sample = self.sample_posterior if sample_posterior is None else sample_posterior
+        run = self._restore_v2 if self.version == 2 else self._restore_v1
+        latent = run(lr, generator, schedule, knobs, sample)
+        vae = self.backbone.vae
+        image = vae.decode((latent / vae.config.scaling_factor).to(self.dtype)).sample
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _texts(self, knobs: dict, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prompts = [knobs["prompt"]] + ([knobs["negative_prompt"]] if guided else [])
+        embeds = self.backbone.encode_prompt(prompts)
+        return embeds[:1], (embeds[1:] if guided else None)
+
+    def _restore_v2(self, lr, generator, schedule, knobs, sample):
+        """As the v2 pipeline: with one seed, `generator` draws the start noise and the DDPM step noise
+        (the pipeline's generator) and a second generator with the same seed draws the VAE posterior
+        sample and the re-noising noise (the release's global RNG after set_seed)."""
+        scale = knobs["guidance_scale"]
+        guided = scale > 1  # the release's test: CFG only above 1
+        second = torch.Generator(device=generator.device).manual_seed(generator.initial_seed())
+        text, negative = self._texts(knobs, guided)
+        vae = self.condition_vae
+        start_noise_shape = (1, vae.config.latent_channels, lr.shape[-2] // 8, lr.shape[-1] // 8)
+        start_noise = torch.randn(start_noise_shape, generator=generator, device=lr.device)
+        posterior = vae.encode((lr * 2 - 1).to(self.dtype)).latent_dist
+        if sample:
+            # The release encodes the image once per CFG branch and samples each posterior separately.
+            draws = torch.randn((2 if guided else 1, *posterior.mean.shape[1:]), generator=second, device=lr.device)
+            condition = posterior.mean.float() + posterior.std.float() * draws
+        else:
+            condition = posterior.mean.float().expand(2 if guided else 1, -1, -1, -1)
+        condition = condition * vae.config.scaling_factor
+        start = q_sample(condition[:1], start_noise, schedule.start_alpha_bar)
+        # The release draws its start timestep, and the first estimate's, with torch.randint(999, 1000)
+        # from the same RNG: always 999, but the draws advance the RNG before the re-noising noise.
+        for _ in range(1 + (schedule.start_t is not None)):
+            torch.randint(START_T, START_T + 1, (1,), generator=second, device=lr.device)
+
+        def model(x, t, cfg):
+            if not guided:
+                return self.denoise(x, condition[:1], text, t)
+            if not cfg:
+                # The release's first estimate takes the first half of the CFG batch: the NEGATIVE prompt.
+                return self.denoise(x, condition[:1], negative, t)
+            uncond, cond = self.denoise(torch.cat([x, x]), condition, torch.cat([negative, text]), t).float().chunk(2)
+            return uncond + scale * (cond - uncond)
+
+        return truncated_sample(model, start, schedule, renoise=_draws(second), step_noise=_draws(generator))
+
+    def _restore_v1(self, lr, generator, schedule, knobs, sample):
+        """As the v1 sampler: one generator draws, in order, the start noise, a draw the release makes
+        and discards, the re-noising noise and each step's noise. The condition is the posterior mode."""
+        scale = knobs["guidance_scale"]
+        guided = scale != 1
+        text, negative = self._texts(knobs, guided)
+        vae = self.condition_vae
+        condition = vae.encode((lr * 2 - 1).to(self.dtype)).latent_dist.mode().float() * vae.config.scaling_factor
+        start = torch.randn(condition.shape, generator=generator, device=lr.device)
+
+        def model(x, t, cfg):
+            # v1 guides every evaluation, the first included, with two separate calls.
+            eps = self.denoise(x, condition, text, t).float()
+            if not guided:
+                return eps
+            uncond = self.denoise(x, condition, negative, t).float()
+            return uncond + scale * (eps - uncond)
+
+        draw = _draws(generator)
+        renoise = lambda x: (draw(x), draw(x))[1]  # noqa: E731 - the first draw is discarded as in p_sample_tao
+        return truncated_sample(model, start, schedule, renoise=renoise, step_noise=draw)
+
+
+# -- v2 release folders --------------------------------------------------------------------------
+
+def load_v2(folder: Path, dtype: torch.dtype):
+    """The release's `controlnet/` and `vae/` folders (diffusers layout) -> (ControlNet, VAE)."""
+    from diffusers import AutoencoderKL
+
+    for part in ("controlnet", "vae"):
+        if not (folder / part / "config.json").is_file():
+            raise WeightsError(f"{folder}: not a CCSR-v2 weights folder (missing {part}/config.json)")
+    config = json.loads((folder / "controlnet" / "config.json").read_text())
+    if not config.get("use_vae_encode_condition", False):
+        raise WeightsError(f"{folder / 'controlnet'}: this ControlNet takes an image condition, not CCSR's VAE-latent "
+                           "condition (use_vae_encode_condition is not set)")
+    try:
+        with quiet_loading():
+            controlnet = controlnet_class().from_pretrained(folder, subfolder="controlnet", torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{folder}: cannot load the CCSR-v2 weights: {first}") from None
+    return controlnet, vae
+
+
+def write_random_v2(base: Path, out: Path, seed: int = 0) -> None:
+    """A random CCSR-v2 folder shaped for `base`: controlnet/ (config as the release writes it, with
+    `use_vae_encode_condition`) and vae/ (the base VAE with its decoder perturbed: the stage-2 VAE)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with quiet_loading():
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        controlnet = controlnet_from_unet(unet)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            # Zero-initialised convs and a copy of the UNet would hide mistakes: perturb everything.
+            scale = 0.05 if ("controlnet_" in name or "condition_conv_in" in name) else 0.01
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+        for name, parameter in vae.named_parameters():
+            if name.startswith(("decoder.", "post_quant_conv.")):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    with quiet_loading():
+        controlnet.save_pretrained(out / "controlnet")
+        vae.save_pretrained(out / "vae")
+    # As written by the release's diffusers (0.21) with its ControlNetModel class.
+    config_file = out / "controlnet" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"_class_name": "ControlNetModel", "_diffusers_version": "0.21.0"})
+    config_file.write_text(json.dumps(config, indent=2))

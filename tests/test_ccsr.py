@@ -1,0 +1,233 @@
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import diffsr
+from diffsr.cli import main
+from diffsr.errors import UsageError, WeightsError
+from diffsr.methods.ccsr import v1_schedule, v2_schedule
+from diffsr.testing import SD2_SCHEDULER_CONFIG
+from conftest import smooth_image
+
+
+def lr_tensor(size=64, seed=0):
+    return torch.from_numpy(smooth_image(size, size, seed)).permute(2, 0, 1)[None].float() / 255
+
+
+@torch.no_grad()
+def restore(upscaler, seed=0, **knobs):
+    return upscaler.restore(lr_tensor(), torch.Generator().manual_seed(seed), **knobs)
+
+
+# -- the number of network evaluations ---------------------------------------------------------------
+
+@pytest.mark.parametrize("steps, t_max, t_min, expected", [
+    (6, 2 / 3, 1 / 2, 2),  # the paper's two-step setting
+    (6, 0.6667, 0.5, 2),  # the release's multi-step script
+    (1, 0.6666, 0.0, 1),  # one step (S1)
+    (4, 0.75, 0.0, 4),  # first estimate + 3 steps down to t=1
+    (10, 0.5, 0.2, 4),
+    (6, 1.0, 0.5, 3),  # t_max = 1: no first estimate, steps from the noised LR latent
+])
+def test_v2_evaluation_count_is_the_papers(steps, t_max, t_min, expected):
+    # paper: 1 (x0 at T) + round(T*t_max) - round(T*t_min) network evaluations
+    assert v2_schedule(SD2_SCHEDULER_CONFIG, steps, t_max, t_min).evaluations == expected
+
+
+def test_v2_chain_visits_the_release_timesteps():
+    schedule = v2_schedule(SD2_SCHEDULER_CONFIG, 6, 0.6667, 0.5)
+    assert schedule.start_t == 999 and [t for t, _, _ in schedule.steps] == [499]
+    schedule = v2_schedule(SD2_SCHEDULER_CONFIG, 4, 0.75, 0.0)
+    assert [t for t, _, _ in schedule.steps] == [501, 251, 1] and schedule.steps[-1][2] == 1.0
+
+
+@pytest.mark.parametrize("steps, t_max, t_min, expected", [
+    (45, 0.6667, 0.3333, 16),  # inference_ccsr.py defaults: indices 29 .. 15
+    (6, 2 / 3, 1 / 2, 2),
+    (6, 2 / 3, 0.0, 5),  # the release fails on t_min = 0; here the steps run down to index 0
+])
+def test_v1_evaluation_count(steps, t_max, t_min, expected):
+    assert v1_schedule(SD2_SCHEDULER_CONFIG, steps, t_max, t_min).evaluations == expected
+
+
+def test_v1_chain_uses_the_release_indices():
+    schedule = v1_schedule(SD2_SCHEDULER_CONFIG, 45, 0.6667, 0.3333)
+    spaced = [round(i * 999 / 44) for i in range(45)]
+    spaced[22] = 499  # the release accumulates the stride; 22 * 999 / 44 is exactly 499.5
+    assert schedule.start_t == 999
+    assert [t for t, _, _ in schedule.steps] == [spaced[i] for i in range(29, 14, -1)]
+
+
+@pytest.mark.parametrize("knobs, expected", [({}, 1), (dict(steps=6, t_max=0.6667, t_min=0.5, guidance_scale=4.5), 2),
+                                             (dict(steps=10, t_max=0.5, t_min=0.2), 4)])
+def test_restore_makes_that_many_evaluations(ccsr_v2, knobs, expected):
+    ccsr_v2.evaluations = 0
+    restore(ccsr_v2, **knobs)
+    assert ccsr_v2.evaluations == expected
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("knobs, message", [
+    (dict(t_min=0.7, t_max=0.6), "t_min (0.7) must be smaller than t_max (0.6)"),
+    (dict(t_min=0.5, t_max=0.5), "must be smaller than t_max"),
+    (dict(t_max=1.2), "t_max must be between 0 and 1, got 1.2"),
+    (dict(t_min=-0.1), "t_min must be between 0 and 1, got -0.1"),
+    (dict(steps=0), "steps must be a whole number >= 1, got 0"),
+    (dict(steps=2.5), "steps must be a whole number >= 1"),
+    (dict(steps=2, t_max=0.6, t_min=0.4), "leaves no denoising step"),
+    (dict(guidance_scale=0), "guidance_scale must be a positive number"),
+    (dict(strength=1), "ccsr has no option strength"),
+])
+def test_bad_knobs_are_one_clear_error(ccsr_v2, knobs, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ccsr_v2(smooth_image(16, 16), scale=2, **knobs)
+
+
+def test_weights_folder_errors(tiny_base, ccsr_v2_weights, tmp_path):
+    with pytest.raises(UsageError, match="ccsr needs its weights"):
+        diffsr.load_upscaler("ccsr", base=tiny_base)
+    with pytest.raises(WeightsError, match="not found"):
+        diffsr.load_upscaler("ccsr", base=tiny_base, weights=tmp_path / "nothing")
+    partial = tmp_path / "partial"
+    shutil.copytree(ccsr_v2_weights / "controlnet", partial / "controlnet")
+    with pytest.raises(WeightsError, match=r"missing vae/config.json"):
+        diffsr.load_upscaler("ccsr", base=tiny_base, weights=partial)
+    plain = tmp_path / "plain"
+    shutil.copytree(ccsr_v2_weights, plain)
+    config = json.loads((plain / "controlnet" / "config.json").read_text())
+    del config["use_vae_encode_condition"]
+    (plain / "controlnet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="image condition"):
+        diffsr.load_upscaler("ccsr", base=tiny_base, weights=plain)
+
+
+# -- behaviour -----------------------------------------------------------------------------------
+
+def test_release_folder_loads_into_the_ccsr_modules(ccsr_v2, ccsr_v2_weights):
+    from safetensors.torch import load_file
+
+    saved = load_file(ccsr_v2_weights / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert "condition_conv_in.weight" in saved and not any(k.startswith("controlnet_cond_embedding") for k in saved)
+    torch.testing.assert_close(ccsr_v2.controlnet.condition_conv_in.weight, saved["condition_conv_in.weight"])
+    # The fine-tuned decoder replaces the base VAE's.
+    vae = load_file(ccsr_v2_weights / "vae" / "diffusion_pytorch_model.safetensors")
+    torch.testing.assert_close(ccsr_v2.backbone.vae.decoder.conv_out.weight, vae["decoder.conv_out.weight"])
+
+
+def test_condition_reaches_the_output(ccsr_v2):
+    """Zeroing condition_conv_in must change the result: the LR latent enters through the ControlNet."""
+    conv = ccsr_v2.controlnet.condition_conv_in
+    before = restore(ccsr_v2)
+    saved = conv.weight.detach().clone()
+    with torch.no_grad():
+        conv.weight.zero_()
+    try:
+        assert (restore(ccsr_v2) - before).abs().max() > 1e-4
+    finally:
+        with torch.no_grad():
+            conv.weight.copy_(saved)
+
+
+def test_seed_fixes_every_draw(ccsr_v2):
+    knobs = dict(steps=6, t_max=0.6667, t_min=0.5, guidance_scale=4.5)
+    first = restore(ccsr_v2, seed=1, **knobs)
+    torch.testing.assert_close(first, restore(ccsr_v2, seed=1, **knobs), rtol=0, atol=0)
+    assert (first - restore(ccsr_v2, seed=2, **knobs)).abs().max() > 1e-4
+    # Without posterior sampling the one-step result depends on the seed only through the start noise.
+    assert (restore(ccsr_v2, seed=1, sample_posterior=False) - restore(ccsr_v2, seed=1)).abs().max() > 0
+
+
+def test_prompts_and_guidance_change_the_result(ccsr_v2):
+    base = restore(ccsr_v2, steps=6, t_max=0.6667, t_min=0.5)
+    assert (base - restore(ccsr_v2, steps=6, t_max=0.6667, t_min=0.5, prompt="a cat")).abs().max() > 1e-4
+    assert (base - restore(ccsr_v2, steps=6, t_max=0.6667, t_min=0.5, guidance_scale=3.0)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("scale, size, expected", [(4, (20, 14), (80, 56)), (2.5, (30, 20), (75, 50))])
+def test_output_has_the_requested_size(ccsr_v2, scale, size, expected):
+    from diffsr.methods.ccsr import CCSR
+
+    small = CCSR(ccsr_v2.backbone, ccsr_v2.controlnet, 2, process_size=64)  # keeps the test fast
+    width, height = size
+    out = small(smooth_image(height, width), scale=scale)
+    assert isinstance(out, Image.Image) and out.size == expected
+
+
+def test_cli_passes_the_ccsr_knobs(tiny_base, ccsr_v2_weights, tmp_path, capsys):
+    Image.fromarray(smooth_image(16, 20)).save(tmp_path / "in.png")
+    common = ["upscale", str(tmp_path / "in.png"), "--method", "ccsr", "--base", str(tiny_base),
+              "--weights", str(ccsr_v2_weights), "--scale", "2", "--quiet"]
+    assert main(common + ["-o", str(tmp_path / "out"), "--steps", "6", "--t-max", "0.6667", "--t-min", "0.5",
+                          "--guidance-scale", "1", "--negative-prompt", "blurry"]) == 0
+    assert Image.open(tmp_path / "out" / "in.png").size == (40, 32)
+    assert main(common + ["-o", str(tmp_path / "bad"), "--t-min", "0.9"]) == 2
+    assert "t_min (0.9) must be smaller than t_max (0.6666)" in capsys.readouterr().err
+
+
+# -- v1 checkpoints ------------------------------------------------------------------------------
+
+def test_v1_names_round_trip_through_diffusers_converters(ccsr_v1):
+    """Our diffusers -> LDM names (used to write checkpoints) are what diffusers' LDM converters read back."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from diffsr.methods.ccsr_v1 import unet_to_ldm, vae_to_ldm
+
+    unet, vae = ccsr_v1.backbone.unet, ccsr_v1.backbone.vae
+    ldm = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()}
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert back.keys() == unet.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in unet.state_dict().items())
+    ldm = {"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), vae.config).items()}
+    back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+    assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in vae.state_dict().items())
+
+
+def test_v1_checkpoint_loads_into_the_same_modules(ccsr_v1, ccsr_v1_weights):
+    state = torch.load(ccsr_v1_weights)["state_dict"]
+    first = state["control_model.input_blocks.0.0.weight"]
+    assert first.shape[1] == 8  # x and the condition latent, concatenated
+    conv_in, condition_conv_in = ccsr_v1.controlnet.conv_in, ccsr_v1.controlnet.condition_conv_in
+    torch.testing.assert_close(torch.cat([conv_in.weight, condition_conv_in.weight], 1), first)
+    assert ccsr_v1.version == 1 and ccsr_v1.condition_vae is not ccsr_v1.backbone.vae
+    # The condition encoder is the checkpoint's cond_encoder, the decoder its first_stage_model's.
+    torch.testing.assert_close(ccsr_v1.condition_vae.encoder.conv_in.weight, state["cond_encoder.encoder.conv_in.weight"])
+    torch.testing.assert_close(ccsr_v1.backbone.vae.decoder.conv_out.weight, state["first_stage_model.decoder.conv_out.weight"])
+    ccsr_v1.evaluations = 0
+    restore(ccsr_v1, steps=6, t_max=2 / 3, t_min=0.5)
+    assert ccsr_v1.evaluations == 2
+
+
+def test_v1_checkpoint_errors(tiny_base, ccsr_v1_weights, osediff_weights, tmp_path):
+    with pytest.raises(WeightsError, match="osediff checkpoint, not ccsr"):
+        diffsr.load_upscaler("ccsr", base=tiny_base, weights=shutil.copy(osediff_weights, tmp_path / "osediff.ckpt"))
+    state = torch.load(ccsr_v1_weights)
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("cond_encoder.")}
+    torch.save(state, tmp_path / "no_cond.ckpt")
+    with pytest.raises(WeightsError, match=r"no 'cond_encoder\.\*' tensors"):
+        diffsr.load_upscaler("ccsr", base=tiny_base, weights=tmp_path / "no_cond.ckpt")
+
+
+def test_full_size_controlnet_has_the_release_layout():
+    """On SD 2.1's UNet config (built on the meta device: no memory), the CCSR ControlNet has the release's
+    tensors: condition_conv_in (320, 4, 3, 3), 12 down zero convs and the mid one, no image-condition encoder."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from diffsr.methods.ccsr import controlnet_class
+
+    sd21 = dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+                block_out_channels=[320, 640, 1280, 1280], layers_per_block=2)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd21)
+        config = {k: v for k, v in ControlNetModel.from_unet(unet, load_weights_from_unet=False).config.items()
+                  if not k.startswith("_")}
+        controlnet = controlnet_class()(**config)
+    shapes = {k: tuple(v.shape) for k, v in controlnet.state_dict().items()}
+    assert shapes["condition_conv_in.weight"] == (320, 4, 3, 3)
+    assert not any(k.startswith("controlnet_cond_embedding") for k in shapes)
+    assert sum(k.startswith("controlnet_down_blocks.") and k.endswith(".weight") for k in shapes) == 12
+    assert shapes["controlnet_mid_block.weight"] == (1280, 1280, 1, 1)
+    assert controlnet.config.use_vae_encode_condition
