@@ -43,6 +43,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    tiles = parser.add_argument_group("tiling (large images; sizes in latent pixels = 8 image pixels)")
+    tiles.add_argument("--tile-size", type=int, help="denoiser tile (default: the method's, shrunk to fit --max-memory)")
+    tiles.add_argument("--tile-overlap", type=int, help="overlap of denoiser tiles (default 32)")
+    tiles.add_argument("--vae-tile-size", type=int, help="VAE encoder/decoder tile (default 128/224, shrunk to fit)")
+    tiles.add_argument("--tile-batch", type=int, help="denoiser tiles per network call (default 1)")
+    tiles.add_argument("--max-memory", type=float, help="working-memory budget in GB (default: from the device)")
+    tiles.add_argument("--release-gaussian", action="store_true",
+                       help="the released code's off-centre tile weights (for parity)")
+
+
+def _tiling_knobs(args) -> dict:
+    from diffsr.tiling import TILING_KNOBS
+
+    return {name: getattr(args, name) for name in TILING_KNOBS if getattr(args, name) not in (None, False)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,9 +87,11 @@ def run_upscale(args) -> int:
     import diffsr
     from diffsr.images import collect_inputs, read_image, write_image
     from diffsr.methods import get_method
+    from diffsr.tiling import TilingOptions
 
     try:
         method = get_method(args.method)
+        TilingOptions.from_knobs(_tiling_knobs(args))  # bad tile sizes are a usage error, before any loading
     except DiffsrError as error:
         _fail(str(error))
         return EXIT_USAGE
@@ -122,7 +138,7 @@ def run_upscale(args) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = upscaler.upscale(picture, scale=args.scale, seed=args.seed, color_fix=args.color_fix,
-                                          prompt=args.prompt)
+                                          prompt=args.prompt, **_tiling_knobs(args))
                 write_image(target, result.rgb, result.alpha)
             written += 1
             for warning in caught:
