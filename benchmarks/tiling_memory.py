@@ -1,7 +1,7 @@
 """Peak memory and time of OSEDiff x4 upscaling at growing output sizes, full-size SD 2.1 architecture, CPU.
 
 Random weights in the real shapes (written once to --models). Each size runs in a fresh subprocess so its
-peak resident memory (ru_maxrss) is its own. Ratios are against the 1024 px run of the same invocation:
+peak resident memory (ru_maxrss) is its own. Ratios are against the 1024 px run (CPU time, since the machine may be shared):
 memory should stay flat once the image is larger than a tile, time should grow with the pixel count.
 
     PYTHONPATH=src python benchmarks/tiling_memory.py --sizes 512 1024 2048 4096 --max-memory 3
@@ -61,6 +61,12 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process: on a shared machine, wall time also measures the neighbours."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(args) -> None:
     import diffsr
     from diffsr import tiling
@@ -77,11 +83,11 @@ def child(args) -> None:
         "encode": tiling.vae_plan(options, vae, latent, False, "cpu", dtype),
         "decode": tiling.vae_plan(options, vae, latent, True, "cpu", dtype),
     }
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     upscaler.upscale(smooth_image(args.child // 4), scale=4, seed=0, max_memory=args.max_memory)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"size": args.child, "seconds": seconds, "peak_gb": peak_rss_gb(), "loaded_gb": loaded,
-                      "plan": plan}))
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    print(json.dumps({"size": args.child, "seconds": seconds, "cpu_seconds": cpu, "peak_gb": peak_rss_gb(),
+                      "loaded_gb": loaded, "plan": plan}))
 
 
 def main() -> None:
@@ -91,6 +97,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", type=Path, default=Path("/tmp/diffsr-bench"))
+    parser.add_argument("--results", type=Path, help="JSON lines of finished sizes: skipped on a rerun, kept in the table")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -107,26 +114,36 @@ def main() -> None:
     print(f"# diffsr tiling benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"{args.dtype}, max_memory {args.max_memory} GB, OSEDiff x4, SD 2.1 architecture (random weights)")
-    print("| output px | seconds | peak RSS GB | after load GB | peak / peak@1024 | s per MP / s per MP@1024 | plan |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| output px | wall s | CPU s | peak RSS GB | after load GB | peak / peak@1024 | CPU s per MP / same@1024 | plan |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     results = {}
+    if args.results and args.results.exists():
+        for line in args.results.read_text().splitlines():
+            row = json.loads(line)
+            results[row["size"]] = row
     for size in args.sizes:
-        command = [sys.executable, __file__, "--child", str(size), "--max-memory", str(args.max_memory),
-                   "--dtype", args.dtype, "--threads", str(args.threads), "--models", str(args.models)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            print(f"| {size} | failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode} |",
-                  flush=True)
-            continue
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        results[size] = row
-        base_row = results.get(BASELINE)
-        memory_ratio = f"{row['peak_gb'] / base_row['peak_gb']:.2f}" if base_row else "-"
-        per_mp = row["seconds"] / (size * size / 1e6)
-        time_ratio = f"{per_mp / (base_row['seconds'] / (BASELINE * BASELINE / 1e6)):.2f}" if base_row else "-"
-        print(f"| {size} | {row['seconds']:.1f} | {row['peak_gb']:.2f} | {row['loaded_gb']:.2f} | {memory_ratio} | "
-              f"{time_ratio} | {row['plan']} |", flush=True)
+        if size not in results:
+            command = [sys.executable, __file__, "--child", str(size), "--max-memory", str(args.max_memory),
+                       "--dtype", args.dtype, "--threads", str(args.threads), "--models", str(args.models)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+                print(f"| {size} | failed: {last} |", flush=True)
+                continue
+            results[size] = json.loads(done.stdout.strip().splitlines()[-1])
+            if args.results:
+                with args.results.open("a") as file:
+                    file.write(json.dumps(results[size]) + "\n")
+        print_row(results[size], results.get(BASELINE))
 
+
+def print_row(row: dict, base_row: dict | None) -> None:
+    size = row["size"]
+    memory_ratio = f"{row['peak_gb'] / base_row['peak_gb']:.2f}" if base_row else "-"
+    per_mp = row["cpu_seconds"] / (size * size / 1e6)
+    time_ratio = f"{per_mp / (base_row['cpu_seconds'] / (BASELINE * BASELINE / 1e6)):.2f}" if base_row else "-"
+    print(f"| {size} | {row['seconds']:.1f} | {row['cpu_seconds']:.1f} | {row['peak_gb']:.2f} | {row['loaded_gb']:.2f} | "
+          f"{memory_ratio} | {time_ratio} | {row['plan']} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,10 @@ Tiled VAE, three ways, chosen by size and the memory budget:
   statistics over all bands before normalising and the mid-block attention attends over the whole map, so the
   result equals the untiled one up to float error. The feature maps are held whole (on the compute device),
   only the per-operation working memory is bounded;
-- bounded: each tile (with a halo of context) runs through the whole network on its own, with GroupNorm
-  statistics measured once on a mosaic of crops of the input, shared by all tiles (so no brightness jumps),
-  and attention within the tile. Memory stops growing at the tile size; the result approximates the untiled one.
+- bounded: each tile (with a halo of context) runs through the whole network on its own, twice: first with
+  its own GroupNorm statistics, which are pooled over all tiles, then with the pooled statistics, shared by all
+  tiles (so no brightness jumps); attention stays within the tile. Memory stops growing at the tile size; the
+  result approximates the untiled one.
 Written by hand: diffusers' own VAE tiling normalises each tile with its own statistics (visible seams).
 """
 
@@ -51,7 +52,7 @@ class TilingOptions:
     vae_tile_size: int | None = None  # VAE encoder and decoder tile; None: derived from max_memory
     tile_batch: int = 1  # denoiser tiles per call
     max_memory: float | None = None  # GB of working memory (model weights not counted); None: from the device
-    release_gaussian: bool = False  # the releases' off-centre Gaussian, for parity
+    release_gaussian: bool = False  # the releases' off-centre Gaussian and square tiles, for parity
 
     @classmethod
     def from_knobs(cls, knobs: dict) -> "TilingOptions":
@@ -147,13 +148,18 @@ def aggregate(denoise: Denoiser, latent: torch.Tensor, condition: torch.Tensor |
     `denoise(latents, conditions)` gets up to `tile_batch` tiles stacked along the batch axis (each tile
     contributes latent.shape[0] rows, in tile order) and returns predictions of the same spatial size.
     `condition` is a tensor with the latent's height and width (e.g. the LR latent), or None. When the latent
-    fits in one tile, `denoise` runs once on the whole latent and its output is returned unchanged."""
+    is no larger than one tile in area (the releases' rule: such a pass needs no more memory than a tile),
+    `denoise` runs once on the whole latent and its output is returned unchanged.
+    `release_gaussian` reproduces the released code: its off-centre weights and square tiles of the short side."""
     height, width = latent.shape[-2:]
-    if height <= tile and width <= tile:
+    if height * width <= tile * tile:
         return denoise(latent, condition)
     if condition is not None and condition.shape[-2:] != latent.shape[-2:]:
         raise ValueError(f"condition {tuple(condition.shape)} does not match latent {tuple(latent.shape)} in size")
     tile_h, tile_w = min(tile, height), min(tile, width)
+    if release_gaussian:
+        tile_h = tile_w = min(tile_h, tile_w)
+        overlap = min(overlap, tile_h // 2)  # square tiles cut down to a thin latent must still move forward
     boxes = [(y, x) for y in tile_starts(height, tile_h, overlap) for x in tile_starts(width, tile_w, overlap)]
     weight = gaussian_weights(tile_h, tile_w, release_gaussian).to(latent.device)
     merged = weight_sum = None
@@ -400,16 +406,18 @@ class _ExactRunner:
 
 
 @contextmanager
-def _shared_group_norms(net: torch.nn.Module, stats: dict):
-    """While active, every GroupNorm in `net` records its statistics into `stats` if it has none there yet,
-    and otherwise normalises with the recorded ones."""
+def _group_norm_statistics(net: torch.nn.Module, record: dict | None = None, use: dict | None = None):
+    """While active, every GroupNorm in `net` either adds its input's per-group count, sum and sum of squares
+    to `record` (and normalises with its own statistics), or normalises with the pooled statistics in `use`."""
     norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
 
     def forward(norm, x):
-        if norm not in stats:
-            grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
-            stats[norm] = (grouped.mean(-1), grouped.var(-1, unbiased=False))
-        return _normalize(x, norm, stats[norm])
+        if use is not None:
+            return _normalize(x, norm, use[norm])
+        grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
+        count, total, squares = record.get(norm, (0, 0.0, 0.0))
+        record[norm] = (count + grouped.shape[-1], total + grouped.sum(-1), squares + (grouped * grouped).sum(-1))
+        return _normalize(x, norm, (grouped.mean(-1), grouped.var(-1, unbiased=False)))
 
     for norm in norms:
         norm.forward = lambda x, norm=norm: forward(norm, x)
@@ -420,19 +428,13 @@ def _shared_group_norms(net: torch.nn.Module, stats: dict):
             del norm.forward
 
 
-def _proxy(x: torch.Tensor, tile: int, multiple: int) -> torch.Tensor:
-    """A mosaic of evenly spaced crops of `x`, about one tile large, for measuring GroupNorm statistics.
-
-    Crops keep the input's local statistics; a downscaled copy would not (it removes fine detail and noise)."""
-    def pieces(size: int) -> list[tuple[int, int]]:
-        count = math.ceil(size / tile)
-        length = max(multiple, min(size, tile // count) // multiple * multiple)
-        starts = torch.linspace(0, size - length, count).round().int().tolist()
-        return [(start, start + length) for start in starts]
-
-    rows = [torch.cat([x[..., top:bottom, left:right] for left, right in pieces(x.shape[-1])], dim=-1)
-            for top, bottom in pieces(x.shape[-2])]
-    return torch.cat(rows, dim=-2)
+def _pooled(record: dict) -> dict:
+    """Mean and variance per GroupNorm from the summed counts, sums and sums of squares."""
+    pooled = {}
+    for norm, (count, total, squares) in record.items():
+        mean = total / count
+        pooled[norm] = (mean, (squares / count - mean * mean).clamp_min(0))
+    return pooled
 
 
 def _tile_boxes(size: int, tile: int) -> list[tuple[int, int]]:
@@ -442,32 +444,37 @@ def _tile_boxes(size: int, tile: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float, proxy: torch.Tensor) -> torch.Tensor:
-    """Each core tile of `x` (tile x tile, plus `halo` of context) through `net`; outputs `scale` x the input."""
-    stats: dict = {}
-    with _shared_group_norms(net, stats):
-        net(proxy)
-        out = None
-        height, width = x.shape[-2:]
-        for top, bottom in _tile_boxes(height, tile):
-            for left, right in _tile_boxes(width, tile):
-                y0, x0 = max(top - halo, 0), max(left - halo, 0)
-                y1, x1 = min(bottom + halo, height), min(right + halo, width)
-                result = net(x[..., y0:y1, x0:x1])
-                core = result[..., round((top - y0) * scale):round((bottom - y0) * scale),
-                              round((left - x0) * scale):round((right - x0) * scale)]
-                if out is None:
-                    out = x.new_empty((x.shape[0], core.shape[1], round(height * scale), round(width * scale)),
-                                      dtype=core.dtype)
-                out[..., round(top * scale):round(bottom * scale), round(left * scale):round(right * scale)] = core
+def _run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float) -> torch.Tensor:
+    """Each core tile of `x` (tile x tile, plus `halo` of context) through `net`; outputs `scale` x the input.
+
+    Two passes: the first runs every tile with its own GroupNorm statistics and pools them over all tiles;
+    the second normalises every tile with the pooled statistics, so all tiles share one brightness."""
+    height, width = x.shape[-2:]
+    boxes = []
+    for top, bottom in _tile_boxes(height, tile):
+        for left, right in _tile_boxes(width, tile):
+            padded = (max(top - halo, 0), min(bottom + halo, height), max(left - halo, 0), min(right + halo, width))
+            boxes.append(((top, bottom, left, right), padded))
+    record: dict = {}
+    with _group_norm_statistics(net, record=record):
+        for _, (y0, y1, x0, x1) in boxes:
+            net(x[..., y0:y1, x0:x1])
+    out = None
+    with _group_norm_statistics(net, use=_pooled(record)):
+        for (top, bottom, left, right), (y0, y1, x0, x1) in boxes:
+            result = net(x[..., y0:y1, x0:x1])
+            core = result[..., round((top - y0) * scale):round((bottom - y0) * scale),
+                          round((left - x0) * scale):round((right - x0) * scale)]
+            if out is None:
+                out = x.new_empty((x.shape[0], core.shape[1], round(height * scale), round(width * scale)),
+                                  dtype=core.dtype)
+            out[..., round(top * scale):round(bottom * scale), round(left * scale):round(right * scale)] = core
     return out
 
 
 def _encode_bounded(encoder, image: torch.Tensor, tile: int) -> torch.Tensor:
-    proxy = _proxy(image, 8 * tile, 8)
-    return _run_bounded(encoder, image, 8 * tile, 8 * ENCODER_HALO, 1 / 8, proxy)
+    return _run_bounded(encoder, image, 8 * tile, 8 * ENCODER_HALO, 1 / 8)
 
 
 def _decode_bounded(decoder, latent: torch.Tensor, tile: int) -> torch.Tensor:
-    return _run_bounded(decoder, latent, tile, DECODER_HALO, 8, _proxy(latent, tile, 1))
-
+    return _run_bounded(decoder, latent, tile, DECODER_HALO, 8)
