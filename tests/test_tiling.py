@@ -139,16 +139,14 @@ def test_aggregated_unet_output_has_no_seams_and_the_measure_sees_hard_seams(bac
     assert hard > 1.1
 
 
-def test_upscaled_image_has_no_seams_and_one_tile_equals_untiled(upscaler):
+def test_tiled_upscaling_has_no_seams(upscaler):
     rng = np.random.RandomState(0)
     low = smooth((1, 3, 128, 128), 6, cells=12)
     image = ((low[0].permute(1, 2, 0).numpy() * 40 + 128 + rng.normal(0, 4, (128, 128, 3))).clip(0, 255)
              .astype(np.uint8))
-    # OSEDiff processes at least 512 px (smaller inputs are enlarged first): 128 px x 4, a 64x64 latent.
-    untiled = np.asarray(upscaler(image, scale=4, max_memory=BIG_BUDGET)).astype(int)
-    one_tile = np.asarray(upscaler(image, scale=4, tile_size=64, vae_tile_size=16, max_memory=BIG_BUDGET))
-    assert np.abs(one_tile - untiled).max() <= 1  # exact tiled VAE; uint8 rounding of float noise at most
+    # 128 px x 4 = 512 px, a 64x64 latent: 3x3 denoiser tiles, exact VAE over 16-row bands.
     tiled = upscaler(image, scale=4, tile_size=32, tile_overlap=16, vae_tile_size=16, max_memory=BIG_BUDGET)
+    assert tiled.size == (512, 512)
     tiled = torch.from_numpy(np.asarray(tiled).astype(np.float32)).permute(2, 0, 1)
     borders = tile_borders(64, 32, 16, unit=8)
     ratio = seam_ratio(tiled, borders, borders)

@@ -21,6 +21,7 @@ Written by hand: diffusers' own VAE tiling normalises each tile with its own sta
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -101,7 +102,7 @@ def available_memory(device: torch.device) -> float:
 
         return 0.5 * psutil.virtual_memory().available
     except ImportError:
-        return 4e9
+        return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -210,10 +211,12 @@ def vae_tile(options: TilingOptions, vae, decoder: bool, device, dtype) -> int:
 
 
 def vae_plan(options: TilingOptions, vae, latent_hw, decoder: bool, device, dtype) -> tuple[str, int]:
-    """(mode, tile) for encoding/decoding a latent of `latent_hw`: untiled, exact or bounded (module notes)."""
+    """(mode, tile) for encoding/decoding a latent of `latent_hw`: untiled when it is no larger than a tile
+    in area; exact when the whole feature maps fit the budget (exact mode bounds only the per-operation
+    working memory: attention, convolution buffers); bounded otherwise."""
     tile = vae_tile(options, vae, decoder, device, dtype)
     height, width = latent_hw
-    if height <= tile and width <= tile:
+    if height * width <= tile * tile:
         return "untiled", tile
     whole_maps = height * width * vae_bytes_per_latent_px(vae, decoder, dtype)
     return ("exact" if whole_maps <= options.budget_bytes(torch.device(device)) else "bounded"), tile
