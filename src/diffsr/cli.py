@@ -77,10 +77,24 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="StableSR sampler (default ddpm)")
     parser.add_argument("--eta", type=float, help="DDIM noise (default 0: deterministic)")
     parser.add_argument("--fidelity", type=float, help="StableSR CFW weight w in [0, 1] (default 0.5)")
+    tiles = parser.add_argument_group("tiling (large images; sizes in latent pixels = 8 image pixels)")
+    tiles.add_argument("--tile-size", type=int, help="denoiser tile (default: the method's, shrunk to fit --max-memory)")
+    tiles.add_argument("--tile-overlap", type=int, help="overlap of denoiser tiles (default 32)")
+    tiles.add_argument("--vae-tile-size", type=int, help="VAE encoder/decoder tile (default 128/224, shrunk to fit)")
+    tiles.add_argument("--tile-batch", type=int, help="denoiser tiles per network call (default 1)")
+    tiles.add_argument("--max-memory", type=float, help="working-memory budget in GB (default: from the device)")
+    tiles.add_argument("--release-gaussian", action="store_true",
+                       help="the released code's off-centre tile weights (for parity)")
 
 
 # Knobs passed to the method only when given.
 _OPTIONAL_KNOBS = ("prompt", "negative_prompt", "guidance_scale", "steps", "sampler", "eta", "fidelity", "t_max", "t_min")
+
+
+def _tiling_knobs(args) -> dict:
+    from diffsr.tiling import TILING_KNOBS
+
+    return {name: getattr(args, name) for name in TILING_KNOBS if getattr(args, name) not in (None, False)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,9 +198,11 @@ def run_upscale(args) -> int:
     import diffsr
     from diffsr.images import collect_inputs, read_image, write_image
     from diffsr.methods import get_method
+    from diffsr.tiling import TilingOptions
 
     try:
         method = get_method(args.method)
+        TilingOptions.from_knobs(_tiling_knobs(args))  # bad tile sizes are a usage error, before any loading
     except DiffsrError as error:
         _fail(str(error))
         return EXIT_USAGE
@@ -234,7 +250,7 @@ def run_upscale(args) -> int:
     from tqdm import tqdm
 
     # Only the knobs the user gave: the others keep each method's release defaults.
-    knobs = _method_knobs(args)
+    knobs = {**_method_knobs(args), **_tiling_knobs(args)}
     try:
         upscaler.check_knobs(knobs)
     except DiffsrError as error:

@@ -15,11 +15,9 @@ import torch
 from diffsr.color import COLOR_FIXES, color_fix
 from diffsr.errors import UsageError
 from diffsr.images import Picture, as_picture, resize, tensor_to_array, to_pil
+from diffsr.tiling import TILING_KNOBS, TilingOptions
 
 MIN_SCALE, MAX_SCALE = 1, 8
-# Without tiling one pass must fit in memory: the VAE's mid-block attention grows with the square of
-# the latent area (about 17 GB at 2048x2048 output). Larger images need the tiler.
-MAX_SINGLE_PASS_PIXELS = 1600 * 1600
 
 
 @dataclass
@@ -69,13 +67,15 @@ class Upscaler:
     def preprocess(self, picture: Picture, scale: float) -> Prepared:
         raise NotImplementedError
 
-    def restore(self, lr: torch.Tensor, generator: torch.Generator, **knobs) -> torch.Tensor:
+    def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions, **knobs) -> torch.Tensor:
+        """`tiling` says how to split work that does not fit (diffsr.tiling); the method passes it on to
+        tiling.vae_encode / aggregate / vae_decode."""
         raise NotImplementedError
 
     # -- the shared flow -------------------------------------------------------------------------
     def check_knobs(self, knobs: dict) -> None:
         """Reject unknown knobs by name (a typo must not silently do nothing)."""
-        allowed = set(self.knob_names())
+        allowed = set(self.knob_names()) | set(TILING_KNOBS)
         unknown = sorted(set(knobs) - allowed)
         if unknown:
             raise UsageError(f"{self.name} has no option {', '.join(unknown)} (options: {', '.join(sorted(allowed))})")
@@ -92,15 +92,12 @@ class Upscaler:
         if fix not in COLOR_FIXES:
             raise UsageError(f"unknown color fix '{fix}' (choose {', '.join(COLOR_FIXES)})")
         self.check_knobs(knobs)
+        knobs = dict(knobs)
+        tiling = TilingOptions.from_knobs(knobs)
         prepared = self.preprocess(picture, scale)
-        height, width = prepared.lr.shape[-2:]
-        if width * height > MAX_SINGLE_PASS_PIXELS:
-            raise UsageError(f"{picture.name}: a {width}x{height} output is too large for one pass "
-                             f"(limit {MAX_SINGLE_PASS_PIXELS / 1e6:.1f} MP) and tiled processing is not available "
-                             "yet: upscale a crop or use a smaller scale")
         lr = prepared.lr.to(self.device, torch.float32)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        restored = self.restore(lr, generator, **knobs).float()
+        restored = self.restore(lr, generator, tiling=tiling, **knobs).float()
         restored = color_fix_and_clamp(restored, lr, fix)
         depth = picture.rgb.dtype
         rgb = tensor_to_array(restored, np.uint16 if depth == np.uint16 else np.uint8)

@@ -24,9 +24,11 @@ from diffsr.errors import UsageError, WeightsError
 from diffsr.images import Picture, resize
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.samplers import TruncatedSchedule, q_sample, space_timesteps, truncated_sample
+from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 START_T = 999  # both releases start from the LR latent (v2) or noise (v1) at t = 999
 PROCESS_SIZE = 512
+TILE_SIZE = 64  # latent px: the v2 release's 512-px diffusion tiles (overlap 32)
 V2_PROMPT = "clean, high-resolution, 8k"
 V2_NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
 # Release defaults: v2 test_ccsr_tile.py (one step), v1 inference_ccsr.py.
@@ -252,6 +254,16 @@ class CCSR(Upscaler):
             rgb = resize(rgb, (width // 64 * 64, height // 64 * 64), "lanczos")
         return Prepared(Picture(rgb).to_tensor(), output_size(picture, scale))
 
+    tiling = TilingOptions()  # set per restore call
+
+    def tiled_denoise(self, latent: torch.Tensor, condition: torch.Tensor, text: torch.Tensor, t: int) -> torch.Tensor:
+        """`denoise` over latent tiles (diffsr.tiling), one call when the latent fits in a tile."""
+        def denoise(tiles, condition_tiles):
+            rows = tiles.shape[0] // text.shape[0]  # tiles come stacked, each with the latent's batch rows
+            return self.denoise(tiles, condition_tiles, text.repeat(rows, 1, 1), t)
+
+        return self.tiling.aggregate(denoise, latent, condition, TILE_SIZE, self.backbone.unet)
+
     def denoise(self, latent: torch.Tensor, condition: torch.Tensor, text: torch.Tensor, t: int) -> torch.Tensor:
         """One network evaluation: ControlNet on (latent, condition latent), then the UNet with its
         residuals -> eps. Batched inputs of the same size; the unit a latent tiler wraps."""
@@ -270,7 +282,7 @@ class CCSR(Upscaler):
     def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str | None = None,
                 negative_prompt: str | None = None, steps: int | None = None, t_max: float | None = None,
                 t_min: float | None = None, guidance_scale: float | None = None,
-                sample_posterior: bool | None = None) -> torch.Tensor:
+                sample_posterior: bool | None = None, tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
         given = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, t_max=t_max, t_min=t_min,
                      guidance_scale=guidance_scale)
         knobs = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
@@ -278,9 +290,10 @@ class CCSR(Upscaler):
         schedule = self.schedule(knobs["steps"], knobs["t_max"], knobs["t_min"])
         sample = self.sample_posterior if sample_posterior is None else sample_posterior
         run = self._restore_v2 if self.version == 2 else self._restore_v1
+        self.tiling = tiling
         latent = run(lr, generator, schedule, knobs, sample)
         vae = self.backbone.vae
-        image = vae.decode((latent / vae.config.scaling_factor).to(self.dtype)).sample
+        image = vae_decode(vae, (latent / vae.config.scaling_factor).to(self.dtype), tiling)
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def _texts(self, knobs: dict, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -299,7 +312,7 @@ class CCSR(Upscaler):
         vae = self.condition_vae
         start_noise_shape = (1, vae.config.latent_channels, lr.shape[-2] // 8, lr.shape[-1] // 8)
         start_noise = torch.randn(start_noise_shape, generator=generator, device=lr.device)
-        posterior = vae.encode((lr * 2 - 1).to(self.dtype)).latent_dist
+        posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), self.tiling)
         if sample:
             # The release encodes the image once per CFG branch and samples each posterior separately.
             draws = torch.randn((2 if guided else 1, *posterior.mean.shape[1:]), generator=second, device=lr.device)
@@ -315,11 +328,11 @@ class CCSR(Upscaler):
 
         def model(x, t, cfg):
             if not guided:
-                return self.denoise(x, condition[:1], text, t)
+                return self.tiled_denoise(x, condition[:1], text, t)
             if not cfg:
                 # The release's first estimate takes the first half of the CFG batch: the NEGATIVE prompt.
-                return self.denoise(x, condition[:1], negative, t)
-            uncond, cond = self.denoise(torch.cat([x, x]), condition, torch.cat([negative, text]), t).float().chunk(2)
+                return self.tiled_denoise(x, condition[:1], negative, t)
+            uncond, cond = self.tiled_denoise(torch.cat([x, x]), condition, torch.cat([negative, text]), t).float().chunk(2)
             return uncond + scale * (cond - uncond)
 
         return truncated_sample(model, start, schedule, renoise=_draws(second), step_noise=_draws(generator))
@@ -331,15 +344,15 @@ class CCSR(Upscaler):
         guided = scale != 1
         text, negative = self._texts(knobs, guided)
         vae = self.condition_vae
-        condition = vae.encode((lr * 2 - 1).to(self.dtype)).latent_dist.mode().float() * vae.config.scaling_factor
+        condition = vae_encode(vae, (lr * 2 - 1).to(self.dtype), self.tiling).mode().float() * vae.config.scaling_factor
         start = torch.randn(condition.shape, generator=generator, device=lr.device)
 
         def model(x, t, cfg):
             # v1 guides every evaluation, the first included, with two separate calls.
-            eps = self.denoise(x, condition, text, t).float()
+            eps = self.tiled_denoise(x, condition, text, t).float()
             if not guided:
                 return eps
-            uncond = self.denoise(x, condition, negative, t).float()
+            uncond = self.tiled_denoise(x, condition, negative, t).float()
             return uncond + scale * (eps - uncond)
 
         draw = _draws(generator)

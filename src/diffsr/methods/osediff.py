@@ -17,8 +17,10 @@ from diffsr import lora
 from diffsr.lora import add_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.prompts import compose_prompt, load_tagger
+from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 TIMESTEP = 999
+TILE_SIZE = 96  # latent px, the release's default (overlap 32)
 PROCESS_SIZE = 512  # the release enlarges inputs whose short side is below PROCESS_SIZE // scale
 UNET_ADAPTERS = ("default_encoder", "default_decoder", "default_others")
 VAE_ADAPTER = "default_encoder"
@@ -156,16 +158,20 @@ class OSEDiff(Upscaler):
         tags = self.tagger(lr)[0] if self.tagger is not None else None
         return compose_prompt(prompt, tags)
 
-    def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str = "",
-                sample_posterior: bool | None = None) -> torch.Tensor:
+    def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
+                prompt: str = "", sample_posterior: bool | None = None) -> torch.Tensor:
         backbone = self.backbone
         vae, unet = backbone.vae, backbone.unet
         sample = self.sample_posterior if sample_posterior is None else sample_posterior
         text = backbone.encode_prompt([self.prompt_for(lr, prompt)])
-        posterior = vae.encode((lr * 2 - 1).to(self.dtype)).latent_dist
+        posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling)
         latent = (posterior.sample(generator) if sample else posterior.mode()) * vae.config.scaling_factor
-        eps = unet(latent, TIMESTEP, encoder_hidden_states=text).sample
+
+        def denoise(tiles, _condition):
+            return unet(tiles, TIMESTEP, encoder_hidden_states=text.expand(len(tiles), -1, -1)).sample
+
+        eps = tiling.aggregate(denoise, latent, None, TILE_SIZE, unet)
         # One step from t=999 straight to x0 (what the release's DDPM step returns there).
         x0 = (latent.float() - self.sqrt_one_minus_alpha_bar * eps.float()) / self.sqrt_alpha_bar
-        image = vae.decode((x0 / vae.config.scaling_factor).to(self.dtype)).sample.clamp(-1, 1)
+        image = vae_decode(vae, (x0 / vae.config.scaling_factor).to(self.dtype), tiling).clamp(-1, 1)
         return image.float() * 0.5 + 0.5

@@ -23,8 +23,10 @@ from diffsr.images import Picture, as_picture
 from diffsr.lora import LoraModulation, add_degradation_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.de_net import DEResNet, load_de_net
+from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 TIMESTEP = 999
+TILE_SIZE = 96  # latent px, the release's default (overlap 32)
 PAD_MULTIPLE = 64  # the release reflect-pads the upscaled input to a multiple of 64
 POSITIVE_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, "
                    "and natural lighting.")
@@ -351,7 +353,8 @@ class S3Diff(Upscaler):
     @torch.no_grad()
     def restore(self, lr: torch.Tensor, generator: torch.Generator, degradation: tuple[float, float],
                 prompt: str = POSITIVE_PROMPT, negative_prompt: str = NEGATIVE_PROMPT,
-                guidance_scale: float = GUIDANCE_SCALE, sample_posterior: bool | None = None) -> torch.Tensor:
+                guidance_scale: float = GUIDANCE_SCALE, sample_posterior: bool | None = None,
+                tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
         vae = self.backbone.vae
         sample = self.sample_posterior if sample_posterior is None else sample_posterior
         degradation = check_degradation(degradation)
@@ -362,10 +365,10 @@ class S3Diff(Upscaler):
         image = pad_to_multiple((lr * 2 - 1).clamp(-1, 1), PAD_MULTIPLE)
         scores = torch.tensor([degradation], dtype=torch.float32, device=self.device)
         with self.vae_modulation.use(self.conditioner.matrices("vae", scores).to(self.dtype)):
-            posterior = vae.encode(image.to(self.dtype)).latent_dist
+            posterior = vae_encode(vae, image.to(self.dtype), tiling)
         latent = (posterior.sample(generator) if sample else posterior.mode()) * vae.config.scaling_factor
-        eps = denoise(latent)
+        eps = tiling.aggregate(denoise, latent, None, TILE_SIZE, self.backbone.unet)
         # One step from t=999 straight to x0 (what the release's one-step DDPM scheduler returns).
         x0 = (latent.float() - self.sqrt_one_minus_alpha_bar * eps.float()) / self.sqrt_alpha_bar
-        decoded = vae.decode((x0 / vae.config.scaling_factor).to(self.dtype)).sample.clamp(-1, 1)
+        decoded = vae_decode(vae, (x0 / vae.config.scaling_factor).to(self.dtype), tiling).clamp(-1, 1)
         return decoded[..., :height, :width].float() * 0.5 + 0.5

@@ -20,6 +20,7 @@ from diffsr.errors import BaseModelError, UsageError, WeightsError
 from diffsr.images import Picture
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.stablesr_nets import SFT_HIDDEN, CFWAutoencoder, SFTUNet, TimeAwareEncoder, add_sft
+from diffsr.tiling import TilingOptions
 from diffsr.samplers import PREDICTIONS, Schedule, guided, q_sample, release_ddim_alphas, sample_ddim, sample_ddpm
 
 CFW_NAME = "vqgan_cfw_00011.ckpt"
@@ -28,6 +29,7 @@ STARTS = ("lr", "noise")
 PAD_MULTIPLE = 32  # the release reflect-pads the upscaled LR to a multiple of 32 px
 NEGATIVE_PROMPT = "3d, cartoon, anime, sketches, (worst quality:2), (low quality:2)"  # the DDIM script's
 START_TIMESTEP = 999
+TILE_SIZE = 64  # latent px, the release's default (overlap 32)
 
 
 # ------------------------------------------------------------------------------- checkpoint reading
@@ -299,7 +301,7 @@ class StableSR(Upscaler):
 
     def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str = "", negative_prompt: str | None = None,
                 steps: int | None = None, sampler: str = "ddpm", guidance_scale: float = 1.0, fidelity: float = 0.5,
-                eta: float = 0.0, start: str = "lr") -> torch.Tensor:
+                eta: float = 0.0, start: str = "lr", tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
         if not 0 <= fidelity <= 1:
             raise UsageError(f"fidelity {fidelity} is out of range (choose 0 to 1: 0 = realism, 1 = fidelity)")
         if sampler not in SAMPLERS:
@@ -319,6 +321,11 @@ class StableSR(Upscaler):
         negative = None
         if guidance_scale != 1:
             negative = backbone.encode_prompt([NEGATIVE_PROMPT if negative_prompt is None else negative_prompt])
-        latent = self.sample(condition, text, generator, steps, sampler, negative, guidance_scale, eta, start)
+        def tiler(denoise, latent, condition_latent):
+            return tiling.aggregate(denoise, latent, condition_latent, TILE_SIZE, backbone.unet)
+
+        # The VAE runs untiled: CFW takes encoder features through hooks that the tiled VAE does not fire.
+        latent = self.sample(condition, text, generator, steps, sampler, negative, guidance_scale, eta, start,
+                             tiler=tiler)
         decoded = self.autoencoder.decode((latent / self.scaling_factor).to(self.dtype), features, fidelity)
         return (decoded[..., :height, :width].float().clamp(-1, 1) + 1) / 2

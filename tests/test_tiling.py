@@ -1,0 +1,255 @@
+"""Tiling: latent aggregation, tiled VAE, the automatic choice and bad input (diffsr.tiling, issue #3)."""
+
+import numpy as np
+import pytest
+import torch
+
+import diffsr
+from diffsr import tiling
+from diffsr.errors import UsageError
+from diffsr.tiling import TilingOptions
+
+BIG_BUDGET = 4.0  # GB: plenty for the tiny model, so the exact VAE mode is chosen
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from diffsr.testing import make_tiny_base
+
+    return make_tiny_base(tmp_path_factory.mktemp("tiling") / "sd21-tiny")
+
+
+@pytest.fixture(scope="module")
+def backbone(base):
+    from diffsr.backbone import load_backbone
+
+    return load_backbone(base)
+
+
+@pytest.fixture(scope="module")
+def upscaler(base):
+    from diffsr.testing import make_tiny_weights
+
+    weights = make_tiny_weights("osediff", base, base.parent / "osediff.pkl")
+    return diffsr.load_upscaler("osediff", base=base, weights=weights)
+
+
+def smooth(shape, seed=0, cells=4):
+    """Smooth random field (bicubic upsampling of a coarse grid), like an image or its latent."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn((*shape[:-2], cells, cells), generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=shape[-2:], mode="bicubic", align_corners=False)
+
+
+def seam_ratio(x: torch.Tensor, borders_y, borders_x) -> float:
+    """Mean |gradient| across tile borders divided by the mean |gradient| everywhere else."""
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs()  # dy[i] is the step from row i to row i+1
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs()
+    on_y = torch.zeros(dy.shape[-2], dtype=torch.bool)
+    on_y[[b - 1 for b in borders_y]] = True
+    on_x = torch.zeros(dx.shape[-1], dtype=torch.bool)
+    on_x[[b - 1 for b in borders_x]] = True
+    border = torch.cat([dy[..., on_y, :].flatten(), dx[..., on_x].flatten()]).mean()
+    rest = torch.cat([dy[..., ~on_y, :].flatten(), dx[..., ~on_x].flatten()]).mean()
+    return (border / rest).item()
+
+
+def tile_borders(size, tile, overlap, unit=1):
+    starts = tiling.tile_starts(size, tile, overlap)
+    edges = {s for s in starts[1:]} | {s + tile for s in starts[:-1]}
+    return sorted(e * unit for e in edges if 0 < e < size)
+
+
+# -- grid and weights ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, tile, overlap", [(96, 96, 32), (100, 96, 32), (512, 96, 32), (70, 24, 8)])
+def test_tiles_cover_the_latent_and_snap_to_the_edge(size, tile, overlap):
+    starts = tiling.tile_starts(size, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + tile == size
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # at least `overlap` shared
+
+
+def test_gaussian_is_symmetric_by_default_and_off_centre_as_released():
+    weights = tiling.gaussian_weights(8, 6)
+    torch.testing.assert_close(weights, weights.flip(0), rtol=0, atol=0)
+    torch.testing.assert_close(weights, weights.flip(1), rtol=0, atol=0)
+    released = tiling.gaussian_weights(8, 6, release=True)
+    assert released[:, 0].argmax() == 4  # peak at H/2 in y ...
+    torch.testing.assert_close(released, released.flip(1), rtol=0, atol=0)  # ... but centred in x
+    assert not torch.allclose(released, weights)
+
+
+# -- latent aggregation --------------------------------------------------------------------------------
+
+
+def test_aggregation_merges_a_pointwise_denoiser_exactly_and_batches_tiles():
+    latent, condition = smooth((2, 4, 40, 56), 1), smooth((2, 4, 40, 56), 2)
+    batches = []
+
+    def denoise(x, c):
+        batches.append(x.shape[0])
+        return 2 * x + c
+
+    merged = tiling.aggregate(denoise, latent, condition, tile=16, overlap=8, tile_batch=3)
+    torch.testing.assert_close(merged, 2 * latent + condition, rtol=0, atol=1e-5)
+    tiles = len(tiling.tile_starts(40, 16, 8)) * len(tiling.tile_starts(56, 16, 8))
+    assert sum(batches) == 2 * tiles and max(batches) == 2 * 3  # batch 2 latent, 3 tiles per call
+
+
+def test_aggregation_on_one_tile_is_the_untiled_result_exactly(backbone):
+    unet, text = backbone.unet, backbone.encode_prompt([""])
+    latent = smooth((1, 4, 24, 32), 3)
+
+    def denoise(x, _):
+        return unet(x, 999, encoder_hidden_states=text.expand(len(x), -1, -1)).sample
+
+    assert torch.equal(tiling.aggregate(denoise, latent, None, tile=32), denoise(latent, None))
+
+
+def test_tile_batch_does_not_change_the_result(backbone):
+    unet, text = backbone.unet, backbone.encode_prompt([""])
+    latent = smooth((1, 4, 40, 40), 4)
+
+    def denoise(x, _):
+        return unet(x, 999, encoder_hidden_states=text.expand(len(x), -1, -1)).sample
+
+    one = tiling.aggregate(denoise, latent, None, tile=24, overlap=8, tile_batch=1)
+    four = tiling.aggregate(denoise, latent, None, tile=24, overlap=8, tile_batch=4)
+    torch.testing.assert_close(one, four, rtol=0, atol=1e-4)
+
+
+def test_aggregated_unet_output_has_no_seams_and_the_measure_sees_hard_seams(backbone):
+    unet, text = backbone.unet, backbone.encode_prompt([""])
+    latent = smooth((1, 4, 64, 64), 5, cells=6)
+
+    def denoise(x, _):
+        return unet(x, 999, encoder_hidden_states=text.expand(len(x), -1, -1)).sample
+
+    tile, overlap = 32, 16
+    borders = tile_borders(64, tile, overlap)
+    blended = tiling.aggregate(denoise, latent, None, tile, overlap, tile_batch=8)
+    ratio = seam_ratio(blended, borders, borders)
+    # The same tiles pasted side by side without blending: the measure must flag those borders.
+    pasted = torch.cat([torch.cat([denoise(latent[..., y:y + 32, x:x + 32], None) for x in range(0, 64, 32)], -1)
+                        for y in range(0, 64, 32)], -2)
+    hard = seam_ratio(pasted, [32], [32])
+    print(f"latent seam ratio {ratio:.3f} (hard tiles: {hard:.3f})")
+    assert ratio < 1.1
+    assert hard > 1.1
+
+
+def test_tiled_upscaling_has_no_seams(upscaler):
+    rng = np.random.RandomState(0)
+    low = smooth((1, 3, 128, 128), 6, cells=12)
+    image = ((low[0].permute(1, 2, 0).numpy() * 40 + 128 + rng.normal(0, 4, (128, 128, 3))).clip(0, 255)
+             .astype(np.uint8))
+    # 128 px x 4 = 512 px, a 64x64 latent: 3x3 denoiser tiles, exact VAE over 16-row bands.
+    tiled = upscaler(image, scale=4, tile_size=32, tile_overlap=16, vae_tile_size=16, max_memory=BIG_BUDGET)
+    assert tiled.size == (512, 512)
+    tiled = torch.from_numpy(np.asarray(tiled).astype(np.float32)).permute(2, 0, 1)
+    borders = tile_borders(64, 32, 16, unit=8)
+    ratio = seam_ratio(tiled, borders, borders)
+    print(f"image seam ratio {ratio:.3f}")
+    assert ratio < 1.1
+
+
+# -- tiled VAE -------------------------------------------------------------------------------------------
+
+
+def test_exact_tiled_vae_equals_untiled(backbone):
+    vae = backbone.vae
+    options = TilingOptions(vae_tile_size=8, max_memory=BIG_BUDGET)
+    image = (smooth((1, 3, 200, 136), 7, cells=12) * 0.5).clamp(-1, 1)
+    assert tiling.vae_plan(options, vae, (25, 17), False, "cpu", torch.float32) == ("exact", 8)
+    untiled = vae.encode(image).latent_dist
+    tiled = tiling.vae_encode(vae, image, options)
+    encode_diff = max((tiled.mean - untiled.mean).abs().max().item(),
+                      (tiled.logvar - untiled.logvar).abs().max().item())
+    latent = smooth((1, 4, 40, 24), 8, cells=6)
+    decode_diff = (tiling.vae_decode(vae, latent, options) - vae.decode(latent).sample).abs().max().item()
+    print(f"tiled VAE max abs diff: encode {encode_diff:.2e}, decode {decode_diff:.2e}")
+    assert encode_diff < 1e-3 and decode_diff < 1e-3
+
+
+def test_bounded_vae_shares_statistics_across_tiles(backbone):
+    vae = backbone.vae
+    latent = smooth((1, 4, 40, 24), 9, cells=6)
+    reference = vae.decode(latent).sample
+    # One tile: the shared statistics are the tile's own, so the result is the untiled one.
+    whole = tiling.vae_decode(vae, latent, TilingOptions(vae_tile_size=40), mode="bounded")
+    torch.testing.assert_close(whole, reference, rtol=0, atol=1e-4)
+    # Many tiles: an approximation, closer to the untiled image than tiles decoded with their own statistics.
+    tiled = tiling.vae_decode(vae, latent, TilingOptions(vae_tile_size=16), mode="bounded")
+    own = torch.zeros_like(reference)
+    for top, bottom in tiling._tile_boxes(40, 16):
+        for left, right in tiling._tile_boxes(24, 16):
+            y0, x0, halo = max(top - 11, 0), max(left - 11, 0), 11
+            decoded = vae.decode(latent[..., y0:bottom + halo, x0:right + halo]).sample
+            own[..., 8 * top:8 * bottom, 8 * left:8 * right] = decoded[..., 8 * (top - y0):8 * (bottom - y0),
+                                                                       8 * (left - x0):8 * (right - x0)]
+    shared_error, own_error = (tiled - reference).abs().mean(), (own - reference).abs().mean()
+    print(f"bounded VAE decode mean abs error {shared_error:.4f} (tiles with their own statistics: {own_error:.4f})")
+    assert shared_error < 0.5 * reference.abs().mean()
+    assert shared_error < own_error
+
+
+# -- automatic choice and bad input ----------------------------------------------------------------------
+
+
+def test_budget_picks_tiles(backbone):
+    vae, unet = backbone.vae, backbone.unet
+    roomy, tight = TilingOptions(max_memory=BIG_BUDGET), TilingOptions(max_memory=0.001)
+    assert tiling.vae_plan(roomy, vae, (64, 64), True, "cpu", torch.float32) == ("untiled", tiling.DECODER_TILE)
+    mode, tile = tiling.vae_plan(tight, vae, (64, 64), True, "cpu", torch.float32)
+    assert mode == "bounded" and tile < 64
+    assert roomy.denoiser_tile(96, unet, "cpu", torch.float32) == 96
+    assert tight.denoiser_tile(96, unet, "cpu", torch.float32) < 96
+    assert TilingOptions(tile_size=48).denoiser_tile(96, unet, "cpu", torch.float32) == 48
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"tile_size": 30}, "tile_size 30 must be a positive multiple of 8"),
+    ({"tile_size": 32, "tile_overlap": 32}, "tile_size 32 must be larger than tile_overlap 32"),
+    ({"tile_size": 16, "tile_overlap": 32}, "must be larger than tile_overlap"),
+    ({"vae_tile_size": 100}, "vae_tile_size 100 must be a positive multiple of 8"),
+    ({"tile_batch": 0}, "tile_batch 0"),
+    ({"max_memory": -1.0}, "max_memory -1.0"),
+])
+def test_bad_tiling_knobs_are_rejected(upscaler, knobs, message):
+    with pytest.raises(UsageError, match=message):
+        upscaler(np.zeros((16, 16, 3), np.uint8), scale=4, **knobs)
+
+
+def test_cli_rejects_bad_tile_size_before_loading(tmp_path):
+    from diffsr.cli import EXIT_USAGE, main
+
+    assert main(["upscale", str(tmp_path), "-o", str(tmp_path / "out"), "--tile-size", "20"]) == EXIT_USAGE
+
+
+@pytest.mark.parametrize("method, weights_name, knobs", [
+    ("s3diff", "s3diff.pkl", {"degradation": (0.3, 0.3)}),
+    ("ccsr", "ccsr_v2", {}),
+    ("stablesr", "stablesr_turbo.ckpt", {"steps": 2}),
+])
+def test_every_method_denoises_large_latents_through_the_tiler(base, tmp_path, method, weights_name, knobs):
+    """A 256 px input (32x32 latent) with 16-px tiles: the UNet sees 16x16 tiles, the result has no seams."""
+    import diffsr
+    from diffsr.testing import make_tiny_weights
+    from diffsr.tiling import TilingOptions
+
+    upscaler = diffsr.load_upscaler(method, base=base, weights=make_tiny_weights(method, base, tmp_path / weights_name))
+    unet = upscaler.backbone.unet
+    shapes = []
+    handle = unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
+    lr = smooth((1, 3, 256, 256), 3, cells=8) * 0.6 + 0.2
+    try:
+        with torch.no_grad():
+            out = upscaler.restore(lr, torch.Generator().manual_seed(0), **knobs,
+                                   tiling=TilingOptions(tile_size=16, tile_overlap=8, max_memory=BIG_BUDGET))
+    finally:
+        handle.remove()
+    assert out.shape[-2:] == (256, 256) and torch.isfinite(out).all()
+    assert shapes and set(shapes) == {(16, 16)}
+    borders = tile_borders(32, 16, 8, unit=8)
+    assert seam_ratio(out[0] * 255, borders, borders) < 1.1
