@@ -10,13 +10,7 @@ from diffsr.data import HRImages, PairedImages, PairPool
 from diffsr.errors import UsageError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small tensor ops: one thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(path, height, width, seed=0):

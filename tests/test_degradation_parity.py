@@ -13,13 +13,7 @@ from diffsr.degradation import (add_noise, apply_degradation, filter2d, jpeg, lo
 from diffsr.degradation.kernels import kernel_sizes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small tensor ops: one thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "degradation" / "reference.npz"

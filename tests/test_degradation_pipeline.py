@@ -11,13 +11,7 @@ from diffsr.degradation import DegradationConfig, apply_degradation, degrade_bat
 from diffsr.errors import UsageError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small tensor ops: one thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(count=4, size=64, seed=0):
