@@ -94,8 +94,10 @@ def test_bad_knobs_and_scales(osediff):
         osediff(image, guidance=3)
     with pytest.raises(UsageError, match="unknown color fix 'sepia'"):
         osediff(image, color_fix="sepia")
-    with pytest.raises(UsageError, match="too large for one pass"):
-        osediff(np.zeros((1000, 1000, 3), np.uint8), scale=4)
+    # Large inputs are no longer refused: they go through the tiler (tests/test_tiling.py); bad tile
+    # settings are the usage errors now.
+    with pytest.raises(UsageError, match="tile_size 12 must be a positive multiple of 8"):
+        osediff(image, tile_size=12)
 
 
 def test_unknown_method():
