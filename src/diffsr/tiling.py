@@ -39,7 +39,7 @@ DECODER_HALO = 11  # latent px of context around a bounded-mode decoder tile, as
 ENCODER_HALO = 4  # latent px (32 image px)
 # Rough peak working memory of an SD-2.x UNet pass per latent pixel (float32, batch 1, 320 base channels).
 UNET_BYTES_PER_LATENT_PX = 64 * 1024
-LIVE_MAPS = 3  # feature maps alive at once in a resnet block (input, hidden, output)
+LIVE_MAPS = 4  # feature maps alive at once (measured: SD VAE decoder tile, bf16, ~4 maps of its widest stage)
 
 TILING_KNOBS = ("tile_size", "tile_overlap", "vae_tile_size", "tile_batch", "max_memory", "release_gaussian")
 
@@ -283,17 +283,29 @@ def _norm_stats(x: torch.Tensor, groups: int, rows: int) -> tuple[torch.Tensor, 
     return mean, m2 / count
 
 
+def _group_sums(x: torch.Tensor, groups: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, sum, sum of squares) per (batch, group) in float32, one group at a time so that no
+    float32 copy of the whole (possibly half-precision) map is made."""
+    per_group = x.shape[1] // groups
+    sums, squares = [], []
+    for group in range(groups):
+        part = x[:, group * per_group:(group + 1) * per_group].float().flatten(1)
+        sums.append(part.sum(1))
+        squares.append((part * part).sum(1))
+    return x[0, :per_group].numel(), torch.stack(sums, 1), torch.stack(squares, 1)
+
+
 def _normalize(x: torch.Tensor, norm: torch.nn.GroupNorm, stats) -> torch.Tensor:
-    """GroupNorm of `x` with the given statistics; x may be a band of the map they were measured on."""
+    """GroupNorm of `x` with the given statistics; x may be a band of the map they were measured on.
+    Folded into one scale and shift per channel, so the only full-size tensor made is the output."""
     mean, var = stats
-    shape = x.shape
-    grouped = x.float().reshape(shape[0], norm.num_groups, -1)
-    grouped = (grouped - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-    out = grouped.reshape(shape)
+    per_group = x.shape[1] // norm.num_groups
+    scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, 1)  # (batch, channels)
+    shift = -mean.repeat_interleave(per_group, 1) * scale
     if norm.affine:
-        channel = (1, -1) + (1,) * (x.dim() - 2)
-        out = out * norm.weight.float().view(channel) + norm.bias.float().view(channel)
-    return out.to(x.dtype)
+        scale, shift = scale * norm.weight.float(), shift * norm.weight.float() + norm.bias.float()
+    channel = x.shape[:2] + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(channel).to(x.dtype), x, scale.view(channel).to(x.dtype))
 
 
 class _ExactRunner:
@@ -424,10 +436,11 @@ def _group_norm_statistics(net: torch.nn.Module, record: dict | None = None, use
     def forward(norm, x):
         if use is not None:
             return _normalize(x, norm, use[norm])
-        grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
-        count, total, squares = record.get(norm, (0, 0.0, 0.0))
-        record[norm] = (count + grouped.shape[-1], total + grouped.sum(-1), squares + (grouped * grouped).sum(-1))
-        return _normalize(x, norm, (grouped.mean(-1), grouped.var(-1, unbiased=False)))
+        count, total, squares = _group_sums(x, norm.num_groups)
+        before = record.get(norm, (0, 0.0, 0.0))
+        record[norm] = (before[0] + count, before[1] + total, before[2] + squares)
+        mean = total / count
+        return _normalize(x, norm, (mean, (squares / count - mean * mean).clamp_min(0)))
 
     for norm in norms:
         norm.forward = lambda x, norm=norm: forward(norm, x)
