@@ -17,14 +17,12 @@ def v2_reference():
     return torch.load(FIXTURES / "ccsr_v2_parity.pt")
 
 
-@pytest.mark.parametrize("name", ["onestep", "multistep_cfg", "chain_to_zero", "enlarge_cfg"])
-@torch.no_grad()
-def test_v2_matches_the_release_pipeline(ccsr_v2, v2_reference, name):
-    case = v2_reference[name]
-    method = CCSR(ccsr_v2.backbone, ccsr_v2.controlnet, 2, process_size=case["process_size"])
+def check_case(method, case, name, script):
+    """Preprocessing identical to the release `script`, output within TOLERANCE, and the same number of
+    ControlNet calls (v1 runs CFG as two calls)."""
     prepared = method.preprocess(Picture(case["lr"].numpy()), case["upscale"])
     assert torch.equal((prepared.lr[0] * 255).round().to(torch.uint8).permute(1, 2, 0), case["lq"]), \
-        "preprocessing differs from test_ccsr_tile.py"
+        f"preprocessing differs from {script}"
     method.evaluations = 0
     out = method.restore(prepared.lr, torch.Generator().manual_seed(case["seed"]), prompt=case["prompt"],
                          negative_prompt=case["negative_prompt"], steps=case["steps"], t_max=case["t_max"],
@@ -33,6 +31,14 @@ def test_v2_matches_the_release_pipeline(ccsr_v2, v2_reference, name):
     print(f"{name}: max abs difference {difference:.2e}")
     assert difference <= TOLERANCE
     assert method.evaluations == case["evaluations"]
+
+
+@pytest.mark.parametrize("name", ["onestep", "multistep_cfg", "chain_to_zero", "enlarge_cfg"])
+@torch.no_grad()
+def test_v2_matches_the_release_pipeline(ccsr_v2, v2_reference, name):
+    case = v2_reference[name]
+    method = CCSR(ccsr_v2.backbone, ccsr_v2.controlnet, 2, process_size=case["process_size"])
+    check_case(method, case, name, "test_ccsr_tile.py")
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +51,4 @@ def v1_reference():
 def test_v1_matches_the_release_sampler(ccsr_v1, v1_reference, name):
     case = v1_reference[name]
     method = CCSR(ccsr_v1.backbone, ccsr_v1.controlnet, 1, ccsr_v1.condition_vae, process_size=case["process_size"])
-    prepared = method.preprocess(Picture(case["lr"].numpy()), case["upscale"])
-    assert torch.equal((prepared.lr[0] * 255).round().to(torch.uint8).permute(1, 2, 0), case["lq"]), \
-        "preprocessing differs from inference_ccsr.py"
-    method.evaluations = 0
-    out = method.restore(prepared.lr, torch.Generator().manual_seed(case["seed"]), prompt=case["prompt"],
-                         negative_prompt=case["negative_prompt"], steps=case["steps"], t_max=case["t_max"],
-                         t_min=case["t_min"], guidance_scale=case["guidance"])
-    difference = (out[0] - case["out"]).abs().max().item()
-    print(f"{name}: max abs difference {difference:.2e}")
-    assert difference <= TOLERANCE
-    assert method.evaluations == case["evaluations"]  # ControlNet calls; v1 runs CFG as two calls
+    check_case(method, case, name, "inference_ccsr.py")

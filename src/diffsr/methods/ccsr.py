@@ -254,15 +254,14 @@ class CCSR(Upscaler):
             rgb = resize(rgb, (width // 64 * 64, height // 64 * 64), "lanczos")
         return Prepared(Picture(rgb).to_tensor(), output_size(picture, scale))
 
-    tiling = TilingOptions()  # set per restore call
-
-    def tiled_denoise(self, latent: torch.Tensor, condition: torch.Tensor, text: torch.Tensor, t: int) -> torch.Tensor:
+    def tiled_denoise(self, latent: torch.Tensor, condition: torch.Tensor, text: torch.Tensor, t: int,
+                      tiling: TilingOptions) -> torch.Tensor:
         """`denoise` over latent tiles (diffsr.tiling), one call when the latent fits in a tile."""
         def denoise(tiles, condition_tiles):
             rows = tiles.shape[0] // text.shape[0]  # tiles come stacked, each with the latent's batch rows
             return self.denoise(tiles, condition_tiles, text.repeat(rows, 1, 1), t)
 
-        return self.tiling.aggregate(denoise, latent, condition, TILE_SIZE, self.backbone.unet)
+        return tiling.aggregate(denoise, latent, condition, TILE_SIZE, self.backbone.unet)
 
     def denoise(self, latent: torch.Tensor, condition: torch.Tensor, text: torch.Tensor, t: int) -> torch.Tensor:
         """One network evaluation: ControlNet on (latent, condition latent), then the UNet with its
@@ -290,8 +289,7 @@ class CCSR(Upscaler):
         schedule = self.schedule(knobs["steps"], knobs["t_max"], knobs["t_min"])
         sample = self.sample_posterior if sample_posterior is None else sample_posterior
         run = self._restore_v2 if self.version == 2 else self._restore_v1
-        self.tiling = tiling
-        latent = run(lr, generator, schedule, knobs, sample)
+        latent = run(lr, generator, schedule, knobs, sample, tiling)
         vae = self.backbone.vae
         image = vae_decode(vae, (latent / vae.config.scaling_factor).to(self.dtype), tiling)
         return (image.float() / 2 + 0.5).clamp(0, 1)
@@ -301,7 +299,7 @@ class CCSR(Upscaler):
         embeds = self.backbone.encode_prompt(prompts)
         return embeds[:1], (embeds[1:] if guided else None)
 
-    def _restore_v2(self, lr, generator, schedule, knobs, sample):
+    def _restore_v2(self, lr, generator, schedule, knobs, sample, tiling):
         """As the v2 pipeline: with one seed, `generator` draws the start noise and the DDPM step noise
         (the pipeline's generator) and a second generator with the same seed draws the VAE posterior
         sample and the re-noising noise (the release's global RNG after set_seed)."""
@@ -312,7 +310,7 @@ class CCSR(Upscaler):
         vae = self.condition_vae
         start_noise_shape = (1, vae.config.latent_channels, lr.shape[-2] // 8, lr.shape[-1] // 8)
         start_noise = torch.randn(start_noise_shape, generator=generator, device=lr.device)
-        posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), self.tiling)
+        posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling)
         if sample:
             # The release encodes the image once per CFG branch and samples each posterior separately.
             draws = torch.randn((2 if guided else 1, *posterior.mean.shape[1:]), generator=second, device=lr.device)
@@ -328,31 +326,31 @@ class CCSR(Upscaler):
 
         def model(x, t, cfg):
             if not guided:
-                return self.tiled_denoise(x, condition[:1], text, t)
+                return self.tiled_denoise(x, condition[:1], text, t, tiling)
             if not cfg:
                 # The release's first estimate takes the first half of the CFG batch: the NEGATIVE prompt.
-                return self.tiled_denoise(x, condition[:1], negative, t)
-            uncond, cond = self.tiled_denoise(torch.cat([x, x]), condition, torch.cat([negative, text]), t).float().chunk(2)
+                return self.tiled_denoise(x, condition[:1], negative, t, tiling)
+            uncond, cond = self.tiled_denoise(torch.cat([x, x]), condition, torch.cat([negative, text]), t, tiling).float().chunk(2)
             return uncond + scale * (cond - uncond)
 
         return truncated_sample(model, start, schedule, renoise=_draws(second), step_noise=_draws(generator))
 
-    def _restore_v1(self, lr, generator, schedule, knobs, sample):
+    def _restore_v1(self, lr, generator, schedule, knobs, sample, tiling):
         """As the v1 sampler: one generator draws, in order, the start noise, a draw the release makes
         and discards, the re-noising noise and each step's noise. The condition is the posterior mode."""
         scale = knobs["guidance_scale"]
         guided = scale != 1
         text, negative = self._texts(knobs, guided)
         vae = self.condition_vae
-        condition = vae_encode(vae, (lr * 2 - 1).to(self.dtype), self.tiling).mode().float() * vae.config.scaling_factor
+        condition = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling).mode().float() * vae.config.scaling_factor
         start = torch.randn(condition.shape, generator=generator, device=lr.device)
 
         def model(x, t, cfg):
             # v1 guides every evaluation, the first included, with two separate calls.
-            eps = self.tiled_denoise(x, condition, text, t).float()
+            eps = self.tiled_denoise(x, condition, text, t, tiling).float()
             if not guided:
                 return eps
-            uncond = self.tiled_denoise(x, condition, negative, t).float()
+            uncond = self.tiled_denoise(x, condition, negative, t, tiling).float()
             return uncond + scale * (eps - uncond)
 
         draw = _draws(generator)
