@@ -1,0 +1,58 @@
+"""What a method's trainer supplies to the shared loop (diffsr.training.loop).
+
+The loop owns data, optimisers, mixed precision, gradient accumulation, checkpoints, logging and validation.
+A trainer owns only its method: which modules train, its losses, and how to write the result in the
+authors' release format. Each iteration runs the trainer's `phases` in order; a phase is one optimiser step:
+for every micro-batch the loop calls `trainer(batch, phase)` -> (loss, logs), back-propagates loss divided by
+the number of micro-batches, then clips and steps that phase's optimiser. A phase may leave tensors in `batch`
+for a later phase of the same iteration (e.g. the generator's output for the discriminator).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Trainer(nn.Module):
+    method: str = ""
+    stage: int = 1
+    # (phase, optimiser) in the order they run each iteration; several phases may share one optimiser.
+    phases: tuple[tuple[str, str], ...] = (("generator", "generator"),)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Optimiser name -> the parameters it trains (every one requires grad; the groups are disjoint)."""
+        raise NotImplementedError
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Modules that must come out of training unchanged (tests hash them)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of `phase` on one micro-batch, and numbers to log. `batch` holds "lr" (B,3,h,w) and
+        "hr" (B,3,H,W) in [0, 1] on the training device."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass of the big trained networks (less memory, more time)."""
+        raise NotImplementedError
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Store the frozen modules in `dtype` (mixed precision): they take no gradient, so no float32 master copy."""
+        for module in self.frozen_modules().values():
+            module.to(dtype)
+
+    def upscaler(self):
+        """The method's Upscaler on the modules being trained (shares their tensors), for validation images."""
+        raise NotImplementedError
+
+    def save_release(self, folder: Path) -> list[Path]:
+        """Write the trained weights in the authors' release format (what `diffsr upscale --weights` and the
+        authors' code load); returns the files written."""
+        raise NotImplementedError
+
+
+def trainable(*modules: nn.Module) -> list[nn.Parameter]:
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
