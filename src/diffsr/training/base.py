@@ -56,3 +56,15 @@ class Trainer(nn.Module):
 
 def trainable(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over a module's tensors (names, dtypes, shapes, values): did training change it?"""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
