@@ -15,12 +15,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffsr.errors import UsageError
+
 
 class Trainer(nn.Module):
     method: str = ""
     stage: int = 1
     # (phase, optimiser) in the order they run each iteration; several phases may share one optimiser.
     phases: tuple[tuple[str, str], ...] = (("generator", "generator"),)
+
+    @classmethod
+    def from_config(cls, config) -> "Trainer":
+        """Build from a TrainConfig: `cls(base=..., weights=..., **config.method_args)`."""
+        import inspect
+
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "base", "weights"}
+        unknown = sorted(set(config.method_args) - accepted)
+        if unknown:
+            raise UsageError(f"{cls.method} stage {cls.stage} has no method_args key {unknown[0]!r} "
+                             f"(known: {', '.join(sorted(accepted))})")
+        return cls(base=config.base, weights=config.weights, **config.method_args)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Optimiser name -> the parameters it trains (every one requires grad; the groups are disjoint)."""
