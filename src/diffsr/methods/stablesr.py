@@ -116,6 +116,34 @@ def ldm_schedule_buffers(alphas_cumprod: torch.Tensor) -> dict:
     return {k: v.float() for k, v in buffers.items()}
 
 
+# ------------------------------------------------------------------------------- checkpoint writing
+def save_model_checkpoint(out_file: Path, unet: torch.nn.Module, encoder: TimeAwareEncoder, vae: torch.nn.Module,
+                          alphas_cumprod: torch.Tensor, global_step: int = 0) -> Path:
+    """The release's main Lightning checkpoint (LDM names): `unet` (a diffusers UNet with SFT layers),
+    the time-aware encoder, the first-stage VAE and the schedule buffers."""
+    tensors = lambda module: {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}  # noqa: E731
+    state = {ldm.UNET_PREFIX + k: v for k, v in ldm.unet_to_ldm(tensors(unet), unet.config.layers_per_block).items()}
+    state.update({ldm.ENCODER_PREFIX + k: v for k, v in ldm.encoder_to_ldm(tensors(encoder), encoder.config).items()})
+    levels = len(vae.config.block_out_channels)
+    state.update({ldm.VAE_PREFIX + k: v for k, v in ldm.vae_to_ldm(tensors(vae), {}, levels).items()})
+    state.update(ldm_schedule_buffers(alphas_cumprod))
+    torch.save({"state_dict": state, "global_step": global_step, "epoch": 0}, out_file)
+    return Path(out_file)
+
+
+def save_cfw_checkpoint(out_file: Path, vae: torch.nn.Module, fusion: torch.nn.Module,
+                        discriminator: torch.nn.Module | None = None, global_step: int = 0) -> Path:
+    """The release's CFW autoencoder checkpoint (vqgan_cfw_00011.ckpt): the VAE with its
+    `decoder.fusion_layer_*`, and the training loss's tensors (`loss.*`) as the release's file has them."""
+    tensors = lambda module: {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}  # noqa: E731
+    state = ldm.vae_to_ldm(tensors(vae), tensors(fusion), len(vae.config.block_out_channels))
+    state["loss.logvar"] = torch.zeros(())
+    if discriminator is not None:
+        state.update({f"loss.discriminator.{k}": v for k, v in tensors(discriminator).items()})
+    torch.save({"state_dict": state, "global_step": global_step, "epoch": 0}, out_file)
+    return Path(out_file)
+
+
 # ------------------------------------------------------------------------------------------ method
 class StableSR(Upscaler):
     name = "stablesr"
@@ -241,16 +269,11 @@ class StableSR(Upscaler):
             for key in state:
                 if ("norm" in key) and key.endswith("weight") and state[key].ndim == 1:
                     state[key] = state[key] + 1
-        levels = len(vae.config.block_out_channels)
-        vae_state = vae.state_dict()
-        main = {ldm.UNET_PREFIX + k: v for k, v in ldm.unet_to_ldm(unet_state, unet_config.layers_per_block).items()}
-        main.update({ldm.ENCODER_PREFIX + k: v for k, v in ldm.encoder_to_ldm(encoder_state, encoder_config).items()})
-        main.update({ldm.VAE_PREFIX + k: v for k, v in ldm.vae_to_ldm(vae_state, {}, levels).items()})
-        main.update(ldm_schedule_buffers(backbone.alphas_cumprod))
-        torch.save({"state_dict": main, "global_step": 0, "epoch": 0}, out_file)
-        cfw = ldm.vae_to_ldm(vae_state, fusion_state, levels)
-        cfw["loss.logvar"] = torch.zeros(())  # the release's file also carries its training loss's tensors
-        torch.save({"state_dict": cfw, "global_step": 0, "epoch": 0}, out_file.parent / CFW_NAME)
+        backbone.unet.load_state_dict(unet_state)
+        encoder.load_state_dict(encoder_state)
+        autoencoder.fusion.load_state_dict(fusion_state)
+        save_model_checkpoint(out_file, backbone.unet, encoder, vae, backbone.alphas_cumprod)
+        save_cfw_checkpoint(out_file.parent / CFW_NAME, vae, autoencoder.fusion)
 
     # -- running ---------------------------------------------------------------------------------
     def knob_names(self):
