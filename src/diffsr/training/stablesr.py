@@ -1,0 +1,238 @@
+"""StableSR training (IceClear/StableSR), both stages.
+
+Stage 1 (configs/stableSRNew/v2-finetune_text_T_512.yaml, LatentDiffusionSRTextWT): the SD UNet stays
+frozen; its SFT layers and the time-aware encoder learn the eps (or v) loss. Both the HR and the
+bicubic-upscaled LR are encoded by the frozen VAE (posterior samples x scale factor); the HR latent is
+noised at t ~ U{0..999}, the clean LR latent goes to the encoder with the same t; the prompt is empty.
+
+Stage 2 (configs/autoencoder/autoencoder_kl_64x64x4_resi.yaml, AutoencoderKLResi): the CFW fusion
+layers (and the discriminator) learn the LDM autoencoder loss with a fixed adversarial weight 0.025,
+decoding latents the stage-1 model generated from the LR, with the encoder features of the upscaled LR.
+The release generates those latents offline (scripts/generate_vqgan_data.py: DDPM, 200 steps from the
+LR latent noised to t=999). Here the trainer generates them per batch, under no_grad, with the same
+sampler (`latent_steps`): the loop's batches are degraded on the fly, and a latent must belong to its
+batch's LR; no extra data step or storage. The cost is `latent_steps` UNet calls per micro-batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffsr.backbone import load_backbone
+from diffsr.methods.stablesr import (CFW_NAME, StableSR, save_cfw_checkpoint, save_model_checkpoint)
+from diffsr.nets.stablesr_nets import CFWAutoencoder, SFTUNet, TimeAwareEncoder
+from diffsr.training.autoencoder_loss import AutoencoderLoss
+from diffsr.training.base import Trainer, trainable
+
+RELEASE_NAME = "stablesr_000117.ckpt"
+
+
+def global_generator(device: torch.device) -> torch.Generator:
+    """A generator seeded from torch's global RNG: the sampler wants a generator, and the loop's
+    per-step seeding of the global RNG must still decide every draw."""
+    seed = int(torch.randint(0, 2**62, ()))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def frozen_leaves(module: nn.Module, prefix: str, skip: str) -> dict[str, nn.Module]:
+    """The submodules of `module` that hold tensors themselves, outside any submodule named `skip`:
+    the frozen part of a network whose trained layers sit inside it (the SFT layers in the UNet)."""
+    leaves = {}
+    for name, sub in module.named_modules():
+        if skip in name.split("."):
+            continue
+        if next(sub.parameters(recurse=False), None) is not None or next(sub.buffers(recurse=False), None) is not None:
+            leaves[f"{prefix}.{name}" if name else prefix] = sub
+    return leaves
+
+
+def release_encoder_init(encoder: TimeAwareEncoder) -> TimeAwareEncoder:
+    """The release's EncoderUNetModelWT zero-initialises each ResBlock's last conv and each attention's
+    output projection (openaimodel's zero_module); diffusers' blocks do not."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    with torch.no_grad():
+        for sub in encoder.modules():
+            if isinstance(sub, ResnetBlock2D):
+                sub.conv2.weight.zero_(), sub.conv2.bias.zero_()
+            elif isinstance(sub, Attention):
+                sub.to_out[0].weight.zero_(), sub.to_out[0].bias.zero_()
+    return encoder
+
+
+class _StableSRModules(Trainer):
+    """What both stages share: the base, the StableSR modules, the empty-prompt text, encoding."""
+
+    method = "stablesr"
+
+    def _build(self, base, weights, encoder_channels: int, prediction_type: str | None, with_fusion: bool):
+        if weights is not None:
+            with warnings.catch_warnings():  # "no CFW file beside the weights": the trainer decides that
+                warnings.simplefilter("ignore")
+                model = StableSR.load(base, weights, prediction_type=prediction_type)
+            backbone, unet, encoder = model.backbone, model.unet, model.encoder
+            prediction = model.prediction
+        else:
+            backbone = load_backbone(base)
+            prediction = prediction_type or backbone.scheduler_config.get("prediction_type", "epsilon")
+            unet = SFTUNet(backbone.unet, encoder_channels)
+            groups = backbone.unet.config.norm_num_groups
+            encoder = release_encoder_init(TimeAwareEncoder(model_channels=encoder_channels, out_channels=encoder_channels,
+                                                            norm_groups=groups))
+        self.backbone, self.prediction = backbone, prediction
+        self.unet, self.encoder = unet, encoder
+        # Fresh fusion layers in stage 2 (the release initialises them; pass fusion_weights to continue).
+        self.autoencoder = CFWAutoencoder(backbone.vae, with_fusion=with_fusion)
+        self.text_encoder = backbone.text_encoder
+        self.register_buffer("text", backbone.encode_prompt([""]).float(), persistent=False)  # null prompt
+        self.register_buffer("alphas_cumprod", backbone.alphas_cumprod.float(), persistent=False)
+        self.requires_grad_(False)
+        self.global_step = 0  # the loop's optimiser step (the discriminator's start)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.backbone.vae.config.scaling_factor
+
+    def upscaled_lr(self, batch: dict) -> torch.Tensor:
+        """The LR, bicubic-upscaled to the HR size in [-1, 1] (the release's resize_lq)."""
+        lr = F.interpolate(batch["lr"], size=batch["hr"].shape[-2:], mode="bicubic")
+        return (lr * 2 - 1).clamp(-1, 1)
+
+    def upscaler(self) -> StableSR:
+        parameter = next(self.unet.parameters())
+        self.backbone.device, self.backbone.dtype = parameter.device, parameter.dtype
+        return StableSR(self.backbone, self.unet, self.encoder, self.autoencoder, self.prediction)
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.backbone.vae, "text_encoder": self.text_encoder}
+
+
+class StableSRStage1(_StableSRModules):
+    stage = 1
+    phases = (("generator", "generator"),)
+
+    def __init__(self, base, weights=None, encoder_channels: int = 256, prediction_type: str | None = None):
+        """`encoder_channels`: the time-aware encoder's width and the SFT condition width (the release's 256)."""
+        super().__init__()
+        self._build(base, weights, encoder_channels, prediction_type, with_fusion=False)
+        self.encoder.requires_grad_(True).train()
+        for name, parameter in self.unet.named_parameters():
+            parameter.requires_grad_(".sft." in name)
+
+    def parameter_groups(self):
+        return {"generator": trainable(self.encoder, self.unet)}
+
+    def frozen_modules(self):
+        return {**super().frozen_modules(), **frozen_leaves(self.unet.unet, "unet", "sft")}
+
+    def enable_gradient_checkpointing(self):
+        # The frozen UNet holds the SFT layers, so its activations are needed for the backward pass.
+        self.unet.unet.enable_gradient_checkpointing()
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        vae = self.backbone.vae
+        latent = vae.encode(image.to(vae.dtype)).latent_dist.sample().float() * self.scaling_factor
+        # The VAE's latent comes out with channels-last strides; the UNet's backward pass on such an input
+        # crashes torch 2.13 on CPU (segfault), so hand it a standard layout.
+        return latent.contiguous()
+
+    def forward(self, batch, phase):
+        latent_hr = self.encode(batch["hr"] * 2 - 1)
+        latent_lr = self.encode(self.upscaled_lr(batch))
+        count = latent_hr.shape[0]
+        t = torch.randint(0, len(self.alphas_cumprod), (count,), device=latent_hr.device)
+        noise = torch.randn_like(latent_hr)
+        alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * latent_hr + (1 - alpha_bar).sqrt() * noise
+        maps = self.encoder(latent_lr, t)
+        # Set the maps without clearing them afterwards: gradient checkpointing re-runs the SFT hooks
+        # during the backward pass, and they must find the same maps then.
+        self.unet.conditions.maps = maps
+        output = self.unet.unet(noisy, t, encoder_hidden_states=self.text.expand(count, -1, -1)).sample
+        if self.prediction == "v_prediction":
+            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latent_hr
+        else:
+            target = noise
+        loss = F.mse_loss(output.float(), target)
+        return loss, {"loss_simple": loss.item()}
+
+    def save_release(self, folder: Path) -> list[Path]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return [save_model_checkpoint(folder / RELEASE_NAME, self.backbone.unet, self.encoder, self.backbone.vae,
+                                      self.alphas_cumprod, self.global_step)]
+
+
+class StableSRStage2(_StableSRModules):
+    stage = 2
+    phases = (("generator", "generator"), ("discriminator", "discriminator"))
+
+    def __init__(self, base, weights=None, fusion_weights=None, latent_steps: int = 200, fusion_w: float = 1.0,
+                 lpips_weights=None, disc_start: int = 501, disc_weight: float = 0.025, perceptual_weight: float = 1.0,
+                 prediction_type: str | None = None):
+        """`weights`: the stage-1 model (release .ckpt) that generates the latents; `fusion_weights`: a CFW
+        file to continue from (else the fusion layers start fresh); `latent_steps`: DDPM steps per latent
+        (the release's generate_vqgan_data.py --ddpm_steps 200); `fusion_w`: the CFW weight while training."""
+        super().__init__()
+        if weights is None:
+            raise ValueError("StableSR stage 2 needs the stage-1 model (weights=...): it decodes that model's latents")
+        self._build(base, weights, 0, prediction_type, with_fusion=True)
+        if fusion_weights is not None:
+            from diffsr.methods.stablesr import read_stablesr_parts
+
+            parts = read_stablesr_parts(fusion_weights, self.backbone.unet.config, self.backbone.vae.config,
+                                        self.backbone.unet.config.norm_num_groups)
+            self.autoencoder.fusion.load_state_dict(parts["fusion"])
+        self.latent_steps, self.fusion_w = latent_steps, fusion_w
+        # Fixed adversarial weight: the release's decoder is frozen, so its adaptive weight falls back to 0.025.
+        self.loss = AutoencoderLoss(lpips_weights, disc_start=disc_start, disc_weight=disc_weight,
+                                    perceptual_weight=perceptual_weight, adaptive_weight=False)
+        self.autoencoder.fusion.requires_grad_(True).train()
+        self.loss.discriminator.requires_grad_(True).train()
+
+    def parameter_groups(self):
+        return {"generator": trainable(self.autoencoder.fusion), "discriminator": trainable(self.loss.discriminator)}
+
+    def frozen_modules(self):
+        return {**super().frozen_modules(), "unet": self.unet, "encoder": self.encoder}
+
+    def enable_gradient_checkpointing(self):
+        # The fusion layers are small and the decoder runs with them; nothing big is trained here.
+        pass
+
+    @torch.no_grad()
+    def generate_latent(self, lr: torch.Tensor):
+        """(stage-1 latent, encoder features of the LR) for one batch, as generate_vqgan_data.py."""
+        model = self.upscaler()
+        generator = global_generator(lr.device)
+        dist, features = self.autoencoder.encode(lr.to(model.dtype))
+        condition = dist.sample(generator).float() * self.scaling_factor
+        latent = model.sample(condition, self.text.expand(lr.shape[0], -1, -1).to(model.dtype), generator,
+                              self.latent_steps, sampler="ddpm", start="lr")
+        return latent, features
+
+    def forward(self, batch, phase):
+        hr = batch["hr"] * 2 - 1
+        if phase == "generator":
+            latent, features = self.generate_latent(self.upscaled_lr(batch))
+            vae_dtype = self.backbone.vae.dtype
+            decoded = self.autoencoder.decode((latent / self.scaling_factor).to(vae_dtype), features, self.fusion_w)
+            batch["fake"] = decoded.detach()
+            return self.loss.generator_loss(hr, decoded.float(), self.global_step)
+        return self.loss.discriminator_loss(hr, batch["fake"].float(), self.global_step)
+
+    def save_release(self, folder: Path) -> list[Path]:
+        """The CFW file and, beside it, the stage-1 model it belongs to (how `load` finds the pair)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vae = self.backbone.vae
+        return [save_model_checkpoint(folder / RELEASE_NAME, self.backbone.unet, self.encoder, vae, self.alphas_cumprod),
+                save_cfw_checkpoint(folder / CFW_NAME, vae, self.autoencoder.fusion, self.loss.discriminator,
+                                    self.global_step)]
