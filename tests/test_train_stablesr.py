@@ -1,0 +1,192 @@
+"""StableSR trainers on the tiny base: the losses fall, frozen parts stay unchanged, gradients reach
+exactly the trained pieces, and save_release writes files that diffsr.load_upscaler('stablesr') loads
+with the trained modules' outputs."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffsr
+from diffsr.training.base import state_digest
+from diffsr.training.stablesr import StableSRStage1, StableSRStage2
+from metric_helpers import metric_weights  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def release_weights(tiny_base):
+    """Stage-1 release-format weights (with a CFW file beside them), as the authors' files."""
+    from diffsr.testing import make_tiny_weights
+
+    folder = tiny_base.parent / "stablesr-release"
+    folder.mkdir(exist_ok=True)
+    return make_tiny_weights("stablesr", tiny_base, folder / "stablesr_000117.ckpt")
+
+
+def crops(count=4, seed=0):
+    """HR crops (64 px) and their 4x area-downscaled LR (16 px)."""
+    generator = torch.Generator().manual_seed(seed)
+    hr = torch.rand(count, 3, 8, 8, generator=generator)
+    hr = F.interpolate(hr, size=(64, 64), mode="bilinear", align_corners=False)  # smooth, image-like
+    return [{"hr": hr[i:i + 2], "lr": F.interpolate(hr[i:i + 2], scale_factor=0.25, mode="area")}
+            for i in range(0, count, 2)]
+
+
+def evaluate(trainer, batches, phase="generator", key=None, seeds=(0, 1)):
+    """Mean loss (or log `key`) over the batches at fixed seeds, without training."""
+    values = []
+    with torch.no_grad():
+        for seed in seeds:
+            for batch in batches:
+                torch.manual_seed(seed)
+                loss, logs = trainer(dict(batch), phase)
+                values.append(logs[key] if key else loss.item())
+    return sum(values) / len(values)
+
+
+def digests(trainer):
+    return {name: state_digest(module) for name, module in trainer.frozen_modules().items()}
+
+
+def test_stage1_trains_encoder_and_sft_only(tiny_base, one_thread):
+    torch.manual_seed(0)
+    trainer = StableSRStage1(tiny_base, encoder_channels=32)
+    params = trainer.parameter_groups()["generator"]
+    names = {id(p): n for n, p in trainer.named_parameters()}
+    assert all(".sft." in names[id(p)] or names[id(p)].startswith("encoder.") for p in params)
+    assert any(names[id(p)].startswith("encoder.") for p in params) and any(".sft." in names[id(p)] for p in params)
+    # the frozen UNet leaves hold every UNet tensor but the SFT ones
+    frozen = trainer.frozen_modules()
+    frozen_unet = sum(p.numel() for n, m in frozen.items() if n.startswith("unet") for p in m.parameters(recurse=False))
+    unet = trainer.unet.unet
+    assert frozen_unet == sum(p.numel() for n, p in unet.named_parameters() if ".sft." not in n) > 0
+
+    batches = crops()
+    before_frozen = digests(trainer)
+    before = evaluate(trainer, batches)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for step in range(24):
+        torch.manual_seed(step % 2)
+        loss, _ = trainer(dict(batches[step % 2]), "generator")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = evaluate(trainer, batches)
+    print(f"stage 1 eps loss {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before
+    assert digests(trainer) == before_frozen
+
+
+def test_stage1_gradients_and_checkpointing(tiny_base, one_thread):
+    torch.manual_seed(0)
+    trainer = StableSRStage1(tiny_base, encoder_channels=32)
+    batch = crops(2)[0]
+
+    def gradients():
+        trainer.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss, _ = trainer(dict(batch), "generator")
+        loss.backward()
+        return {n: p.grad.clone() for n, p in trainer.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    trained = {n for n, p in trainer.named_parameters() if p.requires_grad}
+    assert set(plain) == trained  # nothing frozen takes a gradient
+    sft = [n for n in plain if ".sft." in n]
+    assert sft and all(plain[n].abs().sum() > 0 for n in sft if "mlp_" in n)
+    # The release zero-initialises each encoder ResBlock's last conv: it learns first, the rest through it
+    # and the skip paths.
+    assert all(plain[n].abs().sum() > 0 for n in plain if n.startswith("encoder.") and n.endswith("conv2.weight"))
+    assert plain["encoder.conv_in.weight"].abs().sum() > 0
+    # Checkpointing recomputes the UNet (and its SFT hooks) in the backward pass: same gradients.
+    trainer.enable_gradient_checkpointing()
+    checkpointed = gradients()
+    assert set(checkpointed) == set(plain)
+    assert max((checkpointed[n] - plain[n]).abs().max().item() for n in plain) < 1e-6
+
+
+def test_stage1_save_release_loads_with_the_trained_outputs(tiny_base, tmp_path, one_thread):
+    torch.manual_seed(0)
+    trainer = StableSRStage1(tiny_base, encoder_channels=32)
+    with torch.no_grad():  # move off the initial values so that loading the wrong tensors would show
+        for p in trainer.parameter_groups()["generator"]:
+            p.add_(torch.randn_like(p) * 0.01)
+    files = trainer.save_release(tmp_path)
+    assert [f.name for f in files] == ["stablesr_000117.ckpt"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CFW file: stage 1 has none
+        loaded = diffsr.load_upscaler("stablesr", base=tiny_base, weights=files[0])
+    ours = trainer.upscaler()
+    torch.manual_seed(1)
+    latent, condition = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = torch.tensor([400])
+    with torch.no_grad():
+        expected = ours.network(latent, condition, t, trainer.text)
+        got = loaded.network(latent, condition, t, trainer.text)
+    print(f"stage 1 release round trip max abs diff {(got - expected).abs().max().item():.2e}")
+    assert (got - expected).abs().max().item() < 1e-5
+
+    # and fine-tuning starts from those weights
+    again = StableSRStage1(tiny_base, weights=files[0])
+    with torch.no_grad():
+        assert (again.upscaler().network(latent, condition, t, trainer.text) - expected).abs().max().item() < 1e-5
+
+
+def test_stage2_trains_fusion_layers_on_stage1_latents(tiny_base, release_weights, metric_weights, one_thread):  # noqa: F811
+    torch.manual_seed(0)
+    trainer = StableSRStage2(tiny_base, release_weights, latent_steps=1, lpips_weights=metric_weights, disc_start=6)
+    groups = trainer.parameter_groups()
+    assert set(map(id, groups["generator"])) == set(map(id, trainer.autoencoder.fusion.parameters()))
+    assert set(map(id, groups["discriminator"])) == set(map(id, trainer.loss.discriminator.parameters()))
+    batches = crops(2)
+    before_frozen = digests(trainer)
+    before = evaluate(trainer, batches, key="rec_loss", seeds=(0,))
+    optimizers = {name: torch.optim.Adam(params, lr=2e-3, betas=(0.5, 0.9)) for name, params in groups.items()}
+    for step in range(8):
+        trainer.global_step = step
+        torch.manual_seed(0)
+        batch = dict(batches[0])
+        for phase, name in trainer.phases:
+            loss, logs = trainer(batch, phase)
+            trainer.zero_grad(set_to_none=True)
+            loss.backward()
+            if phase == "generator":
+                # fixed adversarial weight, on from disc_start
+                assert logs["d_weight"] == (pytest.approx(0.025) if step >= 6 else 0.0)
+                assert all(p.grad is None for p in trainer.loss.discriminator.parameters())
+            else:
+                assert all(p.grad is None for p in trainer.autoencoder.fusion.parameters())
+                assert (loss.item() > 0) == (step >= 6)
+            optimizers[name].step()
+    trainer.global_step = 0
+    after = evaluate(trainer, batches, key="rec_loss", seeds=(0,))
+    print(f"stage 2 reconstruction loss {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before
+    assert digests(trainer) == before_frozen
+
+
+def test_stage2_save_release_loads_with_the_trained_outputs(tiny_base, release_weights, tmp_path, one_thread):
+    torch.manual_seed(0)
+    trainer = StableSRStage2(tiny_base, release_weights, latent_steps=1, perceptual_weight=0.0)
+    with torch.no_grad():
+        for p in trainer.autoencoder.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    files = trainer.save_release(tmp_path)
+    assert [f.name for f in files] == ["stablesr_000117.ckpt", "vqgan_cfw_00011.ckpt"]
+    cfw = torch.load(files[1])["state_dict"]
+    assert any(k.startswith("decoder.fusion_layer_1.") for k in cfw)
+    assert "loss.discriminator.main.0.weight" in cfw
+    loaded = diffsr.load_upscaler("stablesr", base=tiny_base, weights=files[0])
+    ours = trainer.upscaler()
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        dist, features = ours.autoencoder.encode(image)
+        z = dist.mean
+        expected = ours.autoencoder.decode(z, features, 0.7)
+        got = loaded.autoencoder.decode(z, loaded.autoencoder.encode(image)[1], 0.7)
+    print(f"stage 2 release round trip max abs diff {(got - expected).abs().max().item():.2e}")
+    assert (got - expected).abs().max().item() < 1e-5
+    # continuing from the saved CFW file starts from the saved fusion layers
+    again = StableSRStage2(tiny_base, release_weights, fusion_weights=files[1], perceptual_weight=0.0)
+    assert state_digest(again.autoencoder.fusion) == state_digest(trainer.autoencoder.fusion)
