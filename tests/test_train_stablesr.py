@@ -190,3 +190,54 @@ def test_stage2_save_release_loads_with_the_trained_outputs(tiny_base, release_w
     # continuing from the saved CFW file starts from the saved fusion layers
     again = StableSRStage2(tiny_base, release_weights, fusion_weights=files[1], perceptual_weight=0.0)
     assert state_digest(again.autoencoder.fusion) == state_digest(trainer.autoencoder.fusion)
+
+
+# -- through the shared loop (diffsr.training.loop) -------------------------------------------------------
+
+def loop_config(folder, base, stage=1, weights=None, steps=4, **sections):
+    from training_helpers import pair_folders, tiny_config
+
+    lr_dir, hr_dir = pair_folders(folder.parent / "pairs")
+    method_args = {"encoder_channels": 32} if stage == 1 else {"latent_steps": 1, "perceptual_weight": 0.0,
+                                                                "disc_start": 2}
+    optimizers = {"generator": {"lr": 1e-3}} if stage == 1 else {
+        "generator": {"lr": 1e-3, "betas": [0.5, 0.9], "weight_decay": 0.0},
+        "discriminator": {"lr": 1e-3, "betas": [0.5, 0.9], "weight_decay": 0.0}}
+    config = tiny_config(folder, "stablesr", base, stage=stage, data={"lr_dir": str(lr_dir), "hr_dir": str(hr_dir),
+                                                                      "crop": 64},
+                         train={"steps": steps, "batch_size": 2 if stage == 1 else 1}, optimizers=optimizers,
+                         method_args=method_args, **sections)
+    config.weights = str(weights) if weights else None
+    return config
+
+
+def test_stage1_loss_falls_through_the_loop(tiny_base, tmp_path, one_thread):
+    from diffsr.training.loop import train
+    from training_helpers import falls
+
+    result = train(loop_config(tmp_path / "run", tiny_base, steps=30), resume=False, progress=False)
+    first, last = falls(result["losses"]["loss_simple"])
+    print(f"stage 1 through the loop: eps loss {first:.4f} -> {last:.4f} (mean of the first / last 5 steps)")
+    assert last < 0.9 * first
+    assert [p.name for p in result["release"]] == ["stablesr_000117.ckpt"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_continues_exactly(stage, tiny_base, release_weights, tmp_path, one_thread):
+    """4 steps in one go == 2 steps, then 2 more resumed from the checkpoint (stage 2: the discriminator starts
+    at step 2, so the resumed half runs the GAN, and the loop's step reaches the trainer)."""
+    from diffsr.training.loop import train
+    from training_helpers import logged
+
+    weights = release_weights if stage == 2 else None
+    whole = train(loop_config(tmp_path / "whole", tiny_base, stage, weights), resume=False, progress=False)
+    train(loop_config(tmp_path / "split", tiny_base, stage, weights, steps=2), resume=False, progress=False)
+    train(loop_config(tmp_path / "split", tiny_base, stage, weights, steps=4), resume=True, progress=False)
+    assert logged(tmp_path / "split")[2:] == logged(tmp_path / "whole")[2:]
+    first = torch.load(tmp_path / "whole" / "checkpoints" / "step-4" / "trained.pt")["trained"]
+    second = torch.load(tmp_path / "split" / "checkpoints" / "step-4" / "trained.pt")["trained"]
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    if stage == 2:
+        assert [round(line["d_weight"], 6) for line in logged(tmp_path / "whole")] == [0, 0, 0.025, 0.025]
+        assert any(k.startswith("loss.discriminator.") and "running_mean" in k for k in first)
+    assert whole["step"] == 4

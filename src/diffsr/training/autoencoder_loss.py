@@ -96,12 +96,10 @@ class AutoencoderLoss(nn.Module):
     def generator_loss(self, target: torch.Tensor, reconstruction: torch.Tensor, step: int,
                        last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         rec_loss = self.reconstruction_loss(target, reconstruction)
-        # The discriminator judges but does not learn here (Lightning toggles its grads off the same way).
-        self.discriminator.requires_grad_(False)
-        try:
-            gan_loss = -self.discriminator(reconstruction).mean()
-        finally:
-            self.discriminator.requires_grad_(True)
+        # The discriminator judges but does not learn here: run it on detached parameters (as Lightning's
+        # toggling of its grads, without changing requires_grad during training).
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        gan_loss = -torch.func.functional_call(self.discriminator, frozen, (reconstruction,)).mean()
         factor = self.factor(step)
         # Before disc_start the adversarial term is multiplied by 0: skip the two extra backward passes.
         weight = self.adversarial_weight(rec_loss, gan_loss, last_layer) if factor > 0 else torch.zeros(())

@@ -23,6 +23,8 @@ class Trainer(nn.Module):
     stage: int = 1
     # (phase, optimiser) in the order they run each iteration; several phases may share one optimiser.
     phases: tuple[tuple[str, str], ...] = (("generator", "generator"),)
+    # The iteration being trained (0-based); the loop sets it before each one (e.g. for a GAN's start step).
+    global_step: int = 0
 
     @classmethod
     def from_config(cls, config) -> "Trainer":

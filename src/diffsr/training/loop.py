@@ -170,6 +170,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
         mixed_precision=loop.mixed_precision, log_with=log_with, project_dir=str(out),
         # Phases train different parts: each backward leaves the other parts' parameters unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # Newly added layers initialise from the global RNG: seed it, so a run is reproducible from its config.
+    torch.manual_seed(derived_seed(loop.seed, 3))
     trainer = trainer_class(config.method, config.stage).from_config(config)
     if loop.gradient_checkpointing:
         trainer.enable_gradient_checkpointing()
@@ -218,6 +220,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
         torch.manual_seed(derived_seed(loop.seed, step, accelerator.process_index, 2))
         micro = [{k: v.to(accelerator.device) for k, v in next(batches).items()}
                  for _ in range(loop.gradient_accumulation)]
+        trainer.global_step = step
         logs = run_step(accelerator, model, trainer, micro, optimizers, groups, loop.max_grad_norm)
         for sched in schedulers.values():
             sched.step()

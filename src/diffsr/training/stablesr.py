@@ -93,7 +93,6 @@ class _StableSRModules(Trainer):
         self.register_buffer("text", backbone.encode_prompt([""]).float(), persistent=False)  # null prompt
         self.register_buffer("alphas_cumprod", backbone.alphas_cumprod.float(), persistent=False)
         self.requires_grad_(False)
-        self.global_step = 0  # the loop's optimiser step (the discriminator's start)
 
     @property
     def scaling_factor(self) -> float:
