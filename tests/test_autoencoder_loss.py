@@ -67,6 +67,8 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
     assert total.item() == pytest.approx(rec.item() + expected * gan.item(), rel=1e-5)
     with pytest.raises(ValueError, match="last layer"):
         loss.generator_loss(target, generator(source), step=5, last_layer=None)
+    with torch.no_grad():  # evaluation: no graph, so the fixed weight (the release's fallback)
+        assert loss.generator_loss(target, generator(source), step=5, last_layer=last)[1]["d_weight"] == 0.5
 
 
 def test_fixed_weight_and_gradients_reach_only_the_generator():

@@ -282,6 +282,17 @@ class CCSR(Upscaler):
                 negative_prompt: str | None = None, steps: int | None = None, t_max: float | None = None,
                 t_min: float | None = None, guidance_scale: float | None = None,
                 sample_posterior: bool | None = None, tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
+        latent = self.sample_latent(lr, generator, prompt, negative_prompt, steps, t_max, t_min, guidance_scale,
+                                    sample_posterior, tiling)
+        vae = self.backbone.vae
+        image = vae_decode(vae, (latent / vae.config.scaling_factor).to(self.dtype), tiling)
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def sample_latent(self, lr: torch.Tensor, generator: torch.Generator, prompt: str | None = None,
+                      negative_prompt: str | None = None, steps: int | None = None, t_max: float | None = None,
+                      t_min: float | None = None, guidance_scale: float | None = None,
+                      sample_posterior: bool | None = None, tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
+        """The restored (scaled) latent of one image, before the VAE decoder (stage-2 training decodes it)."""
         given = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, t_max=t_max, t_min=t_min,
                      guidance_scale=guidance_scale)
         knobs = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
@@ -289,10 +300,7 @@ class CCSR(Upscaler):
         schedule = self.schedule(knobs["steps"], knobs["t_max"], knobs["t_min"])
         sample = self.sample_posterior if sample_posterior is None else sample_posterior
         run = self._restore_v2 if self.version == 2 else self._restore_v1
-        latent = run(lr, generator, schedule, knobs, sample, tiling)
-        vae = self.backbone.vae
-        image = vae_decode(vae, (latent / vae.config.scaling_factor).to(self.dtype), tiling)
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return run(lr, generator, schedule, knobs, sample, tiling)
 
     def _texts(self, knobs: dict, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         prompts = [knobs["prompt"]] + ([knobs["negative_prompt"]] if guided else [])

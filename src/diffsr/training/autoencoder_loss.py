@@ -84,7 +84,8 @@ class AutoencoderLoss(nn.Module):
 
     def adversarial_weight(self, rec_loss: torch.Tensor, gan_loss: torch.Tensor,
                            last_layer: torch.Tensor | None) -> torch.Tensor:
-        if not self.adaptive_weight:
+        # Without a graph (evaluation) the release's adaptive weight falls back to the fixed one too.
+        if not self.adaptive_weight or not torch.is_grad_enabled():
             return torch.tensor(self.disc_weight, device=rec_loss.device)
         if last_layer is None or not last_layer.requires_grad:
             raise ValueError("the adaptive adversarial weight needs the generator's last layer, trainable")
@@ -102,7 +103,7 @@ class AutoencoderLoss(nn.Module):
         gan_loss = -torch.func.functional_call(self.discriminator, frozen, (reconstruction,)).mean()
         factor = self.factor(step)
         # Before disc_start the adversarial term is multiplied by 0: skip the two extra backward passes.
-        weight = self.adversarial_weight(rec_loss, gan_loss, last_layer) if factor > 0 else torch.zeros(())
+        weight = self.adversarial_weight(rec_loss, gan_loss, last_layer) if factor > 0 else torch.zeros((), device=rec_loss.device)
         loss = rec_loss + weight * factor * gan_loss
         return loss, {"rec_loss": rec_loss.item(), "g_loss": gan_loss.item(), "d_weight": float(weight),
                       "disc_factor": factor}
