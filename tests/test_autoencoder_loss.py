@@ -2,6 +2,8 @@
 and names, the hinge loss, the adversarial weight (adaptive from last-layer gradients, or fixed), the
 discriminator start, and which parameters each phase's loss reaches."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +117,45 @@ def test_perceptual_term(metric_weights):  # noqa: F811
     lpips = PerceptualLoss(metric_weights)(reconstruction, target)
     expected = ((target - reconstruction).abs().mean() + lpips) / 2
     assert loss.reconstruction_loss(target, reconstruction).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "autoencoder_loss" / "reference.pt"
+
+
+def test_matches_the_release_loss():
+    """Against latent-diffusion's LPIPSWithDiscriminator + taming's PatchGAN (tests/fixtures/autoencoder_loss/
+    make_reference.py), LPIPS off: the same initial discriminator from the same seed, then the generator loss
+    with the adaptive weight, with the fixed one (the release's fallback when the last layer is frozen, StableSR's
+    case), and before the start step; the discriminator's hinge loss; the gradient reaching the reconstruction."""
+    import hashlib
+
+    reference = torch.load(FIXTURE)
+    torch.manual_seed(0)
+    discriminator = NLayerDiscriminator()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(discriminator.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    assert digest.hexdigest() == reference["discriminator_digest"]
+
+    torch.manual_seed(1)
+    generator = nn.Conv2d(3, 3, 3, padding=1)
+    source, target = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    worst = 0.0
+    for case, step, adaptive in (("adaptive", 3, True), ("fixed", 3, False), ("before_start", 1, True)):
+        loss = AutoencoderLoss(perceptual_weight=0.0, disc_start=2, disc_weight=0.5, adaptive_weight=adaptive)
+        loss.discriminator.load_state_dict(discriminator.state_dict())
+        expected = reference[case]
+        reconstruction = generator(source)
+        total, logs = loss.generator_loss(target, reconstruction, step, last_layer=generator.weight)
+        grad = torch.autograd.grad(total, reconstruction)[0]
+        d_loss, _ = loss.discriminator_loss(target, reconstruction, step)
+        for name in ("rec_loss", "g_loss"):
+            assert logs[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7)
+        if case != "before_start":  # (the release computes a weight there too, then multiplies it by 0)
+            assert logs["d_weight"] == pytest.approx(expected["d_weight"], rel=1e-4)
+        assert total.item() == pytest.approx(expected["loss"], rel=1e-5)
+        assert d_loss.item() == pytest.approx(expected["disc_loss"], rel=1e-5, abs=1e-7)
+        worst = max(worst, (grad - expected["grad"]).abs().max().item())
+    print(f"autoencoder loss vs the release: gradient max abs diff {worst:.2e}")
+    assert worst < 1e-6
