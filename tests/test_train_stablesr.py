@@ -3,6 +3,7 @@ exactly the trained pieces, and save_release writes files that diffsr.load_upsca
 with the trained modules' outputs."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +242,34 @@ def test_resume_continues_exactly(stage, tiny_base, release_weights, tmp_path, o
         assert [round(line["d_weight"], 6) for line in logged(tmp_path / "whole")] == [0, 0, 0.025, 0.025]
         assert any(k.startswith("loss.discriminator.") and "running_mean" in k for k in first)
     assert whole["step"] == 4
+
+
+TRAIN_STEP = Path(__file__).parent / "fixtures" / "stablesr" / "stablesr_train_step.pt"
+
+
+def test_stage1_training_step_matches_the_release(tiny_base, release_weights, one_thread):
+    """The loss and the gradient of every trained tensor against LatentDiffusionSRTextWT.p_losses on the same
+    weights and inputs (tests/fixtures/stablesr/make_train_reference.py; gradients compared by their norms)."""
+    from diffsr.checkpoints import ldm
+
+    reference = torch.load(TRAIN_STEP)
+    state = torch.load(release_weights)["state_dict"]
+    fingerprint = sum(v.double().abs().sum() for _, v in sorted(state.items()) if v.is_floating_point())
+    assert abs(float(fingerprint) - float(reference["weights_fingerprint"])) < 1e-6 * float(fingerprint)
+    trainer = StableSRStage1(tiny_base, weights=release_weights)
+    loss = trainer.diffusion_loss(reference["latent_hr"], reference["latent_lr"], reference["t"], reference["noise"],
+                                  reference["text"])
+    loss.backward()
+    unet = trainer.unet.unet
+    sft = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+    grads = {ldm.UNET_PREFIX + k: v for k, v in ldm.unet_to_ldm(sft, unet.config.layers_per_block).items()}
+    encoder = {n: p.grad for n, p in trainer.encoder.named_parameters()}
+    grads.update({ldm.ENCODER_PREFIX + k: v for k, v in ldm.encoder_to_ldm(encoder, trainer.encoder.config).items()})
+    assert set(grads) == set(reference["trained"])  # the same tensors train
+    norms = reference["grad_norms"]
+    assert set(n for n, g in grads.items() if g.abs().sum() > 0) == set(n for n, v in norms.items() if v > 0)
+    worst = max(abs(grads[n].norm().item() - v) / max(v, 1e-8) for n, v in norms.items() if v > 1e-6)
+    print(f"stage 1 training step vs the release: loss {loss.item():.6f} / {reference['loss']:.6f}, "
+          f"worst relative gradient-norm difference {worst:.1e}")
+    assert loss.item() == pytest.approx(reference["loss"], rel=1e-5)
+    assert worst < 1e-4

@@ -148,19 +148,25 @@ class StableSRStage1(_StableSRModules):
         count = latent_hr.shape[0]
         t = torch.randint(0, len(self.alphas_cumprod), (count,), device=latent_hr.device)
         noise = torch.randn_like(latent_hr)
+        loss = self.diffusion_loss(latent_hr, latent_lr, t, noise, self.text.expand(count, -1, -1))
+        return loss, {"loss_simple": loss.item()}
+
+    def diffusion_loss(self, latent_hr: torch.Tensor, latent_lr: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                       text: torch.Tensor) -> torch.Tensor:
+        """The release's p_losses: the HR latent noised at t, the clean LR latent into the encoder at the same
+        t, MSE to the noise (or to v for a v-prediction base)."""
         alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latent_hr + (1 - alpha_bar).sqrt() * noise
         maps = self.encoder(latent_lr, t)
         # Set the maps without clearing them afterwards: gradient checkpointing re-runs the SFT hooks
         # during the backward pass, and they must find the same maps then.
         self.unet.conditions.maps = maps
-        output = self.unet.unet(noisy, t, encoder_hidden_states=self.text.expand(count, -1, -1)).sample
+        output = self.unet.unet(noisy, t, encoder_hidden_states=text).sample
         if self.prediction == "v_prediction":
             target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latent_hr
         else:
             target = noise
-        loss = F.mse_loss(output.float(), target)
-        return loss, {"loss_simple": loss.item()}
+        return F.mse_loss(output.float(), target)
 
     def save_release(self, folder: Path) -> list[Path]:
         folder = Path(folder)
