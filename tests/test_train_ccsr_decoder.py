@@ -64,16 +64,18 @@ def test_save_release_is_a_v2_folder_with_the_trained_decoder(tiny_base, ccsr_v2
     with torch.no_grad():
         for p in trainer.parameter_groups()["generator"]:
             p.add_(torch.randn_like(p) * 0.01)
+    latent, image = torch.randn(1, 4, 8, 8), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = trainer.vae.decode(latent).sample
+        restored = trainer.upscaler().restore(image, torch.Generator().manual_seed(1))
+    # Mixed precision stores the frozen weights in bf16; the folder must still get their float32 values.
+    trainer.cast_frozen(torch.bfloat16)
     files = trainer.save_release(tmp_path / "ccsr-v2")
     assert {f.relative_to(tmp_path / "ccsr-v2").parts[0] for f in files} == {"controlnet", "vae"}
     loaded = diffsr.load_upscaler("ccsr", base=tiny_base, weights=tmp_path / "ccsr-v2")
-    latent = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        expected = trainer.vae.decode(latent).sample
         got = loaded.backbone.vae.decode(latent).sample
-        image = torch.rand(1, 3, 64, 64)
-        same_restore = (trainer.upscaler().restore(image, torch.Generator().manual_seed(1))
-                        - loaded.restore(image, torch.Generator().manual_seed(1))).abs().max().item()
+        same_restore = (loaded.restore(image, torch.Generator().manual_seed(1)) - restored).abs().max().item()
     print(f"ccsr stage 2 release round trip: decoder max abs diff {(got - expected).abs().max().item():.2e}, "
           f"restore {same_restore:.2e}")
     assert (got - expected).abs().max().item() < 1e-5 and same_restore < 1e-5

@@ -273,3 +273,19 @@ def test_stage1_training_step_matches_the_release(tiny_base, release_weights, on
           f"worst relative gradient-norm difference {worst:.1e}")
     assert loss.item() == pytest.approx(reference["loss"], rel=1e-5)
     assert worst < 1e-4
+
+
+def test_mixed_precision_release_keeps_the_frozen_weights_in_float32(tiny_base, tmp_path, one_thread):
+    """cast_frozen stores the frozen UNet/VAE in bf16 for training; the release file still holds them exactly."""
+    from diffsr.checkpoints import ldm
+
+    torch.manual_seed(0)
+    trainer = StableSRStage1(tiny_base, encoder_channels=32)
+    unet = trainer.unet.unet
+    before = unet.conv_in.weight.detach().clone()
+    trainer.cast_frozen(torch.bfloat16)
+    assert unet.conv_in.weight.dtype == torch.bfloat16 and trainer.encoder.conv_in.weight.dtype == torch.float32
+    [file] = trainer.save_release(tmp_path)
+    state = torch.load(file)["state_dict"]
+    assert torch.equal(state[ldm.UNET_PREFIX + "input_blocks.0.0.weight"], before)
+    assert unet.conv_in.weight.dtype == torch.bfloat16  # training goes on in bf16

@@ -10,6 +10,7 @@ for a later phase of the same iteration (e.g. the generator's output for the dis
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,10 +58,34 @@ class Trainer(nn.Module):
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Mixed precision: store every parameter that takes no gradient in `dtype` (no float32 master copy is
-        needed for it); trained parameters stay float32 for the optimiser. Autocast mixes the two."""
-        for param in self.parameters():
+        needed for it); trained parameters stay float32 for the optimiser. Autocast mixes the two.
+        Those of `released_frozen()` keep a float32 copy on the CPU for save_release."""
+        keep = {id(p) for module in self.released_frozen() for p in module.parameters()}
+        self._float32 = {}
+        for name, param in self.named_parameters():
             if not param.requires_grad:
+                if id(param) in keep and param.dtype == torch.float32:
+                    self._float32[name] = param.data.to("cpu", copy=True)
                 param.data = param.data.to(dtype)
+
+    def released_frozen(self) -> list[nn.Module]:
+        """Modules whose frozen parameters the release files hold as well (e.g. a whole UNet around trained
+        layers): mixed precision must not round them in what save_release writes."""
+        return []
+
+    @contextmanager
+    def float32_frozen(self):
+        """Within: the frozen parameters of `released_frozen()` at their float32 values (for save_release)."""
+        saved = getattr(self, "_float32", {})
+        params = dict(self.named_parameters())
+        current = {name: params[name].data for name in saved}
+        for name, value in saved.items():
+            params[name].data = value.to(current[name].device)
+        try:
+            yield
+        finally:
+            for name, value in current.items():
+                params[name].data = value
 
     def upscaler(self):
         """The method's Upscaler on the modules being trained (shares their tensors), for validation images."""
@@ -70,6 +95,13 @@ class Trainer(nn.Module):
         """Write the trained weights in the authors' release format (what `diffsr upscale --weights` and the
         authors' code load); returns the files written."""
         raise NotImplementedError
+
+
+def global_generator(device: torch.device) -> torch.Generator:
+    """A generator seeded from torch's global RNG, for code that takes a generator (samplers): the loop's
+    per-step seeding of the global RNG still decides every draw."""
+    seed = int(torch.randint(0, 2**62, ()))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def trainable(*modules: nn.Module) -> list[nn.Parameter]:

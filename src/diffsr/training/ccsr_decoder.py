@@ -22,8 +22,7 @@ from torch import nn
 from diffsr.errors import UsageError
 from diffsr.methods.ccsr import CCSR, save_v2
 from diffsr.training.autoencoder_loss import AutoencoderLoss
-from diffsr.training.base import Trainer, trainable
-from diffsr.training.stablesr import global_generator
+from diffsr.training.base import Trainer, global_generator, trainable
 
 
 class CCSRStage2(Trainer):
@@ -63,6 +62,9 @@ class CCSRStage2(Trainer):
         return {"unet": self.unet, "controlnet": self.controlnet, "text_encoder": self.text_encoder,
                 "vae_encoder": self.vae.encoder, "vae_quant_conv": self.vae.quant_conv}
 
+    def released_frozen(self) -> list[nn.Module]:
+        return [self.controlnet, self.vae]  # the v2 folder holds both whole
+
     def enable_gradient_checkpointing(self):
         self.vae.enable_gradient_checkpointing()  # as the release (--gradient_checkpointing)
 
@@ -94,4 +96,5 @@ class CCSRStage2(Trainer):
 
     def save_release(self, folder: Path) -> list[Path]:
         """A CCSR-v2 weights folder: controlnet/ (the stage-1 model's) and vae/ (the trained decoder)."""
-        return save_v2(self.controlnet, self.vae, Path(folder))
+        with self.float32_frozen():
+            return save_v2(self.controlnet, self.vae, Path(folder))

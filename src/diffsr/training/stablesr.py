@@ -27,16 +27,9 @@ from diffsr.backbone import load_backbone
 from diffsr.methods.stablesr import (CFW_NAME, StableSR, save_cfw_checkpoint, save_model_checkpoint)
 from diffsr.nets.stablesr_nets import CFWAutoencoder, SFTUNet, TimeAwareEncoder
 from diffsr.training.autoencoder_loss import AutoencoderLoss
-from diffsr.training.base import Trainer, trainable
+from diffsr.training.base import Trainer, global_generator, trainable
 
 RELEASE_NAME = "stablesr_000117.ckpt"
-
-
-def global_generator(device: torch.device) -> torch.Generator:
-    """A generator seeded from torch's global RNG: the sampler wants a generator, and the loop's
-    per-step seeding of the global RNG must still decide every draw."""
-    seed = int(torch.randint(0, 2**62, ()))
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def frozen_leaves(module: nn.Module, prefix: str, skip: str) -> dict[str, nn.Module]:
@@ -111,6 +104,10 @@ class _StableSRModules(Trainer):
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"vae": self.backbone.vae, "text_encoder": self.text_encoder}
 
+    def released_frozen(self) -> list[nn.Module]:
+        # The main checkpoint holds the whole UNet and VAE (and the encoder, frozen in stage 2).
+        return [self.backbone.unet, self.backbone.vae, self.encoder]
+
 
 class StableSRStage1(_StableSRModules):
     stage = 1
@@ -171,8 +168,9 @@ class StableSRStage1(_StableSRModules):
     def save_release(self, folder: Path) -> list[Path]:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        return [save_model_checkpoint(folder / RELEASE_NAME, self.backbone.unet, self.encoder, self.backbone.vae,
-                                      self.alphas_cumprod, self.global_step)]
+        with self.float32_frozen():
+            return [save_model_checkpoint(folder / RELEASE_NAME, self.backbone.unet, self.encoder, self.backbone.vae,
+                                          self.alphas_cumprod, self.global_step)]
 
 
 class StableSRStage2(_StableSRModules):
@@ -238,6 +236,8 @@ class StableSRStage2(_StableSRModules):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         vae = self.backbone.vae
-        return [save_model_checkpoint(folder / RELEASE_NAME, self.backbone.unet, self.encoder, vae, self.alphas_cumprod),
-                save_cfw_checkpoint(folder / CFW_NAME, vae, self.autoencoder.fusion, self.loss.discriminator,
-                                    self.global_step)]
+        with self.float32_frozen():
+            return [save_model_checkpoint(folder / RELEASE_NAME, self.backbone.unet, self.encoder, vae,
+                                          self.alphas_cumprod),
+                    save_cfw_checkpoint(folder / CFW_NAME, vae, self.autoencoder.fusion, self.loss.discriminator,
+                                        self.global_step)]
