@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffsr.backbone import load_backbone
-from diffsr.methods.stablesr import (CFW_NAME, StableSR, save_cfw_checkpoint, save_model_checkpoint)
+from diffsr.errors import UsageError, WeightsError
+from diffsr.methods.stablesr import (CFW_NAME, StableSR, read_stablesr_parts, save_cfw_checkpoint,
+                                     save_model_checkpoint)
 from diffsr.nets.stablesr_nets import CFWAutoencoder, SFTUNet, TimeAwareEncoder
 from diffsr.training.autoencoder_loss import AutoencoderLoss
 from diffsr.training.base import Trainer, global_generator, trainable
@@ -75,9 +77,9 @@ class _StableSRModules(Trainer):
             backbone = load_backbone(base)
             prediction = prediction_type or backbone.scheduler_config.get("prediction_type", "epsilon")
             unet = SFTUNet(backbone.unet, encoder_channels)
-            groups = backbone.unet.config.norm_num_groups
-            encoder = release_encoder_init(TimeAwareEncoder(model_channels=encoder_channels, out_channels=encoder_channels,
-                                                            norm_groups=groups))
+            encoder = TimeAwareEncoder(model_channels=encoder_channels, out_channels=encoder_channels,
+                                       norm_groups=backbone.unet.config.norm_num_groups)
+            release_encoder_init(encoder)
         self.backbone, self.prediction = backbone, prediction
         self.unet, self.encoder = unet, encoder
         # Fresh fusion layers in stage 2 (the release initialises them; pass fusion_weights to continue).
@@ -185,13 +187,13 @@ class StableSRStage2(_StableSRModules):
         (the release's generate_vqgan_data.py --ddpm_steps 200); `fusion_w`: the CFW weight while training."""
         super().__init__()
         if weights is None:
-            raise ValueError("StableSR stage 2 needs the stage-1 model (weights=...): it decodes that model's latents")
+            raise UsageError("StableSR stage 2 needs the stage-1 model (weights=...): it decodes that model's latents")
         self._build(base, weights, 0, prediction_type, with_fusion=True)
         if fusion_weights is not None:
-            from diffsr.methods.stablesr import read_stablesr_parts
-
             parts = read_stablesr_parts(fusion_weights, self.backbone.unet.config, self.backbone.vae.config,
                                         self.backbone.unet.config.norm_num_groups)
+            if "fusion" not in parts:
+                raise WeightsError(f"{fusion_weights}: has no CFW fusion layers (decoder.fusion_layer_*)")
             self.autoencoder.fusion.load_state_dict(parts["fusion"])
         self.latent_steps, self.fusion_w = latent_steps, fusion_w
         # Fixed adversarial weight: the release's decoder is frozen, so its adaptive weight falls back to 0.025.
@@ -207,7 +209,8 @@ class StableSRStage2(_StableSRModules):
         return {**super().frozen_modules(), "unet": self.unet, "encoder": self.encoder}
 
     def enable_gradient_checkpointing(self):
-        # The fusion layers are small and the decoder runs with them; nothing big is trained here.
+        # Nothing: the fusion layers join the decoder through hooks that live only during the forward pass, so a
+        # checkpointed decoder would recompute without them; the release trains this stage without checkpointing.
         pass
 
     @torch.no_grad()
