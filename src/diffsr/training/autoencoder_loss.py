@@ -103,7 +103,10 @@ class AutoencoderLoss(nn.Module):
         gan_loss = -torch.func.functional_call(self.discriminator, frozen, (reconstruction,)).mean()
         factor = self.factor(step)
         # Before disc_start the adversarial term is multiplied by 0: skip the two extra backward passes.
-        weight = self.adversarial_weight(rec_loss, gan_loss, last_layer) if factor > 0 else torch.zeros((), device=rec_loss.device)
+        if factor > 0:
+            weight = self.adversarial_weight(rec_loss, gan_loss, last_layer)
+        else:
+            weight = torch.zeros((), device=rec_loss.device)
         loss = rec_loss + weight * factor * gan_loss
         return loss, {"rec_loss": rec_loss.item(), "g_loss": gan_loss.item(), "d_weight": float(weight),
                       "disc_factor": factor}
