@@ -6,15 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import diffsr
 from diffsr.errors import UsageError, WeightsError
 from diffsr.training import trainer_class
 from diffsr.training.base import state_digest
+from conftest import smooth_image
 from diffsr.training.ccsr import CCSRStage1, eps_loss, resize_back, truncated_losses
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ccsr"
-STEPS = 30
+STEPS = 20
 
 
 def batches(count=2, size=64, seed=0):
@@ -37,21 +39,23 @@ def evaluation_loss(trainer, data):
 
 @pytest.fixture(scope="module")
 def trained(tiny_base, one_thread):
-    """A tiny stage-1 run with a plain AdamW loop (as the shared loop steps one optimiser per phase)."""
+    """A tiny stage-1 run: the shared loop's iteration (run_step: autocast, backward, clipping, AdamW step)."""
+    from accelerate import Accelerator
+
+    from diffsr.training.loop import run_step
+
     torch.manual_seed(0)
     trainer = trainer_class("ccsr", 1)(base=tiny_base)
     frozen = {name: state_digest(module) for name, module in trainer.frozen_modules().items()}
     controlnet_before = state_digest(trainer.controlnet)
     data = batches()
     before = evaluation_loss(trainer, data)
-    optimizer = torch.optim.AdamW(trainer.parameter_groups()["controlnet"], lr=1e-3)
+    groups = trainer.parameter_groups()
+    optimizers = {"controlnet": torch.optim.AdamW(groups["controlnet"], lr=2e-3)}
+    accelerator = Accelerator(cpu=True)
     for step in range(STEPS):
         torch.manual_seed(step)
-        loss, logs = trainer(data[step % len(data)], "controlnet")
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.parameter_groups()["controlnet"], 1.0)
-        optimizer.step()
+        logs = run_step(accelerator, trainer, trainer, [data[step % len(data)]], optimizers, groups, 1.0)
     after = evaluation_loss(trainer, data)
     return dict(trainer=trainer, frozen=frozen, controlnet_before=controlnet_before, before=before, after=after,
                 logs=logs)
@@ -159,6 +163,38 @@ def test_matches_the_release_training_step(tiny_base, ccsr_v2_weights, one_threa
         difference = (parameters[name].grad - gradient).abs().max().item()
         print(f"gradient {name}: max abs difference {difference:.1e} (scale {gradient.abs().max().item():.1e})")
         assert difference <= 1e-4 * gradient.abs().max().item()
+
+
+# -- through the loop, from the tiny config ------------------------------------------------------------
+
+def test_tiny_config_trains_and_resumes_exactly(tiny_base, tmp_path, one_thread):
+    """configs/train/tiny/ccsr_stage1.yaml through diffsr.training.loop.train: 4 steps at once, or 2 steps and
+    then 2 more resumed from the checkpoint, give the same losses and the same weights."""
+    from diffsr.training.config import load_config
+    from diffsr.training.loop import train
+
+    root = Path(__file__).parents[1]
+    overrides = {"base": str(tiny_base), "data.hr": [str(root / "src/diffsr/data")], "train.batch_size": 1,
+                 "train.save_every": 2}
+
+    def run(output_dir, steps, **more):
+        config = load_config(root / "configs/train/tiny/ccsr_stage1.yaml",
+                             {**overrides, "output_dir": str(output_dir), "train.steps": steps, **more})
+        return train(config, progress=False)
+
+    Image.fromarray(smooth_image(24, 20)).save(tmp_path / "val.png")
+    whole = run(tmp_path / "whole", 4, **{"validation.images": [str(tmp_path / "val.png")]})
+    validation = Image.open(tmp_path / "whole" / "validation" / "step-4" / "val.png")
+    assert validation.size == (80, 96)  # the trainer's upscaler at x4
+    run(tmp_path / "split", 2)
+    resumed = run(tmp_path / "split", 4)
+    print("losses, whole run:", [round(v, 3) for v in whole["losses"]["loss"]],
+          "resumed:", [round(v, 3) for v in resumed["losses"]["loss"]])
+    assert len(resumed["losses"]["loss"]) == 2 and resumed["losses"]["loss"] == whole["losses"]["loss"][2:]
+    assert all(math.isfinite(v) for v in whole["losses"]["loss"])
+    whole_net = CCSRStage1(tiny_base, weights=tmp_path / "whole" / "release").controlnet
+    resumed_net = CCSRStage1(tiny_base, weights=tmp_path / "split" / "release").controlnet
+    assert state_digest(whole_net) == state_digest(resumed_net)
 
 
 # -- weights in and out ------------------------------------------------------------------------------

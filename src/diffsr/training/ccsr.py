@@ -96,8 +96,11 @@ class CCSRStage1(Trainer):
         self.vae_source = (str(base), "vae")
         if weights is None:
             self.controlnet = controlnet_from_unet(self.unet)
-            # The release's condition conv keeps torch's default initialisation (only the output convs start at zero).
-            self.controlnet.condition_conv_in.reset_parameters()
+            # The release's condition conv keeps torch's default initialisation (only the output convs start at
+            # zero); drawn from a fixed seed so that a fresh run is reproducible from its config.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.controlnet.condition_conv_in.reset_parameters()
         else:
             weights = Path(weights)
             if not weights.is_dir():
