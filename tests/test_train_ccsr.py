@@ -131,14 +131,12 @@ def test_timesteps_are_the_releases():
 
 
 def test_resize_back_is_8_bit_at_the_hr_size():
-    lr = torch.rand(1, 3, 8, 8)
-    modes = set()
-    for seed in range(12):
-        torch.manual_seed(seed)
-        up = resize_back(lr, (32, 32))
-        assert up.shape == (1, 3, 32, 32) and torch.equal(up, torch.round(up * 255) / 255)
-        modes.add(tuple(up.flatten()[:4].tolist()))
-    assert len(modes) == 3  # area, bilinear and bicubic
+    """Each image of a batch takes its own mode (area, bilinear or bicubic), as each item of the release's loader."""
+    lr = torch.rand(1, 3, 8, 8).expand(12, -1, -1, -1)
+    torch.manual_seed(0)
+    up = resize_back(lr, (32, 32))
+    assert up.shape == (12, 3, 32, 32) and torch.equal(up, torch.round(up * 255) / 255)
+    assert len({tuple(row.flatten()[:4].tolist()) for row in up}) == 3
 
 
 # -- parity with the release's training step --------------------------------------------------------
@@ -163,6 +161,23 @@ def test_matches_the_release_training_step(tiny_base, ccsr_v2_weights, one_threa
         difference = (parameters[name].grad - gradient).abs().max().item()
         print(f"gradient {name}: max abs difference {difference:.1e} (scale {gradient.abs().max().item():.1e})")
         assert difference <= 1e-4 * gradient.abs().max().item()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, ccsr_v2_weights, one_thread):
+    trainer = CCSRStage1(tiny_base, weights=ccsr_v2_weights)
+    batch = batches(1)[0]
+
+    def gradients():
+        trainer.controlnet.zero_grad()
+        torch.manual_seed(0)
+        trainer(batch, "controlnet")[0].backward()
+        return {name: p.grad.clone() for name, p in trainer.controlnet.named_parameters()}
+
+    plain = gradients()
+    trainer.enable_gradient_checkpointing()
+    assert trainer.unet.is_gradient_checkpointing and trainer.controlnet.is_gradient_checkpointing
+    checkpointed = gradients()
+    assert all(torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-6) for name in plain)
 
 
 # -- through the loop, from the tiny config ------------------------------------------------------------
@@ -237,8 +252,9 @@ def test_bad_arguments(tiny_base, ccsr_v2_weights):
         CCSRStage1(tiny_base, weights=ccsr_v2_weights / "controlnet" / "config.json")
     with pytest.raises(WeightsError, match="controlnet/config.json"):
         CCSRStage1(tiny_base, weights=ccsr_v2_weights / "vae")
-    with pytest.raises(UsageError, match="t_max"):
-        CCSRStage1(tiny_base, t_max=1.5)
+    for t_max in (1.5, 0.9995, 0.0, "0.6"):
+        with pytest.raises(UsageError, match="t_max"):
+            CCSRStage1(tiny_base, t_max=t_max)
 
 
 def test_pretraining_is_the_plain_eps_loss(tiny_base, one_thread):
@@ -246,7 +262,7 @@ def test_pretraining_is_the_plain_eps_loss(tiny_base, one_thread):
     trainer = CCSRStage1(tiny_base, pretrain=True)
     torch.manual_seed(0)
     loss, logs = trainer(batches(1)[0], "controlnet")
-    assert set(logs) == {"loss_eps"} and loss.item() == pytest.approx(logs["loss_eps"])
+    assert set(logs) == {"loss", "loss_eps"} and loss.item() == pytest.approx(logs["loss_eps"])
     model = RecordingModel([torch.zeros(4000, 1, 1, 1)])
     eps_loss(model, torch.zeros(4000, 1, 1, 1), trainer.alphas_cumprod, len(trainer.alphas_cumprod))
     t = model.calls[0][1]

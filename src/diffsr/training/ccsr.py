@@ -16,6 +16,7 @@ pre-trained with the plain eps loss over all 1000 steps (train_controlnet.py): `
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import torch
@@ -66,10 +67,10 @@ def truncated_losses(model, z0: torch.Tensor, alphas_cumprod: torch.Tensor, t_ma
 
 
 def resize_back(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The LR image at the HR size as the release's data loader makes it: one interpolation mode drawn at
-    random per batch, then clamped and rounded to 8 bits."""
-    mode = RESIZE_BACK_MODES[int(torch.randint(len(RESIZE_BACK_MODES), ()))]
-    up = F.interpolate(lr.float(), size=size, mode=mode)
+    """The LR images at the HR size as the release's data loader makes them: each resized with an
+    interpolation mode drawn at random, then clamped and rounded to 8 bits."""
+    modes = torch.randint(len(RESIZE_BACK_MODES), (lr.shape[0],)).tolist()
+    up = torch.cat([F.interpolate(lr[i:i + 1].float(), size=size, mode=RESIZE_BACK_MODES[m]) for i, m in enumerate(modes)])
     return torch.clamp(torch.round(up * 255), 0, 255) / 255
 
 
@@ -85,8 +86,9 @@ class CCSRStage1(Trainer):
         `start_from_lr`: noise the LR latent, not the HR one, to T for l_T (the release's --is_start_lr,
         off in stage 1). `pretrain`: only the eps loss over all 1000 steps (the release's train_controlnet.py)."""
         super().__init__()
-        if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not 0 < t_max < 1:
-            raise UsageError(f"t_max must be between 0 and 1, got {t_max!r}")
+        if isinstance(t_max, bool) or not isinstance(t_max, numbers.Real) or not 1 <= round(1000 * t_max) < START_T:
+            raise UsageError(f"t_max must be a fraction of the 1000 timesteps, at least 0.001 and below T = {START_T}, "
+                             f"got {t_max!r}")
         backbone = load_backbone(base)
         if backbone.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
             raise BaseModelError(f"{base}: CCSR trains on an epsilon-prediction base (SD 2.1-base), this one predicts "
@@ -157,7 +159,7 @@ class CCSRStage1(Trainer):
         model = self.eps_model(condition)
         if self.pretrain:
             loss = eps_loss(model, z0, self.alphas_cumprod, len(self.alphas_cumprod))
-            return loss, {"loss_eps": loss.item()}
+            return loss, {"loss": loss.item(), "loss_eps": loss.item()}
         losses = truncated_losses(model, z0, self.alphas_cumprod, self.t_max,
                                   start=condition if self.start_from_lr else None)
         loss = losses["eps"] + losses["x0_T"] + losses["x0_tmax"]
