@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import diffsr
-from diffsr.errors import UsageError, WeightsError
+from diffsr.errors import BaseModelError, UsageError, WeightsError
 from diffsr.training import trainer_class
 from diffsr.training.base import state_digest
 from conftest import smooth_image
@@ -255,6 +255,14 @@ def test_bad_arguments(tiny_base, ccsr_v2_weights):
     for t_max in (1.5, 0.9995, 0.0, "0.6"):
         with pytest.raises(UsageError, match="t_max"):
             CCSRStage1(tiny_base, t_max=t_max)
+
+
+def test_refuses_a_v_prediction_base(tmp_path):
+    from diffsr.testing import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "v-base", prediction_type="v_prediction")
+    with pytest.raises(BaseModelError, match="epsilon"):
+        CCSRStage1(base)
 
 
 def test_pretraining_is_the_plain_eps_loss(tiny_base, one_thread):
