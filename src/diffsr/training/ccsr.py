@@ -8,6 +8,9 @@ three equally weighted MSE terms on the HR latent z0:
 The condition is the LR image resized back to the HR size (area, bilinear or bicubic, drawn at random),
 rounded to 8 bits, through the VAE encoder (a posterior sample, times the scaling factor); the prompt is empty.
 The ControlNet (with its condition conv) trains; the UNet, VAE and text encoder are frozen.
+Differences from the release, minor: the resize-back mode is drawn from torch's RNG (the release: Python's
+`random`), as every draw here must be for exact resume; the LR reaches the trainer already clamped to [0, 1]
+(the release clamps only after resizing back).
 
 v1 (branch CCSR-v1.0) alternates two optimisers on the same ControlNet: the eps loss, then l_T + l_tmax + the
 eps loss at t_max; only the v2 form is trained here. The release's stage 1 starts from a ControlNet
