@@ -367,18 +367,32 @@ def load_v2(folder: Path, dtype: torch.dtype):
     for part in ("controlnet", "vae"):
         if not (folder / part / "config.json").is_file():
             raise WeightsError(f"{folder}: not a CCSR-v2 weights folder (missing {part}/config.json)")
+    controlnet = load_v2_controlnet(folder, dtype)
+    try:
+        with quiet_loading():
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise WeightsError(f"{folder}: cannot load the CCSR-v2 weights: {_first_line(error)}") from None
+    return controlnet, vae
+
+
+def load_v2_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The release's `controlnet/` folder (the stage-1 result, or the pre-trained ControlNet it starts from)."""
+    if not (folder / "controlnet" / "config.json").is_file():
+        raise WeightsError(f"{folder}: not a CCSR-v2 weights folder (missing controlnet/config.json)")
     config = json.loads((folder / "controlnet" / "config.json").read_text())
     if not config.get("use_vae_encode_condition", False):
         raise WeightsError(f"{folder / 'controlnet'}: this ControlNet takes an image condition, not CCSR's VAE-latent "
                            "condition (use_vae_encode_condition is not set)")
     try:
         with quiet_loading():
-            controlnet = controlnet_class().from_pretrained(folder, subfolder="controlnet", torch_dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+            return controlnet_class().from_pretrained(folder, subfolder="controlnet", torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"{folder}: cannot load the CCSR-v2 weights: {first}") from None
-    return controlnet, vae
+        raise WeightsError(f"{folder}: cannot load the CCSR-v2 weights: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def write_random_v2(base: Path, out: Path, seed: int = 0) -> None:
@@ -399,11 +413,18 @@ def write_random_v2(base: Path, out: Path, seed: int = 0) -> None:
         for name, parameter in vae.named_parameters():
             if name.startswith(("decoder.", "post_quant_conv.")):
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    save_v2(controlnet, vae, out)
+
+
+def save_v2(controlnet: nn.Module, vae: nn.Module, out: Path) -> list[Path]:
+    """Write a CCSR-v2 weights folder: controlnet/ and vae/ in the diffusers layout, the ControlNet's config
+    as the release's diffusers (0.21) writes it with its ControlNetModel class. Returns the files written."""
+    out = Path(out)
     with quiet_loading():
         controlnet.save_pretrained(out / "controlnet")
         vae.save_pretrained(out / "vae")
-    # As written by the release's diffusers (0.21) with its ControlNetModel class.
     config_file = out / "controlnet" / "config.json"
     config = json.loads(config_file.read_text())
     config.update({"_class_name": "ControlNetModel", "_diffusers_version": "0.21.0"})
     config_file.write_text(json.dumps(config, indent=2))
+    return sorted(file for part in ("controlnet", "vae") for file in (out / part).iterdir() if file.is_file())
