@@ -247,7 +247,7 @@ class S3Diff(Upscaler):
                  sample_posterior: bool = False):
         super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
-        self.conditioner = conditioner.requires_grad_(False).to(backbone.device)
+        self.conditioner = conditioner.to(backbone.device)  # may be a trainer's, still training
         self.vae_modulation, self.unet_modulation = modulations
         # The estimator is small: it stays in float32 whatever the model's dtype.
         self.estimator = estimator.to(backbone.device)
@@ -266,7 +266,7 @@ class S3Diff(Upscaler):
         state = read_method_weights(weights, cls.name)
         _checked_weights(weights, state)
         estimator = load_de_net(Path(de_net) if de_net is not None else Path(weights).parent / "de_net.pth")
-        conditioner = DegradationConditioner(state["rank_vae"], state["rank_unet"])
+        conditioner = DegradationConditioner(state["rank_vae"], state["rank_unet"]).requires_grad_(False)
         backbone = load_backbone(base, device, dtype)
         try:
             conditioner.load_release_state(state)

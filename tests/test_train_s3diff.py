@@ -1,0 +1,274 @@
+"""S3Diff trainer: the loss falls, frozen parts stay, gradients reach the degradation-guided LoRA, online
+negative prompting, the GAN's loss and direction, the release files it writes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffsr
+from conftest import smooth_image
+from metric_helpers import metric_weights  # noqa: F401  (fixture)
+from diffsr.errors import UsageError, WeightsError
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    """A random DINO-shaped ViT (8 blocks, 7 x 7 patches of 32 px) saved as a transformers folder."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=16, num_hidden_layers=8, num_attention_heads=2, intermediate_size=32,
+                       image_size=224, patch_size=32)
+    folder = tmp_path_factory.mktemp("dino")
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def s3diff_weights(tiny_base):
+    from diffsr.testing import make_tiny_weights
+
+    return make_tiny_weights("s3diff", tiny_base, tiny_base.parent / "s3diff-train" / "s3diff.pkl")
+
+
+@pytest.fixture(scope="module")
+def build(tiny_base, s3diff_weights, tiny_dino, metric_weights, one_thread):  # noqa: F811
+    """build(**method_args) -> S3DiffTrainer on the tiny models (from scratch unless weights= is given)."""
+    from diffsr.training.s3diff import S3DiffTrainer
+
+    def make(**args):
+        torch.manual_seed(0)
+        args = {"de_net": s3diff_weights.parent / "de_net.pth", "dino": tiny_dino, "lpips_weights": metric_weights,
+                **args}
+        return S3DiffTrainer(base=tiny_base, **args)
+
+    return make
+
+
+def pictures(count=1, size=64, seed=0):
+    hr = torch.stack([torch.from_numpy(smooth_image(size, size, seed + i)).permute(2, 0, 1) for i in range(count)])
+    hr = hr.float() / 255
+    return {"lr": F.interpolate(hr, scale_factor=0.25, mode="area"), "hr": hr}
+
+
+def run_iteration(trainer, optimizers, groups, batch, step):
+    """One iteration as the loop runs it: each phase's loss, backward, clip at 1, its optimiser steps."""
+    torch.manual_seed(step)
+    batch, losses = dict(batch), {}
+    for phase, name in trainer.phases:
+        loss, logs = trainer(batch, phase)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(groups[name], 1.0)
+        optimizers[name].step()
+        for optimizer in optimizers.values():
+            optimizer.zero_grad()
+        losses[phase] = loss.item()
+    return losses
+
+
+def optimisers(trainer, lr):
+    groups = trainer.parameter_groups()
+    return {name: torch.optim.AdamW(params, lr=lr, weight_decay=1e-2) for name, params in groups.items()}, groups
+
+
+# -- training ---------------------------------------------------------------------------------------------
+
+def test_training_lowers_the_loss_and_leaves_the_frozen_parts(build):
+    from diffsr.training.base import state_digest
+
+    trainer = build()
+    frozen = {name: state_digest(module) for name, module in trainer.frozen_modules().items()}
+    lpips = state_digest(trainer.perceptual)
+    optimizers, groups = optimisers(trainer, lr=1e-3)
+    batch = pictures()
+    losses = [run_iteration(trainer, optimizers, groups, batch, step) for step in range(16)]
+    reconstruction = [row["reconstruction"] for row in losses]
+    print("reconstruction loss:", " ".join(f"{value:.3f}" for value in reconstruction))
+    assert sum(reconstruction[-4:]) / 4 < 0.9 * sum(reconstruction[:4]) / 4
+    assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in losses)
+    assert {name: state_digest(module) for name, module in trainer.frozen_modules().items()} == frozen
+    assert state_digest(trainer.perceptual) == lpips
+    assert frozen.keys() == {"unet", "vae", "text_encoder", "estimator", "dino"}
+
+
+def test_what_trains_and_where_gradients_go(build, s3diff_weights):
+    trainer = build(weights=s3diff_weights)  # released-format weights: B and the MLPs are non-zero
+    groups = trainer.parameter_groups()
+    generator = {id(p) for p in groups["generator"]}
+    named = dict(trainer.named_parameters())
+    trained = {name for name, p in named.items() if id(p) in generator}
+    assert trained == {name for name, p in named.items() if p.requires_grad and "discriminator" not in name}
+    assert {name for name in trained if name.startswith("unet.") and "lora" not in name} == {
+        "unet.conv_in.weight", "unet.conv_in.bias"}
+    assert all(name.startswith("vae.encoder.") and "lora" in name for name in trained if name.startswith("vae."))
+    assert {id(p) for p in groups["discriminator"]} == {id(p) for p in trainer.discriminator.heads.parameters()}
+
+    batch = pictures(2)
+    loss, _ = trainer(batch, "reconstruction")
+    loss.backward()
+    missing = [name for name in trained if named[name].grad is None or not named[name].grad.abs().sum() > 0]
+    assert not missing, missing  # every LoRA A and B, conv_in, every MLP and both block embeddings
+    assert all(p.grad is None for p in trainer.discriminator.heads.parameters())
+    trainer.zero_grad(set_to_none=True)
+
+    loss, _ = trainer(batch, "adversarial")  # the generator's GAN loss: the heads take no gradient
+    loss.backward()
+    assert all(p.grad is None for p in trainer.discriminator.heads.parameters())
+    assert named["conditioner.unet_fuse_mlp.weight"].grad.abs().sum() > 0
+    trainer.zero_grad(set_to_none=True)
+
+    loss, _ = trainer(batch, "discriminator")  # fake = the adversarial phase's output, detached
+    loss.backward()
+    assert all(p.grad is not None for p in trainer.discriminator.heads.parameters())
+    assert all(named[name].grad is None for name in trained)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(build, s3diff_weights):
+    trainer = build(weights=s3diff_weights)
+    batch = pictures()
+
+    def gradients():
+        torch.manual_seed(1)
+        loss, _ = trainer(dict(batch), "reconstruction")
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in trainer.named_parameters() if p.grad is not None}
+        trainer.zero_grad(set_to_none=True)
+        return grads
+
+    plain = gradients()
+    trainer.enable_gradient_checkpointing()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    assert max((plain[k] - checkpointed[k]).abs().max().item() for k in plain) < 1e-5
+
+
+def test_online_negative_prompting(build, monkeypatch):
+    """With probability 1 every sample gets the negative prompt and the upscaled LR as its target."""
+    from diffsr.methods.s3diff import NEGATIVE_PROMPT, POSITIVE_PROMPT
+
+    for probability, prompt in ((1.0, NEGATIVE_PROMPT), (0.0, POSITIVE_PROMPT)):
+        trainer = build(negative_prob=probability)
+        seen = {}
+        generate = trainer.generate
+
+        def spy(source, scores, text):
+            seen["text"] = text
+            seen["output"] = generate(source, scores, text)
+            return seen["output"]
+
+        monkeypatch.setattr(trainer, "generate", spy)
+        batch = pictures(2)
+        with torch.no_grad():
+            loss, logs = trainer(batch, "reconstruction")
+        expected_text = trainer.backbone.encode_prompt([prompt])
+        assert torch.equal(seen["text"], expected_text.expand(2, -1, -1))
+        upscaled = F.interpolate(batch["lr"], size=(64, 64), mode="bicubic").clamp(0, 1) * 2 - 1
+        target = upscaled if probability == 1 else batch["hr"] * 2 - 1
+        output = seen["output"]
+        with torch.no_grad():
+            expected = 2 * F.mse_loss(output, target) + 5 * trainer.perceptual(output, target)
+        assert abs(loss.item() - expected.item()) < 1e-5
+        assert logs["negative"] == probability
+
+
+# -- the discriminator --------------------------------------------------------------------------------
+
+def test_gan_loss_is_the_multilevel_sigmoid_with_smoothed_real_labels(build, monkeypatch):
+    trainer = build()
+    discriminator = trainer.discriminator
+    logits = [torch.tensor([[[0.5, -1.0], [2.0, 0.0]]]), torch.tensor([[[1.5]]]), torch.tensor([[-0.25]])]
+    monkeypatch.setattr(discriminator, "logits", lambda images, heads_trained=True: logits)
+
+    def bce(x, target):  # -(t log s(x) + (1 - t) log(1 - s(x)))
+        return -(target * torch.sigmoid(x).log() + (1 - target) * (1 - torch.sigmoid(x)).log()).mean()
+
+    image = torch.zeros(1, 3, 64, 64)
+    for real, target in ((True, 0.8), (False, 0.0)):
+        expected = sum(bce(level, target) for level in logits)
+        assert abs(discriminator.loss(image, real=real).item() - expected.item()) < 1e-6
+
+
+def test_discriminator_step_separates_real_from_fake(build):
+    """Its own steps lower the discriminator's loss: real scored as real, the generator's output as fake."""
+    trainer = build()
+    batch = pictures(2)
+    with torch.no_grad():
+        trainer(batch, "adversarial")  # leaves batch["fake"]
+    optimizer = torch.optim.AdamW(trainer.parameter_groups()["discriminator"], lr=1e-3)
+
+    def loss(seed=123):
+        torch.manual_seed(seed)  # the same DiffAugment draws each time
+        with torch.no_grad():
+            return trainer(batch, "discriminator")[0].item()
+
+    before = loss()
+    for step in range(10):
+        torch.manual_seed(step)
+        value, _ = trainer(batch, "discriminator")
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = loss()
+    print(f"discriminator loss {before:.4f} -> {after:.4f}")
+    assert after < before - 0.05
+    # The generator's adversarial loss on the same fake images rose: the labels point the right way.
+    torch.manual_seed(123)
+    real_as_real = trainer.discriminator.loss(batch["hr"] * 2 - 1, real=True).mean()
+    torch.manual_seed(123)
+    fake_as_real = trainer.discriminator.loss(batch["fake"], real=True).mean()
+    assert fake_as_real > real_as_real
+
+
+def test_diff_augment_is_differentiable_and_seeded():
+    from diffsr.training.gan import diff_augment
+
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    torch.manual_seed(5)
+    first = diff_augment(x)
+    torch.manual_seed(5)
+    assert torch.equal(first, diff_augment(x))
+    first.sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert (first == 0).flatten(1).float().mean(1).min() > 0.2  # cutout zeroes about a quarter
+
+
+# -- release files ----------------------------------------------------------------------------------
+
+def test_save_release_loads_and_reproduces_the_trainer(build, tiny_base, tmp_path):
+    trainer = build()
+    optimizers, groups = optimisers(trainer, lr=1e-3)
+    for step in range(2):  # make B and the MLPs non-trivial
+        run_iteration(trainer, optimizers, groups, pictures(), step)
+    files = trainer.save_release(tmp_path / "release")
+    assert [f.name for f in files] == ["s3diff.pkl", "de_net.pth"]
+    loaded = diffsr.load_upscaler("s3diff", base=tiny_base, weights=files[0])
+    image = smooth_image(16, 16, seed=7)
+    with torch.no_grad():
+        ours = trainer.upscaler()(image, scale=4)
+    theirs = loaded(image, scale=4)
+    import numpy as np
+
+    assert np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs, dtype=np.int16)).max() <= 1
+    lr = torch.rand(1, 3, 64, 64)
+    generator = torch.Generator()
+    restored = [model.restore(lr, generator, degradation=(0.3, 0.6)) for model in (trainer.upscaler(), loaded)]
+    assert (restored[0] - restored[1]).abs().max() < 1e-5
+    assert trainer.conditioner.unet_fuse_mlp.weight.requires_grad  # the validation upscaler froze nothing
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def test_bad_input(build, tiny_base, tmp_path, s3diff_weights):
+    from diffsr.training.s3diff import S3DiffTrainer
+
+    with pytest.raises(UsageError, match="de_net"):
+        S3DiffTrainer(base=tiny_base)
+    with pytest.raises(WeightsError, match="DINO backbone"):
+        build(dino=tmp_path / "no-such-dino")
+    with pytest.raises(UsageError, match="lora_rank_unet 8 differs"):
+        build(weights=s3diff_weights, lora_rank_unet=8)
+    trainer = build()
+    with pytest.raises(UsageError, match="multiples of 8"):
+        trainer(pictures(size=60), "reconstruction")
+    with pytest.raises(UsageError, match="no training phase"):
+        trainer(pictures(), "warmup")
