@@ -76,7 +76,7 @@ class Backbone:
         """CLIP last hidden states for each prompt, padded to the tokenizer's maximum length (77)."""
         ids = self.tokenizer(prompts, max_length=self.tokenizer.model_max_length, padding="max_length",
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0].to(self.dtype)
+        return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.dtype)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:

@@ -73,6 +73,34 @@ def attach_lora(backbone: Backbone, weights: dict) -> None:
     backbone.vae.set_adapter([VAE_ADAPTER])
 
 
+def add_release_adapters(backbone: Backbone, rank: int) -> tuple[tuple[list[str], ...], list[str]]:
+    """Fresh adapters as train_osediff.py makes them (all active); returns the target lists it stores."""
+    unet_lists = unet_lora_modules(backbone.unet)
+    vae_list = vae_lora_modules(backbone.vae)
+    for adapter, modules in zip(UNET_ADAPTERS, unet_lists):
+        add_lora(backbone.unet, modules, rank, adapter)
+    add_lora(backbone.vae, vae_list, rank, VAE_ADAPTER)
+    backbone.unet.set_adapter(list(UNET_ADAPTERS))
+    backbone.vae.set_adapter([VAE_ADAPTER])
+    return unet_lists, vae_list
+
+
+def release_state(backbone: Backbone, unet_lists, vae_list: list[str], rank: int) -> dict:
+    """osediff.pkl's contents for a backbone carrying the release's adapters (what train_osediff.py saves)."""
+    return {
+        "vae_lora_encoder_modules": vae_list,
+        "unet_lora_encoder_modules": unet_lists[0],
+        "unet_lora_decoder_modules": unet_lists[1],
+        "unet_lora_others_modules": unet_lists[2],
+        "rank_unet": rank,
+        "rank_vae": rank,
+        "state_dict_unet": {k: v.detach().cpu().float().clone() for k, v in backbone.unet.state_dict().items()
+                            if "lora" in k or "conv_in" in k},
+        "state_dict_vae": {k: v.detach().cpu().float().clone() for k, v in backbone.vae.state_dict().items()
+                           if "lora" in k},
+    }
+
+
 class OSEDiff(Upscaler):
     name = "osediff"
     default_base = "stabilityai/stable-diffusion-2-1-base"
@@ -109,30 +137,16 @@ class OSEDiff(Upscaler):
     def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
         """A random osediff.pkl with the release's keys, lists, ranks and adapter names."""
         backbone = load_backbone(base)
-        unet_lists = unet_lora_modules(backbone.unet)
-        vae_list = vae_lora_modules(backbone.vae)
         rank = 4
-        for adapter, modules in zip(UNET_ADAPTERS, unet_lists):
-            add_lora(backbone.unet, modules, rank, adapter)
-        add_lora(backbone.vae, vae_list, rank, VAE_ADAPTER)
+        unet_lists, vae_list = add_release_adapters(backbone, rank)
         generator = torch.Generator().manual_seed(seed)
-        unet_state = {k: v for k, v in backbone.unet.state_dict().items() if "lora" in k or "conv_in" in k}
-        vae_state = {k: v for k, v in backbone.vae.state_dict().items() if "lora" in k}
-        for state in (unet_state, vae_state):
+        release = release_state(backbone, unet_lists, vae_list, rank)
+        for state in (release["state_dict_unet"], release["state_dict_vae"]):
             for key, value in state.items():
                 # lora_B starts at zero in training; random here so the adapters visibly act.
                 noise = torch.randn(value.shape, generator=generator) * (0.02 if "lora" in key else 0.01)
                 state[key] = (value + noise).contiguous() if "base_layer" in key else noise
-        torch.save({
-            "vae_lora_encoder_modules": vae_list,
-            "unet_lora_encoder_modules": unet_lists[0],
-            "unet_lora_decoder_modules": unet_lists[1],
-            "unet_lora_others_modules": unet_lists[2],
-            "rank_unet": rank,
-            "rank_vae": rank,
-            "state_dict_unet": unet_state,
-            "state_dict_vae": vae_state,
-        }, out_file)
+        torch.save(release, out_file)
 
     def knob_names(self):
         return ("prompt", "sample_posterior")

@@ -54,9 +54,11 @@ class Trainer(nn.Module):
         raise NotImplementedError
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
-        """Store the frozen modules in `dtype` (mixed precision): they take no gradient, so no float32 master copy."""
-        for module in self.frozen_modules().values():
-            module.to(dtype)
+        """Mixed precision: store every parameter that takes no gradient in `dtype` (no float32 master copy is
+        needed for it); trained parameters stay float32 for the optimiser. Autocast mixes the two."""
+        for param in self.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(dtype)
 
     def upscaler(self):
         """The method's Upscaler on the modules being trained (shares their tensors), for validation images."""
@@ -72,13 +74,24 @@ def trainable(*modules: nn.Module) -> list[nn.Parameter]:
     return [p for module in modules for p in module.parameters() if p.requires_grad]
 
 
-def state_digest(module: nn.Module) -> str:
-    """sha256 over a module's tensors (names, dtypes, shapes, values): did training change it?"""
+def tensors_digest(named) -> str:
+    """sha256 over (name, tensor) pairs: names, dtypes, shapes and values."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(named, key=lambda item: item[0]):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def state_digest(module: nn.Module) -> str:
+    """Did training change this module? sha256 over its state dict."""
+    return tensors_digest(module.state_dict().items())
+
+
+def frozen_digest(trainer: nn.Module) -> str:
+    """sha256 over every parameter that takes no gradient: the base networks and the frozen parts of partly
+    trained ones. Training must leave it unchanged."""
+    return tensors_digest([(n, p) for n, p in trainer.named_parameters() if not p.requires_grad])

@@ -1,0 +1,176 @@
+"""OSEDiff training: one-step generator with LoRA, distilled by variational score distillation (VSD).
+
+Loss = 1 * MSE + 2 * LPIPS on the image + 1 * VSD on the latent (cswry/OSEDiff train_osediff.py). VSD compares
+a regularizer UNet (the base with its own LoRA, trained to follow the generator's outputs) with the frozen base
+UNet under classifier-free guidance, at a random t in [20, 980):
+    w = mean |x0 - x0_frozen|,  grad = (x0_regularizer - x0_frozen) / w,  loss = MSE(x0, (x0 - grad).detach()).
+The regularizer's own step is the usual eps-MSE on the generator's (detached) latents at t in [0, 1000).
+
+Differences from the release, on purpose:
+- all three regularizer adapters are active (the release adds three and leaves only the last one active);
+- the frozen teacher is the regularizer UNet with its adapters switched off, not a second copy of the base
+  (the same numbers, one UNet less in memory).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffsr.backbone import load_backbone
+from diffsr.checkpoints import read_method_weights
+from diffsr.lora import add_lora
+from diffsr.methods import osediff
+from diffsr.prompts import compose_prompt, load_tagger
+from diffsr.training.base import Trainer, trainable
+from diffsr.training.losses import PerceptualLoss
+
+# train_osediff.sh's --neg_prompt: the teacher's unconditional branch in VSD.
+NEGATIVE_PROMPT = ("painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, "
+                   "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, "
+                   "jpeg artifacts, deformed, lowres, over-smooth")
+VSD_TIMESTEPS = (20, 980)  # torch.randint bounds, as released
+
+
+def x0_from_eps(alphas_cumprod: torch.Tensor, noisy: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod.to(noisy.device)[t].view(-1, 1, 1, 1).to(noisy.dtype)
+    return (noisy - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def vsd_loss(x0: torch.Tensor, x0_regularizer: torch.Tensor, x0_frozen: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient in x0 is 2/N * (x0_regularizer - x0_frozen) / w (N = x0.numel()), w per sample."""
+    weight = (x0 - x0_frozen).abs().mean(dim=(1, 2, 3), keepdim=True)
+    grad = (x0_regularizer - x0_frozen) / weight
+    return F.mse_loss(x0, (x0 - grad).detach())
+
+
+@contextmanager
+def adapters_off(unet):
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+class OSEDiffTrainer(Trainer):
+    method = "osediff"
+    phases = (("generator", "generator"), ("regularizer", "regularizer"))
+
+    def __init__(self, base, weights=None, lora_rank: int = 4, lambda_mse: float = 1.0, lambda_lpips: float = 2.0,
+                 lambda_vsd: float = 1.0, lambda_regularizer: float = 1.0, cfg_vsd: float = 7.5, prompt: str = "",
+                 negative_prompt: str = NEGATIVE_PROMPT, tagger=None, lpips_weights=None):
+        super().__init__()
+        self.backbone = backbone = load_backbone(base)
+        self.lambdas = dict(mse=lambda_mse, lpips=lambda_lpips, vsd=lambda_vsd, regularizer=lambda_regularizer)
+        self.cfg_vsd, self.prompt, self.negative_prompt = cfg_vsd, prompt, negative_prompt
+        self.tagger = load_tagger(tagger)
+        # The teacher (and, with adapters on, the regularizer): the base UNet before the generator's changes.
+        self.regularizer_unet = copy.deepcopy(backbone.unet)
+        if weights is not None:  # fine-tune released or earlier weights
+            state = read_method_weights(weights, self.method)
+            osediff.attach_lora(backbone, state)
+            self.rank = state["rank_unet"]
+            self.unet_lists = tuple(state[f"unet_lora_{part}_modules"] for part in ("encoder", "decoder", "others"))
+            self.vae_list = state["vae_lora_encoder_modules"]
+        else:
+            self.rank = lora_rank
+            self.unet_lists, self.vae_list = osediff.add_release_adapters(backbone, lora_rank)
+        for adapter, modules in zip(osediff.UNET_ADAPTERS, osediff.unet_lora_modules(self.regularizer_unet)):
+            add_lora(self.regularizer_unet, modules, lora_rank, adapter)
+        self.regularizer_unet.set_adapter(list(osediff.UNET_ADAPTERS))
+        self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
+        self.requires_grad_(False)
+        for module in (self.unet, self.vae.encoder, self.vae.quant_conv, self.regularizer_unet):
+            for name, param in module.named_parameters():
+                param.requires_grad_("lora" in name)
+        self.unet.conv_in.requires_grad_(True)  # the release trains conv_in's base weight too
+        self.perceptual = PerceptualLoss(lpips_weights)
+        self.register_buffer("alphas_cumprod", backbone.alphas_cumprod.float(), persistent=False)
+
+    # -- the contract ----------------------------------------------------------------------------------
+    def parameter_groups(self):
+        return {"generator": trainable(self.unet, self.vae), "regularizer": trainable(self.regularizer_unet)}
+
+    def frozen_modules(self):
+        return {"text_encoder": self.text_encoder, "vae_decoder": self.vae.decoder,
+                "vae_post_quant_conv": self.vae.post_quant_conv, "perceptual": self.perceptual}
+
+    def enable_gradient_checkpointing(self):
+        for model in (self.unet, self.regularizer_unet, self.vae):
+            model.enable_gradient_checkpointing()
+
+    def forward(self, batch: dict, phase: str):
+        if phase == "generator":
+            return self.generator_loss(batch)
+        return self.regularizer_loss(batch)
+
+    def upscaler(self):
+        self.backbone.device = self.unet.device
+        return osediff.OSEDiff(self.backbone)
+
+    def save_release(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / osediff.OSEDiff.weights_name
+        torch.save(osediff.release_state(self.backbone, self.unet_lists, self.vae_list, self.rank), file)
+        return [file]
+
+    # -- losses ----------------------------------------------------------------------------------------
+    def texts(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings (tags of the HR image when a tagger is set, as the release's RAM captions) and
+        the negative prompt's."""
+        tags = self.tagger(hr) if self.tagger is not None else [None] * len(hr)
+        prompts = [compose_prompt(self.prompt, t) for t in tags]
+        text = self.backbone.encode_prompt(prompts).float()
+        negative = self.backbone.encode_prompt([self.negative_prompt]).float().expand_as(text)
+        return text, negative
+
+    def generate(self, lr_up: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one-step generator: image in [-1, 1] at HR size -> (x0 latent, decoded image in [-1, 1])."""
+        scaling = self.vae.config.scaling_factor
+        latent = self.vae.encode(lr_up).latent_dist.sample() * scaling  # the release samples the posterior
+        t = torch.full((len(latent),), osediff.TIMESTEP, device=latent.device, dtype=torch.long)
+        eps = self.unet(latent, t, encoder_hidden_states=text).sample
+        x0 = x0_from_eps(self.alphas_cumprod, latent, eps, t)
+        return x0, self.vae.decode(x0 / scaling).sample.clamp(-1, 1)
+
+    def generator_loss(self, batch: dict):
+        hr = batch["hr"] * 2 - 1
+        lr_up = F.interpolate(batch["lr"], size=hr.shape[-2:], mode="bicubic", align_corners=False) * 2 - 1
+        text, negative = self.texts(batch["hr"])
+        x0, image = self.generate(lr_up.clamp(-1, 1), text)
+        mse = F.mse_loss(image.float(), hr.float())
+        lpips = self.perceptual(image, hr)
+        vsd = self.vsd(x0.float(), text, negative)
+        batch["latent"], batch["text"] = x0.detach(), text  # the regularizer learns from these next
+        loss = self.lambdas["mse"] * mse + self.lambdas["lpips"] * lpips + self.lambdas["vsd"] * vsd
+        return loss, {"loss": loss.item(), "loss_mse": mse.item(), "loss_lpips": lpips.item(), "loss_vsd": vsd.item()}
+
+    def vsd(self, x0: torch.Tensor, text: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        t = torch.randint(*VSD_TIMESTEPS, (len(x0),), device=x0.device)
+        noisy = add_noise(self.alphas_cumprod, x0, torch.randn_like(x0), t)
+        unet = self.regularizer_unet
+        with torch.no_grad():
+            x0_regularizer = x0_from_eps(self.alphas_cumprod, noisy, unet(noisy, t, text).sample.float(), t)
+            with adapters_off(unet):  # the frozen base: guided by the negative prompt
+                eps = unet(torch.cat([noisy] * 2), torch.cat([t] * 2), torch.cat([negative, text])).sample.float()
+            unconditional, conditional = eps.chunk(2)
+            x0_frozen = x0_from_eps(self.alphas_cumprod, noisy, unconditional + self.cfg_vsd * (conditional - unconditional), t)
+        return vsd_loss(x0, x0_regularizer, x0_frozen)
+
+    def regularizer_loss(self, batch: dict):
+        latent = batch["latent"]
+        noise = torch.randn_like(latent)
+        t = torch.randint(0, len(self.alphas_cumprod), (len(latent),), device=latent.device)
+        eps = self.regularizer_unet(add_noise(self.alphas_cumprod, latent, noise, t), t, batch["text"]).sample
+        loss = self.lambdas["regularizer"] * F.mse_loss(eps.float(), noise.float())
+        return loss, {"loss_regularizer": loss.item()}
