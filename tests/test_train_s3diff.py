@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import diffsr
 from conftest import smooth_image
 from metric_helpers import metric_weights  # noqa: F401  (fixture)
+from training_helpers import falls, logged, pair_folders, tiny_config
 from diffsr.errors import UsageError, WeightsError
 
 
@@ -73,22 +74,80 @@ def optimisers(trainer, lr):
 
 # -- training ---------------------------------------------------------------------------------------------
 
-def test_training_lowers_the_loss_and_leaves_the_frozen_parts(build):
-    from diffsr.training.base import state_digest
+def loop_config(output_dir, tiny_base, pairs, s3diff_weights, tiny_dino, metric_weights, **sections):  # noqa: F811
+    lr_dir, hr_dir = pairs
+    return tiny_config(output_dir, "s3diff", tiny_base, data={"lr_dir": str(lr_dir), "hr_dir": str(hr_dir), "crop": 64},
+                       method_args={"de_net": str(s3diff_weights.parent / "de_net.pth"), "dino": str(tiny_dino),
+                                    "lpips_weights": str(metric_weights)},
+                       optimizers={"generator": {"lr": 3e-3}, "discriminator": {"lr": 3e-3}}, **sections)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return pair_folders(tmp_path_factory.mktemp("s3diff-pairs"), count=2)
+
+
+def test_loss_falls_through_the_loop_and_the_release_holds_the_result(tmp_path, tiny_base, pairs, s3diff_weights,
+                                                                      tiny_dino, metric_weights, one_thread):  # noqa: F811
+    from diffsr.training.loop import train
+
+    config = loop_config(tmp_path / "run", tiny_base, pairs, s3diff_weights, tiny_dino, metric_weights,
+                         train={"steps": 16, "save_every": 16})
+    result = train(config, progress=False)
+    rows = logged(tmp_path / "run")
+    assert len(rows) == 16 and all(len(row) == 7 for row in rows)  # step + the three phases' numbers
+    first, last = falls([row["loss_l2"] + row["loss_lpips"] for row in rows], window=4)
+    print(f"S3Diff reconstruction loss (2 MSE + 5 LPIPS): first 4 steps {first:.4f}, last 4 {last:.4f}")
+    assert last < 0.9 * first
+    # The release files hold exactly the trained tensors of the last checkpoint, and load.
+    weights, de_net = result["release"]
+    assert (weights.name, de_net.name) == ("s3diff.pkl", "de_net.pth")
+    released = torch.load(weights, weights_only=False)
+    trained = torch.load(tmp_path / "run" / "checkpoints" / "step-16" / "trained.pt", weights_only=False)["trained"]
+    for part in ("unet", "vae"):
+        for key, value in released[f"state_dict_{part}"].items():
+            assert torch.equal(value, trained[f"{part}.{key}"]), key
+    assert torch.equal(released["state_dict_unet_fuse_mlp"]["weight"], trained["conditioner.unet_fuse_mlp.weight"])
+    diffsr.load_upscaler("s3diff", base=tiny_base, weights=weights)(smooth_image(16, 16), scale=4)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_base, pairs, s3diff_weights, tiny_dino, metric_weights,
+                                  one_thread):  # noqa: F811
+    from diffsr.training.loop import train
+
+    def run(name, steps):
+        config = loop_config(tmp_path / name, tiny_base, pairs, s3diff_weights, tiny_dino, metric_weights,
+                             train={"steps": steps, "save_every": 2})
+        torch.manual_seed(0)  # the same fresh adapters and heads in both runs, as in two new processes
+        return train(config, progress=False)
+
+    straight = run("straight", 4)
+    run("split", 2)
+    resumed = run("split", 4)
+    assert resumed["losses"]["loss_l2"] == straight["losses"]["loss_l2"][2:]
+    assert logged(tmp_path / "split") == logged(tmp_path / "straight")
+    a, b = (torch.load(tmp_path / name / "checkpoints" / "step-4" / "trained.pt", weights_only=False)["trained"]
+            for name in ("straight", "split"))
+    assert a.keys() == b.keys() and any("weight_u" in name for name in a)  # the spectral norms' state too
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_training_leaves_the_frozen_parts(build):
+    from diffsr.training.base import frozen_digest, state_digest
 
     trainer = build()
-    frozen = {name: state_digest(module) for name, module in trainer.frozen_modules().items()}
-    lpips = state_digest(trainer.perceptual)
+    frozen = frozen_digest(trainer)
+    modules = {name: state_digest(module) for name, module in trainer.frozen_modules().items()}
+    assert modules.keys() == {"unet", "vae", "text_encoder", "estimator", "dino"}
     optimizers, groups = optimisers(trainer, lr=1e-3)
-    batch = pictures()
-    losses = [run_iteration(trainer, optimizers, groups, batch, step) for step in range(16)]
-    reconstruction = [row["reconstruction"] for row in losses]
-    print("reconstruction loss:", " ".join(f"{value:.3f}" for value in reconstruction))
-    assert sum(reconstruction[-4:]) / 4 < 0.9 * sum(reconstruction[:4]) / 4
-    assert all(torch.isfinite(torch.tensor(list(row.values()))).all() for row in losses)
-    assert {name: state_digest(module) for name, module in trainer.frozen_modules().items()} == frozen
-    assert state_digest(trainer.perceptual) == lpips
-    assert frozen.keys() == {"unet", "vae", "text_encoder", "estimator", "dino"}
+    before = {name: p.detach().clone() for name, p in trainer.named_parameters() if p.requires_grad}
+    for step in range(3):
+        losses = run_iteration(trainer, optimizers, groups, pictures(), step)
+        assert all(torch.isfinite(torch.tensor(value)) for value in losses.values())
+    assert frozen_digest(trainer) == frozen
+    assert {name: state_digest(module) for name, module in trainer.frozen_modules().items()} == modules
+    moved = [name for name, p in trainer.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
+    assert len(moved) == len(before)
 
 
 def test_what_trains_and_where_gradients_go(build, s3diff_weights):
@@ -168,7 +227,7 @@ def test_online_negative_prompting(build, monkeypatch):
         with torch.no_grad():
             expected = 2 * F.mse_loss(output, target) + 5 * trainer.perceptual(output, target)
         assert abs(loss.item() - expected.item()) < 1e-5
-        assert logs["negative"] == probability
+        assert logs["negative_fraction"] == probability
 
 
 # -- the discriminator --------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ class S3DiffTrainer(Trainer):
     def _initialise_conditioner(self) -> None:
         """As the release's S3Diff.__init__: w and the block embeddings standard normal, the MLPs Kaiming
         normal scaled by 1e-5 with zero biases (so C starts near zero)."""
-        nn.init.normal_(self.conditioner.w)
+        # w is fixed, not trained, so not in the loop's checkpoints: a fixed seed lets a resumed run rebuild it.
+        self.conditioner.w.copy_(torch.randn(self.conditioner.w.shape, generator=torch.Generator().manual_seed(0)))
         for part in ("vae", "unet"):
             for mlp in ("de_mlp", "block_mlp", "fuse_mlp"):
                 for layer in getattr(self.conditioner, f"{part}_{mlp}").modules():
@@ -191,17 +192,18 @@ class S3DiffTrainer(Trainer):
             output = self.generate(source, scores, text[negative.long()])
             l2 = F.mse_loss(output.float(), target.float()) * self.lambda_l2
             lpips = self.perceptual(output, target) * self.lambda_lpips
-            return l2 + lpips, {"l2": l2.item(), "lpips": lpips.item(), "negative": negative.float().mean().item()}
+            logs = {"loss_l2": l2.item(), "loss_lpips": lpips.item(), "negative_fraction": negative.float().mean().item()}
+            return l2 + lpips, logs
         if phase == "adversarial":
             output = self.generate(source, scores, text[:1].expand(count, -1, -1))
             batch["fake"] = output.detach()
             # Only the generator learns from this loss: the heads take no gradient here.
             loss = self.discriminator.loss(output, real=True, heads_trained=False).mean() * self.lambda_gan
-            return loss, {"gan_g": loss.item()}
+            return loss, {"loss_gan_g": loss.item()}
         if phase == "discriminator":
             if "fake" not in batch:
                 raise UsageError("the s3diff discriminator phase needs the adversarial phase's output first")
             real = self.discriminator.loss(batch["hr"] * 2 - 1, real=True).mean() * self.lambda_gan
             fake = self.discriminator.loss(batch["fake"], real=False).mean() * self.lambda_gan
-            return real + fake, {"gan_d_real": real.item(), "gan_d_fake": fake.item()}
+            return real + fake, {"loss_gan_d_real": real.item(), "loss_gan_d_fake": fake.item()}
         raise UsageError(f"s3diff has no training phase {phase!r} (phases: reconstruction, adversarial, discriminator)")
