@@ -331,3 +331,25 @@ def test_bad_input(build, tiny_base, tmp_path, s3diff_weights):
         trainer(pictures(size=60), "reconstruction")
     with pytest.raises(UsageError, match="no training phase"):
         trainer(pictures(), "warmup")
+
+
+def test_configs_load_and_the_tiny_one_trains(tmp_path, tiny_base, s3diff_weights, tiny_dino, metric_weights,
+                                              one_thread):  # noqa: F811
+    from pathlib import Path
+
+    from diffsr.training.config import load_config
+    from diffsr.training.loop import train
+    from training_helpers import hr_folder
+
+    configs = Path(__file__).parent.parent / "configs" / "train"
+    paper = load_config(configs / "s3diff.yaml")
+    assert (paper.optimizers["generator"].lr, paper.method_args["lambda_l2"], paper.method_args["lambda_lpips"],
+            paper.method_args["lambda_gan"], paper.method_args["negative_prob"]) == (2e-5, 2.0, 5.0, 0.5, 0.05)
+    overrides = {"base": str(tiny_base), "output_dir": str(tmp_path / "run"), "train.steps": 2,
+                 "data.hr": [str(hr_folder(tmp_path / "hr", count=2))],
+                 "method_args.de_net": str(s3diff_weights.parent / "de_net.pth"),
+                 "method_args.dino": str(tiny_dino), "method_args.lpips_weights": str(metric_weights)}
+    config = load_config(configs / "tiny" / "s3diff.yaml", overrides)
+    assert config.data.degradation == "s3diff"
+    result = train(config, progress=False)  # HR crops degraded on the fly with S3Diff's settings
+    assert len(result["losses"]["loss_l2"]) == 2 and [f.name for f in result["release"]] == ["s3diff.pkl", "de_net.pth"]
