@@ -278,6 +278,67 @@ def test_discriminator_step_separates_real_from_fake(build):
     assert fake_as_real > real_as_real
 
 
+def test_discriminator_matches_vision_aided_loss(tmp_path):
+    """The release's discriminator (vision_aided_loss + DINO) on the same seeded weights, images and random
+    draws (tests/fixtures/s3diff/make_gan_fixture.py): features, logits, losses, the generator's image
+    gradient and the spectral norms' power iterations."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from diffsr.training.gan import VisionAidedDiscriminator, load_dino
+
+    folder = Path(__file__).parent / "fixtures" / "s3diff"
+    sys.path.insert(0, str(folder))
+    import gan_weights as gw
+
+    fixture = torch.load(folder / "gan_parity.pt")
+    # A folder as facebook/dino-vitb16 on the hub has it (its tensor names and LayerNorm eps 1e-12).
+    gw.transformers_config().save_pretrained(tmp_path)
+    save_file(gw.dino_to_transformers(gw.seeded(gw.dino_layout(), seed=10)), tmp_path / "model.safetensors")
+    discriminator = VisionAidedDiscriminator(load_dino(tmp_path))
+    assert discriminator.dino.config.layer_norm_eps == 1e-6
+    layout = [(name, tuple(value.shape)) for name, value in discriminator.heads.state_dict().items()
+              if not name.endswith("filt")]
+    assert layout == fixture["head_layout"]  # the same module names as vision_aided_loss's MultiLevelDViT
+    discriminator.heads.load_state_dict(gw.seeded(dict(layout), seed=20), strict=False)
+    discriminator.train()
+    images = gw.images()
+    differences = {}
+
+    def compare(name, ours, theirs):
+        differences[name] = (ours - theirs).abs().max().item()
+
+    discriminator.augment = False
+    with torch.no_grad():
+        features = discriminator.features(images)
+    discriminator.augment = True
+    compare("class token", features[2], fixture["class_token"])
+    for level in range(2):
+        compare(f"map {level}", features[level][:, :8], fixture["map_slices"][level])
+    torch.manual_seed(100)
+    compare("loss real", discriminator.loss(images, real=True).detach(), fixture["loss_real"][:, 0])
+    torch.manual_seed(101)
+    compare("loss fake", discriminator.loss(images.flip(-1), real=False).detach(), fixture["loss_fake"][:, 0])
+    generated = images.clone().requires_grad_(True)
+    torch.manual_seed(102)
+    loss = discriminator.loss(generated, real=True, heads_trained=False)
+    loss.mean().backward()
+    compare("loss generator", loss.detach(), fixture["loss_g"][:, 0])
+    compare("generator image gradient", generated.grad / fixture["grad_g"].abs().max(),
+            fixture["grad_g"] / fixture["grad_g"].abs().max())
+    torch.manual_seed(103)
+    with torch.no_grad():
+        for level, (ours, theirs) in enumerate(zip(discriminator.logits(images), fixture["logits"])):
+            compare(f"logits {level}", ours, theirs)
+    state = discriminator.heads.state_dict()
+    for name, value in fixture["power_vectors"].items():
+        compare(name, state[name], value)
+    print("max abs difference to vision_aided_loss:", {k: f"{v:.1e}" for k, v in differences.items()})
+    assert max(differences.values()) < 1e-4
+
+
 def test_diff_augment_is_differentiable_and_seeded():
     from diffsr.training.gan import diff_augment
 
