@@ -182,6 +182,41 @@ def test_what_trains_and_where_gradients_go(build, s3diff_weights):
     assert all(named[name].grad is None for name in trained)
 
 
+def test_training_step_matches_the_release(build, tiny_base, s3diff_weights):
+    """The authors' training model (src/s3diff.py) on the same tiny weights, inputs and posterior draw
+    (tests/fixtures/s3diff/make_train_parity_fixture.py): output, 2 x MSE with online negative prompting for
+    the first sample, and its gradients in conv_in, LoRA A and B, the MLPs and the block embeddings."""
+    from pathlib import Path
+
+    from diffsr.methods.s3diff import NEGATIVE_PROMPT, POSITIVE_PROMPT
+    from diffsr.testing import weights_digest
+
+    fixture = torch.load(Path(__file__).parent / "fixtures" / "s3diff" / "train_parity.pt")
+    if weights_digest(tiny_base, s3diff_weights, s3diff_weights.parent / "de_net.pth") != fixture["digest"]:
+        pytest.fail("the tiny models changed since train_parity.pt was made: regenerate it (see its script)")
+    trainer = build(weights=s3diff_weights)
+    trainer.train()
+    batch = {"lr": fixture["lr"], "hr": fixture["hr"]}
+    trainer.prepare(batch)
+    assert (batch["scores"] - fixture["scores"]).abs().max() < 1e-6
+    negative = fixture["negative"]
+    target = torch.where(negative[:, None, None, None], batch["source"], batch["hr"] * 2 - 1)
+    text = trainer.backbone.encode_prompt([NEGATIVE_PROMPT, POSITIVE_PROMPT])
+    torch.manual_seed(fixture["seed"])
+    output = trainer.generate(batch["source"], batch["scores"], text)
+    loss = F.mse_loss(output, target) * 2.0
+    loss.backward()
+    differences = {"output": (output - fixture["output"]).abs().max().item(),
+                   "loss_l2": abs(loss.item() - fixture["loss_l2"].item())}
+    named = dict(trainer.named_parameters())
+    for name, (values, norm) in fixture["gradients"].items():
+        ours = named[name if name.startswith(("unet.", "vae.")) else f"conditioner.{name}"].grad
+        differences[name] = ((ours.flatten()[:256] - values).abs().max() / norm).item()  # relative to the norm
+        assert abs(ours.norm() / norm - 1) < 1e-4, name
+    print("max abs difference to the release's training step:", {k: f"{v:.1e}" for k, v in differences.items()})
+    assert max(differences.values()) < 1e-4
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(build, s3diff_weights):
     trainer = build(weights=s3diff_weights)
     batch = pictures()
