@@ -87,8 +87,8 @@ def pairs(tmp_path_factory):
     return pair_folders(tmp_path_factory.mktemp("s3diff-pairs"), count=2)
 
 
-def test_loss_falls_through_the_loop_and_the_release_holds_the_result(tmp_path, tiny_base, pairs, s3diff_weights,
-                                                                      tiny_dino, metric_weights, one_thread):  # noqa: F811
+def test_loss_falls_through_the_loop_and_the_release_holds_the_result(
+        tmp_path, tiny_base, pairs, s3diff_weights, tiny_dino, metric_weights, one_thread):  # noqa: F811
     from diffsr.training.loop import train
 
     config = loop_config(tmp_path / "run", tiny_base, pairs, s3diff_weights, tiny_dino, metric_weights,

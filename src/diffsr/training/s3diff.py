@@ -83,7 +83,8 @@ class S3DiffTrainer(Trainer):
             for name, given, stored in (("lora_rank_unet", lora_rank_unet, state["rank_unet"]),
                                         ("lora_rank_vae", lora_rank_vae, state["rank_vae"])):
                 if given is not None and given != stored:
-                    raise UsageError(f"{name} {given} differs from {weights}'s rank {stored} (leave it out to fine-tune)")
+                    raise UsageError(f"{name} {given} differs from {weights}'s rank {stored} "
+                                     "(leave it out to fine-tune)")
             self.conditioner = DegradationConditioner(state["rank_vae"], state["rank_unet"])
             try:
                 self.conditioner.load_release_state(state)
@@ -179,7 +180,7 @@ class S3DiffTrainer(Trainer):
         batch["source"] = (upscaled * 2 - 1).clamp(-1, 1)
         with torch.no_grad():
             batch["scores"] = self.estimator(lr).float()
-        batch["text"] = dataclasses.replace(self.backbone, device=lr.device).encode_prompt(self.prompts)
+        batch["text"] = self.backbone.encode_prompt(self.prompts)  # (2, 77, d): positive, negative
 
     def forward(self, batch: dict, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
         self.prepare(batch)
@@ -192,7 +193,8 @@ class S3DiffTrainer(Trainer):
             output = self.generate(source, scores, text[negative.long()])
             l2 = F.mse_loss(output.float(), target.float()) * self.lambda_l2
             lpips = self.perceptual(output, target) * self.lambda_lpips
-            logs = {"loss_l2": l2.item(), "loss_lpips": lpips.item(), "negative_fraction": negative.float().mean().item()}
+            logs = {"loss_l2": l2.item(), "loss_lpips": lpips.item(),
+                    "negative_fraction": negative.float().mean().item()}
             return l2 + lpips, logs
         if phase == "adversarial":
             output = self.generate(source, scores, text[:1].expand(count, -1, -1))
