@@ -81,14 +81,10 @@ def test_save_release_is_a_v2_folder_with_the_trained_decoder(tiny_base, ccsr_v2
     assert (got - expected).abs().max().item() < 1e-5 and same_restore < 1e-5
 
 
-def test_resume_continues_exactly(tiny_base, ccsr_v2_weights, tmp_path, one_thread, monkeypatch):
-    from diffsr.training import TRAINERS
+def test_resume_continues_exactly(tiny_base, ccsr_v2_weights, tmp_path, one_thread):
     from diffsr.training.loop import train
     from training_helpers import logged, pair_folders, tiny_config
 
-    # CCSRStage2 lives in its own module (the stage-1 trainer's file is another branch's); until the registry
-    # names it, point the entry there.
-    monkeypatch.setitem(TRAINERS, ("ccsr", 2), "diffsr.training.ccsr_decoder:CCSRStage2")
     lr_dir, hr_dir = pair_folders(tmp_path / "pairs")
 
     def config(name, steps):

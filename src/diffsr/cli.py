@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", required=True, type=Path, help="output folder (IN name, .safetensors)")
     convert.add_argument("--method", default="stablesr", help="the method the files belong to (default stablesr)")
     convert.add_argument("--base", help="Stable Diffusion base the weights are for (default: the method's)")
+
+    train = commands.add_parser("train", help="train or fine-tune a method from a YAML config (also under accelerate launch)")
+    train.add_argument("config", type=Path, metavar="CONFIG", help="training config (see configs/train/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value, e.g. --set train.steps=100 (YAML value syntax; repeatable)")
+    train.add_argument("--no-resume", action="store_true",
+                       help="start from step 0 even if output_dir holds checkpoints (they are overwritten)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -399,6 +407,27 @@ def run_convert(args) -> int:
     return EXIT_OK
 
 
+def run_train(args) -> int:
+    import yaml
+
+    from diffsr.training.config import load_config
+    from diffsr.training.loop import train
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--set {item}: expected KEY=VALUE, e.g. train.steps=100")
+            return EXIT_USAGE
+        overrides[key] = yaml.safe_load(value)
+    try:
+        train(load_config(args.config, overrides), resume=not args.no_resume, progress=not args.quiet)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "upscale":
@@ -413,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_evaluate(args)
     if args.command == "benchmark":
         return run_benchmark(args)
+    if args.command == "train":
+        return run_train(args)
     if args.command == "methods":
         from diffsr.methods import list_methods
 

@@ -67,15 +67,24 @@ class LoraModulation:
     def __init__(self):
         self.matrices: torch.Tensor | None = None
 
-    @contextmanager
-    def use(self, matrices: torch.Tensor):
+    @staticmethod
+    def _checked(matrices: torch.Tensor) -> torch.Tensor:
         if matrices.dim() != 4 or matrices.shape[-1] != matrices.shape[-2]:
             raise ValueError(f"modulation matrices must be (N, blocks, r, r), got {tuple(matrices.shape)}")
-        previous, self.matrices = self.matrices, matrices
+        return matrices
+
+    @contextmanager
+    def use(self, matrices: torch.Tensor):
+        previous, self.matrices = self.matrices, self._checked(matrices)
         try:
             yield self
         finally:
             self.matrices = previous
+
+    def hold(self, matrices: torch.Tensor) -> None:
+        """Set `matrices` until replaced (training: with gradient checkpointing the backward pass runs the
+        layers again after the forward pass has returned, so a `use` block would have ended)."""
+        self.matrices = self._checked(matrices)
 
     def matrix(self, block: int, batch: int) -> torch.Tensor:
         """(batch, r, r) for the layers of `block`."""

@@ -210,6 +210,33 @@ def attach_degradation_lora(backbone: Backbone, weights: dict) -> tuple[LoraModu
     return vae, unet
 
 
+def unet_release_state(unet: nn.Module) -> dict:
+    """The UNet tensors s3diff.pkl stores: every LoRA tensor and the fully trained conv_in."""
+    return {k: v for k, v in unet.state_dict().items() if "lora" in k or "conv_in" in k}
+
+
+def vae_release_state(vae: nn.Module) -> dict:
+    """The VAE tensors s3diff.pkl stores: the encoder's LoRA tensors."""
+    return {k: v for k, v in vae.state_dict().items() if "lora" in k or "skip_conv" in k}
+
+
+def write_release(out_file: str | Path, unet: nn.Module, vae: nn.Module, conditioner: DegradationConditioner) -> Path:
+    """Write s3diff.pkl in the release's layout (ArcticHare105/S3Diff `S3Diff.save_model`) from a UNet and a
+    VAE carrying the release's adapters and the degradation conditioner. The estimator (de_net.pth) is a
+    separate file that the caller writes beside it."""
+    out_file = Path(out_file)
+    torch.save({
+        "unet_lora_target_modules": UNET_TARGETS,
+        "vae_lora_target_modules": VAE_TARGETS,
+        "rank_unet": conditioner.ranks["unet"],
+        "rank_vae": conditioner.ranks["vae"],
+        "state_dict_unet": {k: v.detach().cpu().float() for k, v in unet_release_state(unet).items()},
+        "state_dict_vae": {k: v.detach().cpu().float() for k, v in vae_release_state(vae).items()},
+        **conditioner.release_state(),
+    }, out_file)
+    return out_file
+
+
 class S3Diff(Upscaler):
     name = "s3diff"
     default_base = "stabilityai/sd-turbo"
@@ -220,7 +247,7 @@ class S3Diff(Upscaler):
                  sample_posterior: bool = False):
         super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
-        self.conditioner = conditioner.requires_grad_(False).to(backbone.device)
+        self.conditioner = conditioner.to(backbone.device)  # may be a trainer's, still training
         self.vae_modulation, self.unet_modulation = modulations
         # The estimator is small: it stays in float32 whatever the model's dtype.
         self.estimator = estimator.to(backbone.device)
@@ -239,7 +266,7 @@ class S3Diff(Upscaler):
         state = read_method_weights(weights, cls.name)
         _checked_weights(weights, state)
         estimator = load_de_net(Path(de_net) if de_net is not None else Path(weights).parent / "de_net.pth")
-        conditioner = DegradationConditioner(state["rank_vae"], state["rank_unet"])
+        conditioner = DegradationConditioner(state["rank_vae"], state["rank_unet"]).requires_grad_(False)
         backbone = load_backbone(base, device, dtype)
         try:
             conditioner.load_release_state(state)
@@ -256,14 +283,12 @@ class S3Diff(Upscaler):
         generator = torch.Generator().manual_seed(seed)
         add_degradation_lora(backbone.vae, VAE_TARGETS, RANK_VAE, VAE_ADAPTER, vae_block)
         add_degradation_lora(backbone.unet, UNET_TARGETS, RANK_UNET, UNET_ADAPTER, unet_block)
-        unet_state = {k: v for k, v in backbone.unet.state_dict().items() if "lora" in k or "conv_in" in k}
-        vae_state = {k: v for k, v in backbone.vae.state_dict().items() if "lora" in k or "skip_conv" in k}
-        for state in (unet_state, vae_state):
-            for key, value in state.items():
+        for state in (unet_release_state(backbone.unet), vae_release_state(backbone.vae)):
+            for key, value in state.items():  # views of the parameters: perturbed in place
                 # lora_B starts at zero in training; random here so the adapters visibly act.
                 noise = torch.randn(value.shape, generator=generator)
                 # The UNet's conv_in is fully trained (perturb the base); every other tensor is LoRA state.
-                state[key] = value + 0.01 * noise if key.startswith("conv_in.") else 0.05 * noise
+                value.copy_(value + 0.01 * noise if key.startswith("conv_in.") else 0.05 * noise)
         conditioner = DegradationConditioner(RANK_VAE, RANK_UNET)
         for name, value in conditioner.state_dict().items():
             if "bias" in name:
@@ -273,15 +298,7 @@ class S3Diff(Upscaler):
             else:  # w and the block embeddings: standard normal, as initialised in the release
                 scale = 1.0
             value.copy_(torch.randn(value.shape, generator=generator) * scale)
-        torch.save({
-            "unet_lora_target_modules": UNET_TARGETS,
-            "vae_lora_target_modules": VAE_TARGETS,
-            "rank_unet": RANK_UNET,
-            "rank_vae": RANK_VAE,
-            "state_dict_unet": unet_state,
-            "state_dict_vae": vae_state,
-            **conditioner.release_state(),
-        }, out_file)
+        write_release(out_file, backbone.unet, backbone.vae, conditioner)
         estimator = DEResNet()
         for name, value in estimator.state_dict().items():
             fan_in = value[0].numel() if value.dim() > 1 else 1

@@ -13,7 +13,7 @@ TRAINERS = {
     ("stablesr", 1): "diffsr.training.stablesr:StableSRStage1",  # time-aware encoder + SFT, SD frozen
     ("stablesr", 2): "diffsr.training.stablesr:StableSRStage2",  # CFW on stage-1 latents
     ("ccsr", 1): "diffsr.training.ccsr:CCSRStage1",  # ControlNet with the truncated-diffusion losses
-    ("ccsr", 2): "diffsr.training.ccsr:CCSRStage2",  # VAE decoder fine-tuning
+    ("ccsr", 2): "diffsr.training.ccsr_decoder:CCSRStage2",  # VAE decoder fine-tuning
 }
 
 

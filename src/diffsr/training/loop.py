@@ -96,6 +96,33 @@ class StepBatches(Sampler):
                 yield keys
 
 
+class Batch:
+    """One micro-batch on the device: tensors by name ("lr", "hr"); a phase may store tensors for later phases
+    of the iteration. Deliberately not a dict: DistributedDataParallel rebuilds dict arguments on every call,
+    which would drop what a phase stored."""
+
+    def __init__(self, tensors: dict):
+        self._items = dict(tensors)
+
+    def __getitem__(self, key: str):
+        return self._items[key]
+
+    def __setitem__(self, key: str, value) -> None:
+        self._items[key] = value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str, default=None):
+        return self._items.get(key, default)
+
+    def keys(self):
+        return self._items.keys()
+
+    def items(self):
+        return self._items.items()
+
+
 # -- checkpoints --------------------------------------------------------------------------------------
 
 
@@ -158,20 +185,25 @@ def _warmup(steps: int):
 def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> dict:
     """Train as `config` says; continue from the latest checkpoint in output_dir when `resume`.
 
-    Returns {"step": last step, "losses": {name: [per-step value]} of this run, "release": [files]}."""
+    Returns {"step": last step, "losses": {name: [per-step value]} of this run, "release": [files],
+    "trainer": the trained trainer}."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
+    from accelerate.state import AcceleratorState, GradientState
+
     out = Path(config.output_dir)
     loop = config.train
     log_with = _tracker(loop.log_with)
+    # accelerate keeps one precision per process; a later train() call (a notebook, tests) may want another.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=loop.mixed_precision, log_with=log_with, project_dir=str(out),
         # Phases train different parts: each backward leaves the other parts' parameters unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    # Newly added layers initialise from the global RNG: seed it, so a run is reproducible from its config.
-    torch.manual_seed(derived_seed(loop.seed, 3))
+    torch.manual_seed(derived_seed(loop.seed, 3))  # the trainer's initial weights (e.g. LoRA A)
     trainer = trainer_class(config.method, config.stage).from_config(config)
     if loop.gradient_checkpointing:
         trainer.enable_gradient_checkpointing()
@@ -214,11 +246,11 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
     history: dict[str, list[float]] = {}
     bar = tqdm(range(start, loop.steps), initial=start, total=loop.steps, desc=f"train {config.method}",
                disable=not (progress and accelerator.is_local_main_process))
-    log_file = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
+    log_file = _open_log(out / "log.jsonl", start) if accelerator.is_main_process else None
     model.train()
     for step in bar:
         torch.manual_seed(derived_seed(loop.seed, step, accelerator.process_index, 2))
-        micro = [{k: v.to(accelerator.device) for k, v in next(batches).items()}
+        micro = [Batch({k: v.to(accelerator.device) for k, v in next(batches).items()})
                  for _ in range(loop.gradient_accumulation)]
         trainer.global_step = step
         logs = run_step(accelerator, model, trainer, micro, optimizers, groups, loop.max_grad_norm)
@@ -249,7 +281,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
         accelerator.print(f"trained weights in the release format: {', '.join(map(str, release))}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"step": loop.steps, "losses": history, "release": release}
+    return {"step": loop.steps, "losses": history, "release": release, "trainer": trainer}
 
 
 def run_step(accelerator, model, trainer, micro: list[dict], optimizers: dict, groups: dict,
@@ -274,6 +306,15 @@ def run_step(accelerator, model, trainer, micro: list[dict], optimizers: dict, g
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     return logs
+
+
+def _open_log(path: Path, start: int):
+    """log.jsonl keeps one line per step: on resume the lines past the checkpoint (a crashed run's) go."""
+    kept = []
+    if start and path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
+    path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
 
 
 def _save(accelerator, out: Path, step: int, trainer, optimizers, schedulers, keep: int) -> None:

@@ -1,0 +1,96 @@
+"""OSEDiff training: VSD gradient, the regularizer/teacher UNet, loss falling, release round trip."""
+
+import pytest
+import torch
+
+import diffsr
+from diffsr.training.loop import train
+from diffsr.training.osediff import OSEDiffTrainer, add_noise, vsd_loss, x0_from_eps
+from metric_helpers import metric_weights  # noqa: F401  (fixture)
+from training_helpers import falls, logged, pair_folders, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: faster on one thread
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_base, metric_weights):
+    return OSEDiffTrainer(tiny_base, lpips_weights=metric_weights)
+
+
+def test_vsd_gradient_direction_and_weighting():
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, generator=generator, requires_grad=True)
+    x0_regularizer = torch.randn(2, 4, 8, 8, generator=generator)
+    x0_frozen = torch.randn(2, 4, 8, 8, generator=generator)
+    vsd_loss(x0, x0_regularizer, x0_frozen).backward()
+    weight = (x0.detach() - x0_frozen).abs().mean(dim=(1, 2, 3), keepdim=True)  # one weight per sample
+    expected = 2 / x0.numel() * (x0_regularizer - x0_frozen) / weight
+    torch.testing.assert_close(x0.grad, expected, rtol=1e-5, atol=1e-7)
+    # Descent moves x0 from the regularizer's estimate (the generator's own distribution) toward the
+    # frozen model's, sample by sample.
+    assert ((-x0.grad) * (x0_frozen - x0_regularizer)).sum(dim=(1, 2, 3)).gt(0).all()
+
+
+def test_noise_and_x0_formulas_are_inverse():
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    x0, noise = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    noisy = add_noise(alphas, x0, noise, t)
+    torch.testing.assert_close(x0_from_eps(alphas, noisy, noise, t), x0, rtol=1e-4, atol=1e-4)
+
+
+def test_regularizer_unet_is_the_base_with_all_adapters_active(trainer, tiny_base):
+    from diffsr.backbone import load_backbone
+    from diffsr.methods.osediff import UNET_ADAPTERS
+    from diffsr.training.osediff import adapters_off
+
+    unet = trainer.regularizer_unet
+    assert sorted(unet.active_adapters()) == sorted(UNET_ADAPTERS)  # the release leaves only the last one on
+    base_unet = load_backbone(tiny_base).unet
+    latent, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)  # as after some training
+        with adapters_off(unet):
+            frozen = unet(latent, 500, text).sample
+        adapted = unet(latent, 500, text).sample
+        reference = base_unet(latent, 500, text).sample
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    torch.testing.assert_close(frozen, reference, rtol=0, atol=1e-6)  # the teacher: the base, untouched
+    assert (adapted - reference).abs().max() > 1e-3
+    assert unet.active_adapters() and all(layer.disable_adapters is False for layer in _lora_layers(unet))
+
+
+def _lora_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def test_loss_falls_and_release_loads(tmp_path, tiny_base, metric_weights):
+    lr_dir, hr_dir = pair_folders(tmp_path / "pairs", count=1)
+    config = tiny_config(tmp_path / "run", "osediff", tiny_base,
+                         data={"lr_dir": str(lr_dir), "hr_dir": str(hr_dir), "crop": 64, "flip": False},
+                         method_args={"lpips_weights": str(metric_weights)}, train={"steps": 24},
+                         optimizers={"generator": {"lr": 3e-3}, "regularizer": {"lr": 3e-3}})
+    result = train(config, progress=False)
+    rows = logged(tmp_path / "run")
+    # The image MSE; LPIPS runs on synthetic random weights here, so its value carries no meaning.
+    first, last = falls([row["loss_mse"] for row in rows])
+    print(f"OSEDiff image MSE: first 5 steps {first:.4f}, last 5 {last:.4f}")
+    assert last < 0.8 * first
+    first, last = falls([row["loss_regularizer"] for row in rows], window=8)
+    print(f"regularizer eps loss: first 8 steps {first:.4f}, last 8 {last:.4f}")
+    assert last < first
+    # The release file loads in diffsr's own upscaler and gives the trained model's output.
+    (weights,) = result["release"]
+    loaded = diffsr.load_upscaler("osediff", base=tiny_base, weights=weights)
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        expected = result["trainer"].upscaler().restore(lr, torch.Generator().manual_seed(0))
+        got = loaded.restore(lr, generator)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

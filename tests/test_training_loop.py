@@ -1,0 +1,116 @@
+"""The shared training loop (diffsr.training.loop), exercised through the OSEDiff trainer on the tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from diffsr.errors import UsageError
+from diffsr.training.base import frozen_digest
+from diffsr.training.config import load_config
+from diffsr.training.loop import StepBatches, derived_seed, train, trained_state
+from metric_helpers import metric_weights  # noqa: F401  (fixture)
+from training_helpers import hr_folder, logged, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: faster on one thread
+
+
+@pytest.fixture(scope="module")
+def hr_dir(tmp_path_factory):
+    return hr_folder(tmp_path_factory.mktemp("train-hr"), count=3)
+
+
+def osediff_config(output_dir, tiny_base, hr_dir, metric_weights, **sections):
+    return tiny_config(output_dir, "osediff", tiny_base, data={"hr": [str(hr_dir)], "crop": 64},
+                       method_args={"lpips_weights": str(metric_weights)},
+                       optimizers={"generator": {"lr": 1e-3}, "regularizer": {"lr": 1e-3}}, **sections)
+
+
+def test_step_batches_are_a_function_of_the_step():
+    full = list(StepBatches(5, 2, 1, 1, 0, seed=3, start_step=0, steps=6))
+    resumed = list(StepBatches(5, 2, 1, 1, 0, seed=3, start_step=4, steps=6))
+    assert resumed == full[4:]
+    # Every epoch is a permutation: each run of 5 positions visits every image once.
+    positions = [index for batch in full for index, _ in batch]
+    assert sorted(positions[:5]) == [0, 1, 2, 3, 4] and sorted(positions[5:10]) == [0, 1, 2, 3, 4]
+    # Two processes split the stream: no micro-batch is drawn twice.
+    rank0 = list(StepBatches(5, 1, 2, 2, 0, seed=3, start_step=0, steps=3))
+    rank1 = list(StepBatches(5, 1, 2, 2, 1, seed=3, start_step=0, steps=3))
+    seeds = [seed for batch in rank0 + rank1 for _, seed in batch]
+    assert len(set(seeds)) == len(seeds) == 12
+    assert derived_seed(1, 2) != derived_seed(2, 1)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_base, hr_dir, metric_weights):
+    straight = train(osediff_config(tmp_path / "straight", tiny_base, hr_dir, metric_weights,
+                                    train={"steps": 4, "save_every": 2}), progress=False)
+    first = osediff_config(tmp_path / "split", tiny_base, hr_dir, metric_weights, train={"steps": 2, "save_every": 2})
+    train(first, progress=False)
+    resumed = train(osediff_config(tmp_path / "split", tiny_base, hr_dir, metric_weights,
+                                   train={"steps": 4, "save_every": 2}), progress=False)
+    assert list(resumed["losses"]["loss"]) == straight["losses"]["loss"][2:]  # only steps 3 and 4 ran
+    a, b = trained_state(straight["trainer"]), trained_state(resumed["trainer"])
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert logged(tmp_path / "split") == logged(tmp_path / "straight")
+    # The checkpoints hold the trained tensors only: the base networks come from the base folder.
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "step-4" / "trained.pt", weights_only=False)
+    assert saved["step"] == 4 and set(saved["trained"]) == set(a)
+    assert not any(name.startswith("text_encoder.") for name in saved["trained"])
+
+
+def test_training_changes_only_the_trained_parts(tmp_path, tiny_base, hr_dir, metric_weights):
+    from diffsr.training import trainer_class
+
+    config = osediff_config(tmp_path / "run", tiny_base, hr_dir, metric_weights, train={"steps": 2})
+    fresh = trainer_class("osediff").from_config(config)
+    before = {name: tensor.clone() for name, tensor in trained_state(fresh).items()}
+    trained = train(config, progress=False)["trainer"]
+    assert frozen_digest(trained) == frozen_digest(fresh)
+    after = trained_state(trained)
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert any("lora_B" in name for name in changed) and any("regularizer_unet" in name for name in changed)
+    assert any(name.startswith("unet.conv_in.base_layer") for name in changed)
+
+
+def test_bf16_mixed_precision_and_tensorboard(tmp_path, tiny_base, hr_dir, metric_weights):
+    pytest.importorskip("tensorboard")
+    config = osediff_config(tmp_path / "run", tiny_base, hr_dir, metric_weights,
+                            train={"steps": 2, "mixed_precision": "bf16", "log_with": "tensorboard",
+                                   "gradient_checkpointing": True, "gradient_accumulation": 2},
+                            validation={"images": [str(hr_dir / "hr0.png")], "every": 2, "scale": 1})
+    result = train(config, progress=False)
+    trainer = result["trainer"]
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in result["losses"]["loss"])
+    # Trained tensors stay float32 for the optimiser; frozen ones are stored in bfloat16.
+    assert {p.dtype for p in trainer.parameters() if p.requires_grad} == {torch.float32}
+    assert trainer.text_encoder.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "validation" / "step-2" / "hr0.png").is_file()
+
+
+def test_bad_configs_get_one_line_errors(tmp_path, tiny_base, hr_dir, metric_weights):
+    from diffsr.cli import main
+
+    good = {"method": "osediff", "base": str(tiny_base), "output_dir": str(tmp_path / "out"),
+            "data": {"hr": [str(hr_dir)], "crop": 64}, "train": {"steps": 1, "log_with": "none"},
+            "method_args": {"lpips_weights": str(metric_weights)}}
+    cases = [
+        ({"train": {"stepz": 3}}, "unknown key 'stepz'"),
+        ({"train": {"mixed_precision": "fp8"}}, "mixed_precision"),
+        ({"optimizers": {"critic": {"lr": 1e-4}}}, "no optimiser 'critic'"),
+        ({"method_args": {"lora_rnk": 4}}, "no method_args key 'lora_rnk'"),
+        ({"stage": 3}, "no trainer for osediff stage 3"),
+        ({"data": {}}, "data needs"),
+    ]
+    for change, message in cases:
+        file = tmp_path / "config.yaml"
+        file.write_text(json.dumps({**good, **change}))
+        with pytest.raises(UsageError, match=message):
+            config = load_config(file)
+            train(config, progress=False)
+    file.write_text("method: [unclosed")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        load_config(file)
+    assert main(["train", str(file)]) == 2
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
