@@ -32,7 +32,7 @@ def test_decoder_trains_with_the_adaptive_gan_weight(tiny_base, ccsr_v2_weights,
         trainer.global_step = 0
         torch.manual_seed(0)
         with torch.no_grad():
-            return trainer(dict(batch), "generator")[1]["rec_loss"]
+            return trainer(dict(batch), "generator")[1]["loss_rec"]
 
     before = rec_loss()
     optimizers = {name: torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.9)) for name, params in groups.items()}

@@ -142,7 +142,7 @@ def test_stage2_trains_fusion_layers_on_stage1_latents(tiny_base, release_weight
     assert set(map(id, groups["discriminator"])) == set(map(id, trainer.loss.discriminator.parameters()))
     batches = crops(2)
     before_frozen = digests(trainer)
-    before = evaluate(trainer, batches, key="rec_loss", seeds=(0,))
+    before = evaluate(trainer, batches, key="loss_rec", seeds=(0,))
     optimizers = {name: torch.optim.Adam(params, lr=2e-3, betas=(0.5, 0.9)) for name, params in groups.items()}
     for step in range(8):
         trainer.global_step = step
@@ -161,7 +161,7 @@ def test_stage2_trains_fusion_layers_on_stage1_latents(tiny_base, release_weight
                 assert (loss.item() > 0) == (step >= 6)
             optimizers[name].step()
     trainer.global_step = 0
-    after = evaluate(trainer, batches, key="rec_loss", seeds=(0,))
+    after = evaluate(trainer, batches, key="loss_rec", seeds=(0,))
     print(f"stage 2 reconstruction loss {before:.4f} -> {after:.4f}")
     assert after < 0.9 * before
     assert digests(trainer) == before_frozen

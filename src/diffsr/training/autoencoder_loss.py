@@ -108,7 +108,7 @@ class AutoencoderLoss(nn.Module):
         else:
             weight = torch.zeros((), device=rec_loss.device)
         loss = rec_loss + weight * factor * gan_loss
-        return loss, {"rec_loss": rec_loss.item(), "g_loss": gan_loss.item(), "d_weight": float(weight),
+        return loss, {"loss_rec": rec_loss.item(), "loss_gan": gan_loss.item(), "d_weight": float(weight),
                       "disc_factor": factor}
 
     def discriminator_loss(self, target: torch.Tensor, reconstruction: torch.Tensor,
@@ -116,5 +116,5 @@ class AutoencoderLoss(nn.Module):
         logits_real = self.discriminator(target.detach())
         logits_fake = self.discriminator(reconstruction.detach())
         loss = self.factor(step) * hinge_discriminator_loss(logits_real, logits_fake)
-        return loss, {"disc_loss": loss.item(), "logits_real": logits_real.mean().item(),
+        return loss, {"loss_disc": loss.item(), "logits_real": logits_real.mean().item(),
                       "logits_fake": logits_fake.mean().item()}
