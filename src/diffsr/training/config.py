@@ -108,13 +108,28 @@ def config_from_dict(values: dict, where: str = "config") -> TrainConfig:
     for name in ("steps", "batch_size", "gradient_accumulation", "save_every", "log_every"):
         if getattr(config.train, name) < 1:
             raise UsageError(f"{where}: train.{name} must be at least 1")
+    _expand_home(config)
     if not config.data.hr and not (config.data.lr_dir and config.data.hr_dir):
         raise UsageError(f"{where}: data needs 'hr' (folders degraded on the fly) or 'lr_dir' and 'hr_dir' (pairs)")
     return config
 
 
+def _home(value):
+    """'~/x' -> the user's home; anything else as it is (hub ids, numbers)."""
+    return str(Path(value).expanduser()) if isinstance(value, str) and value.startswith("~") else value
+
+
+def _expand_home(config: TrainConfig) -> None:
+    config.base, config.output_dir, config.weights = map(_home, (config.base, config.output_dir, config.weights))
+    config.data.hr = [_home(v) for v in config.data.hr]
+    config.data.lr_dir, config.data.hr_dir = _home(config.data.lr_dir), _home(config.data.hr_dir)
+    config.validation.images = [_home(v) for v in config.validation.images]
+    config.method_args = {k: _home(v) for k, v in config.method_args.items()}
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML training config; `overrides` ({"train.steps": 10, ...}) replace single values."""
+    """Read a YAML training config; `overrides` ({"train.steps": 10, ...}) replace single values. Relative
+    paths are relative to the working directory; '~' is the home folder."""
     import yaml
 
     path = Path(path)
@@ -132,6 +147,4 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    # Relative paths in the file are relative to the file.
-    config = config_from_dict(values, str(path))
-    return config
+    return config_from_dict(values, str(path))
