@@ -114,3 +114,20 @@ def test_bad_configs_get_one_line_errors(tmp_path, tiny_base, hr_dir, metric_wei
         load_config(file)
     assert main(["train", str(file)]) == 2
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_trains_from_a_yaml_file(tmp_path, tiny_base, hr_dir, metric_weights):
+    import yaml
+
+    from diffsr.cli import main
+
+    file = tmp_path / "tiny.yaml"
+    file.write_text(yaml.safe_dump({
+        "method": "osediff", "base": str(tiny_base), "output_dir": str(tmp_path / "run"),
+        "data": {"hr": [str(hr_dir)], "crop": 64}, "train": {"steps": 5, "log_with": "none"},
+        "method_args": {"lpips_weights": str(metric_weights)}}))
+    assert main(["train", str(file), "--set", "train.steps=1", "--set", "train.save_every=1", "--quiet"]) == 0
+    assert [row["step"] for row in logged(tmp_path / "run")] == [1]
+    assert (tmp_path / "run" / "checkpoints" / "step-1" / "trained.pt").is_file()
+    assert (tmp_path / "run" / "release" / "osediff.pkl").is_file()
+    assert main(["train", str(file), "--set", "train.steps"]) == 2  # not KEY=VALUE
