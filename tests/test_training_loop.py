@@ -78,8 +78,10 @@ def test_bf16_mixed_precision_and_tensorboard(tmp_path, tiny_base, hr_dir, metri
     config = osediff_config(tmp_path / "run", tiny_base, hr_dir, metric_weights,
                             train={"steps": 2, "mixed_precision": "bf16", "log_with": "tensorboard",
                                    "gradient_checkpointing": True, "gradient_accumulation": 2},
-                            validation={"images": [str(hr_dir / "hr0.png")], "every": 2, "scale": 1})
-    result = train(config, progress=False)
+                            validation={"images": [str(tmp_path / "missing.png"), str(hr_dir / "hr0.png")],
+                                        "every": 2, "scale": 1})
+    with pytest.warns(UserWarning, match="validation skipped .*missing.png"):
+        result = train(config, progress=False)
     trainer = result["trainer"]
     assert all(torch.isfinite(torch.tensor(v)).all() for v in result["losses"]["loss"])
     # Trained tensors stay float32 for the optimiser; frozen ones are stored in bfloat16.

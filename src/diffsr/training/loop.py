@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diffsr.errors import UsageError
+from diffsr.errors import DiffsrError, UsageError
 from diffsr.training import trainer_class
 from diffsr.training.config import TrainConfig
 
@@ -340,8 +341,12 @@ def validate(accelerator, trainer, config: TrainConfig, step: int) -> list[Path]
     try:
         upscaler = trainer.upscaler()
         for path in collect_inputs(config.validation.images):
-            with accelerator.autocast():
-                picture = upscaler.upscale(path, scale=config.validation.scale, seed=0)
+            try:
+                with accelerator.autocast():
+                    picture = upscaler.upscale(path, scale=config.validation.scale, seed=0)
+            except DiffsrError as error:  # a bad validation image must not stop a long training run
+                warnings.warn(f"validation skipped {error}", stacklevel=2)
+                continue
             target = folder / (path.stem + ".png")
             write_image(target, picture.rgb, picture.alpha)
             written.append(target)
@@ -360,8 +365,6 @@ def _tracker(log_with: str) -> str | None:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        import warnings
-
         warnings.warn("tensorboard is not installed (pip install 'diffsr[train]'): losses go to log.jsonl only",
                       stacklevel=3)
         return None
