@@ -45,8 +45,11 @@ def load_dino(name: str | Path = DINO):
     """The frozen DINO ViT from a transformers hub id or a local folder (no pooler)."""
     from transformers import ViTModel
 
+    from diffsr.backbone import quiet_loading
+
     try:
-        model = ViTModel.from_pretrained(str(name), add_pooling_layer=False, layer_norm_eps=DINO_LAYER_NORM_EPS)
+        with quiet_loading():
+            model = ViTModel.from_pretrained(str(name), add_pooling_layer=False, layer_norm_eps=DINO_LAYER_NORM_EPS)
     except (OSError, ValueError) as error:
         raise WeightsError(f"cannot load the DINO backbone {str(name)!r} of S3Diff's discriminator "
                            f"({str(error).splitlines()[0]}); offline, download {DINO} first or pass "
