@@ -133,3 +133,27 @@ def test_cli_trains_from_a_yaml_file(tmp_path, tiny_base, hr_dir, metric_weights
     assert (tmp_path / "run" / "checkpoints" / "step-1" / "trained.pt").is_file()
     assert (tmp_path / "run" / "release" / "osediff.pkl").is_file()
     assert main(["train", str(file), "--set", "train.steps"]) == 2  # not KEY=VALUE
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path, tiny_base, hr_dir, metric_weights):
+    """Distributed data parallel on two CPU processes (gloo), with accumulation and two phases per step."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    file = tmp_path / "ddp.yaml"
+    file.write_text(yaml.safe_dump({
+        "method": "osediff", "base": str(tiny_base), "output_dir": str(tmp_path / "run"),
+        "data": {"hr": [str(hr_dir)], "crop": 64},
+        "train": {"steps": 2, "gradient_accumulation": 2, "log_with": "none"},
+        "method_args": {"lpips_weights": str(metric_weights)}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffsr.cli",
+                           "train", str(file), "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [row["step"] for row in logged(tmp_path / "run")] == [1, 2]  # the main process logs, once per step
+    assert done.stdout.count("trained weights in the release format") == 1
+    assert (tmp_path / "run" / "release" / "osediff.pkl").is_file()

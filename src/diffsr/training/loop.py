@@ -200,8 +200,10 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
     # accelerate keeps one precision per process; a later train() call (a notebook, tests) may want another.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(
-        mixed_precision=loop.mixed_precision, log_with=log_with, project_dir=str(out),
+        # cpu=True where there is no GPU anyway: it is what lets accelerate run several CPU processes (torchrun).
+        cpu=no_gpu, mixed_precision=loop.mixed_precision, log_with=log_with, project_dir=str(out),
         # Phases train different parts: each backward leaves the other parts' parameters unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(derived_seed(loop.seed, 3))  # the trainer's initial weights (e.g. LoRA A)
@@ -255,6 +257,10 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
                  for _ in range(loop.gradient_accumulation)]
         trainer.global_step = step
         logs = run_step(accelerator, model, trainer, micro, optimizers, groups, loop.max_grad_norm)
+        if accelerator.num_processes > 1:  # log the mean over all processes, not the main process's share
+            names = sorted(logs)
+            means = accelerator.reduce(torch.tensor([logs[n] for n in names], device=accelerator.device), "mean")
+            logs = dict(zip(names, means.tolist()))
         for sched in schedulers.values():
             sched.step()
         done = step + 1
