@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffsr.errors import DiffsrError, UsageError
 from diffsr.training import trainer_class
-from diffsr.training.config import TrainConfig
+from diffsr.training.config import OptimizerConfig, TrainConfig
 
 CHECKPOINTS = "checkpoints"
 TRAINED_FILE = "trained.pt"  # trained tensors (our format), optimisers, schedulers, step
@@ -189,10 +189,9 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
     Returns {"step": last step, "losses": {name: [per-step value]} of this run, "release": [files],
     "trainer": the trained trainer}."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
-
-    from accelerate.state import AcceleratorState, GradientState
 
     out = Path(config.output_dir)
     loop = config.train
@@ -218,8 +217,6 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
         raise UsageError(f"{config.method} stage {config.stage} has no optimiser {unknown[0]!r} "
                          f"(its optimisers: {', '.join(groups)})")
     optimizers, schedulers = {}, {}
-    from diffsr.training.config import OptimizerConfig
-
     for name, params in groups.items():
         settings = config.optimizers.get(name, OptimizerConfig())
         optimizers[name] = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas,
@@ -356,7 +353,7 @@ def validate(accelerator, trainer, config: TrainConfig, step: int) -> list[Path]
             target = folder / (path.stem + ".png")
             write_image(target, picture.rgb, picture.alpha)
             written.append(target)
-            if config.train.log_with == "tensorboard" and _tracker("tensorboard"):
+            if accelerator.trackers:  # TensorBoard, when asked for and installed
                 writer = accelerator.get_tracker("tensorboard", unwrap=True)
                 writer.add_image(f"validation/{path.stem}", picture.rgb, step, dataformats="HWC")
     finally:

@@ -72,7 +72,7 @@ class OSEDiffTrainer(Trainer):
         super().__init__()
         self.backbone = backbone = load_backbone(base)
         self.lambdas = dict(mse=lambda_mse, lpips=lambda_lpips, vsd=lambda_vsd, regularizer=lambda_regularizer)
-        self.cfg_vsd, self.prompt, self.negative_prompt = cfg_vsd, prompt, negative_prompt
+        self.cfg_vsd, self.prompt = cfg_vsd, prompt
         self.tagger = load_tagger(tagger)
         # The teacher (and, with adapters on, the regularizer): the base UNet before the generator's changes.
         self.regularizer_unet = copy.deepcopy(backbone.unet)
@@ -96,6 +96,9 @@ class OSEDiffTrainer(Trainer):
         self.unet.conv_in.requires_grad_(True)  # the release trains conv_in's base weight too
         self.perceptual = PerceptualLoss(lpips_weights)
         self.register_buffer("alphas_cumprod", backbone.alphas_cumprod.float(), persistent=False)
+        # The prompt (without tags) and the negative prompt are constant: encoded once.
+        self.register_buffer("prompt_text", backbone.encode_prompt([prompt]).float(), persistent=False)
+        self.register_buffer("negative_text", backbone.encode_prompt([negative_prompt]).float(), persistent=False)
 
     # -- the contract ----------------------------------------------------------------------------------
     def parameter_groups(self):
@@ -128,11 +131,11 @@ class OSEDiffTrainer(Trainer):
     def texts(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings (tags of the HR image when a tagger is set, as the release's RAM captions) and
         the negative prompt's."""
-        tags = self.tagger(hr) if self.tagger is not None else [None] * len(hr)
-        prompts = [compose_prompt(self.prompt, t) for t in tags]
-        text = self.backbone.encode_prompt(prompts).float()
-        negative = self.backbone.encode_prompt([self.negative_prompt]).float().expand_as(text)
-        return text, negative
+        if self.tagger is None:
+            text = self.prompt_text.expand(len(hr), -1, -1)
+        else:
+            text = self.backbone.encode_prompt([compose_prompt(self.prompt, tags) for tags in self.tagger(hr)]).float()
+        return text, self.negative_text.expand_as(text)
 
     def generate(self, lr_up: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The one-step generator: image in [-1, 1] at HR size -> (x0 latent, decoded image in [-1, 1])."""

@@ -109,7 +109,8 @@ class S3DiffTrainer(Trainer):
         self.perceptual = PerceptualLoss(lpips_weights)
         self.lambda_l2, self.lambda_lpips, self.lambda_gan = lambda_l2, lambda_lpips, lambda_gan
         self.negative_prob = negative_prob
-        self.prompts = [positive_prompt, negative_prompt]
+        # (2, 77, d): positive, negative. Constant, so encoded once (as the other trainers do).
+        self.register_buffer("text", self.backbone.encode_prompt([positive_prompt, negative_prompt]), persistent=False)
         alpha_bar = self.backbone.alphas_cumprod[TIMESTEP].item()
         self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -180,7 +181,7 @@ class S3DiffTrainer(Trainer):
         batch["source"] = (upscaled * 2 - 1).clamp(-1, 1)
         with torch.no_grad():
             batch["scores"] = self.estimator(lr).float()
-        batch["text"] = self.backbone.encode_prompt(self.prompts)  # (2, 77, d): positive, negative
+        batch["text"] = self.text
 
     def forward(self, batch: dict, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
         self.prepare(batch)
