@@ -202,6 +202,13 @@ def _output_path(path: Path, output: Path, fmt: str | None) -> Path:
     return output / (path.stem + suffix)
 
 
+def _load_options(args) -> dict:
+    """The model-loading options given on the command line (_add_model_options), for load_upscaler."""
+    given = {"merge_lora": args.merge_lora, "sample_posterior": args.sample_posterior, "tagger": args.tagger,
+             "de_net": args.de_net, "cfw_weights": args.cfw_weights}
+    return {name: value for name, value in given.items() if value}
+
+
 def run_upscale(args) -> int:
     import diffsr
     from diffsr.images import collect_inputs, read_image, write_image
@@ -237,20 +244,9 @@ def run_upscale(args) -> int:
     if not planned:
         return EXIT_SOME_FAILED if failures else EXIT_OK
 
-    options = {}
-    if args.merge_lora:
-        options["merge_lora"] = True
-    if args.sample_posterior:
-        options["sample_posterior"] = True
-    if args.tagger:
-        options["tagger"] = args.tagger
-    if args.de_net:
-        options["de_net"] = args.de_net
-    if args.cfw_weights:
-        options["cfw_weights"] = args.cfw_weights
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
-                                        dtype=args.dtype, **options)
+                                        dtype=args.dtype, **_load_options(args))
     except (DiffsrError, TypeError) as error:
         _fail(str(error))
         return EXIT_USAGE
@@ -337,11 +333,8 @@ def run_evaluate(args) -> int:
 
                 work = args.work_dir or Path(scratch)
                 failures: list[str] = []
-                options = {"merge_lora": True} if args.merge_lora else {}
-                if args.sample_posterior:
-                    options["sample_posterior"] = True
                 method = run_method(args.method, collect_inputs([args.lr]), work, args.scale, seeds, args.device,
-                                    args.dtype, args.base, args.weights, options, failures)
+                                    args.dtype, args.base, args.weights, _load_options(args), failures)
                 for failure in failures:
                     _fail(failure)
                 result = evaluate_runs(method.folders, args.gt, args.metrics, device=device, progress=progress,
