@@ -177,6 +177,7 @@ def evaluate(sr_dir, gt_dir=None, metrics=None, device="cpu", backend="auto", we
         except DiffsrError as error:
             result.problems.append(str(error))
             continue
+        sr_tensor, gt_tensor = sr.to_tensor(), (gt.to_tensor() if gt is not None else None)  # once per pair
         scores = {}
         for name, metric in image_metrics.items():
             if metric.kind == FULL_REFERENCE:
@@ -189,8 +190,7 @@ def evaluate(sr_dir, gt_dir=None, metrics=None, device="cpu", backend="auto", we
                         result.problems.append(message)
                     continue
             try:
-                scores[name] = metric(sr.to_tensor(), gt.to_tensor()) if metric.kind == FULL_REFERENCE \
-                    else metric(sr.to_tensor())
+                scores[name] = metric(sr_tensor, gt_tensor) if metric.kind == FULL_REFERENCE else metric(sr_tensor)
             except (DiffsrError, ValueError) as error:  # e.g. an image too small for NIQE's blocks
                 result.problems.append(f"{sr_path.name}: {name}: {error}")
         result.per_image[sr_path.name] = scores

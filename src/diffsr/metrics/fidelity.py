@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 Y_WEIGHTS = {"ycbcr": (65.481 / 255, 128.553 / 255, 24.966 / 255), "yiq": (0.299, 0.587, 0.114)}
-Y_OFFSET = {"ycbcr": 16 / 255, "yiq": 0.0}
 
 
 def luma(rgb: torch.Tensor, color_space: str = "ycbcr") -> torch.Tensor:

@@ -14,8 +14,6 @@ from torch import nn
 
 from diffsr.errors import WeightsError
 
-DEGRADATIONS = ("blur", "noise")
-
 
 class ResidualBlock(nn.Module):
     """x + conv2(relu(conv1(x))), 3x3 convolutions, no normalisation."""
