@@ -194,6 +194,16 @@ def test_bounded_vae_shares_statistics_across_tiles(backbone):
     assert shared_error < own_error
 
 
+def test_bounded_encode_of_a_size_the_tile_does_not_divide(backbone):
+    """320 px in 128-px tiles: three tiles cut at whole latent pixels (107/213 px would not encode)."""
+    vae = backbone.vae
+    image = (smooth((1, 3, 320, 200), 7, cells=12) * 0.5).clamp(-1, 1)
+    tiled = tiling.vae_encode(vae, image, TilingOptions(vae_tile_size=16), mode="bounded").mean
+    untiled = vae.encode(image).latent_dist.mean
+    assert tiled.shape == untiled.shape == (1, 4, 40, 25)
+    assert (tiled - untiled).abs().mean() < 0.5 * untiled.abs().mean()
+
+
 # -- automatic choice and bad input ----------------------------------------------------------------------
 
 
