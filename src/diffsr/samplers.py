@@ -21,6 +21,13 @@ NoiseSampler = Callable[[torch.Tensor], torch.Tensor]
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
+def randn(shape, generator: torch.Generator | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device and moved to `like`'s: with the CPU generator
+    `upscale` makes, one seed gives the same picture on CPU and GPU."""
+    where = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype or like.dtype).to(like.device)
+
+
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
     """`count` timesteps evenly spread over [0, num_timesteps - 1], both ends included (rounded), as
     guided-diffusion's space_timesteps with one section. The position is accumulated stride by stride as
@@ -95,7 +102,7 @@ def sample_ddpm(model: Model, x: torch.Tensor, schedule: Schedule, generator: to
     for i in reversed(range(len(schedule))):
         a, a_prev = abar[i], (abar[i - 1] if i > 0 else 1.0)
         output = model(x, _step_timestep(int(schedule.timesteps[i]), x)).float()
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i > 0 else None
+        noise = randn(x.shape, generator, x) if i > 0 else None
         x, _ = ddpm_step(x, to_eps(output, x, a, prediction), a, a_prev, noise)
         if callback is not None:
             callback(len(schedule) - i)
@@ -130,7 +137,7 @@ def sample_ddim(model: Model, x: torch.Tensor, schedule: Schedule, eta: float = 
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * randn(x.shape, generator, x)
         if callback is not None:
             callback(len(schedule) - i)
     return x

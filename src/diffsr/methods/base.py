@@ -96,7 +96,7 @@ class Upscaler:
         tiling = TilingOptions.from_knobs(knobs)
         prepared = self.preprocess(picture, scale)
         lr = prepared.lr.to(self.device, torch.float32)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
         restored = self.restore(lr, generator, tiling=tiling, **knobs).float()
         restored = color_fix_and_clamp(restored, lr, fix)
         depth = picture.rgb.dtype

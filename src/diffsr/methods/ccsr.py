@@ -23,7 +23,7 @@ from diffsr.backbone import Backbone, load_backbone, quiet_loading
 from diffsr.errors import UsageError, WeightsError
 from diffsr.images import Picture, resize
 from diffsr.methods.base import Prepared, Upscaler, output_size
-from diffsr.samplers import TruncatedSchedule, q_sample, space_timesteps, truncated_sample
+from diffsr.samplers import TruncatedSchedule, q_sample, randn, space_timesteps, truncated_sample
 from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 START_T = 999  # both releases start from the LR latent (v2) or noise (v1) at t = 999
@@ -157,7 +157,7 @@ def v1_schedule(scheduler_config: dict, steps: int, t_max: float, t_min: float) 
 
 def _draws(generator: torch.Generator):
     """A noise sampler: standard normal like x from `generator`."""
-    return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return lambda x: randn(x.shape, generator, x)
 
 
 class CCSR(Upscaler):
@@ -317,11 +317,11 @@ class CCSR(Upscaler):
         text, negative = self._texts(knobs, guided)
         vae = self.condition_vae
         start_noise_shape = (1, vae.config.latent_channels, lr.shape[-2] // 8, lr.shape[-1] // 8)
-        start_noise = torch.randn(start_noise_shape, generator=generator, device=lr.device)
+        start_noise = randn(start_noise_shape, generator, lr)
         posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling)
         if sample:
             # The release encodes the image once per CFG branch and samples each posterior separately.
-            draws = torch.randn((2 if guided else 1, *posterior.mean.shape[1:]), generator=second, device=lr.device)
+            draws = randn((2 if guided else 1, *posterior.mean.shape[1:]), second, lr)
             condition = posterior.mean.float() + posterior.std.float() * draws
         else:
             condition = posterior.mean.float().expand(2 if guided else 1, -1, -1, -1)
@@ -330,7 +330,7 @@ class CCSR(Upscaler):
         # The release draws its start timestep, and the first estimate's, with torch.randint(999, 1000)
         # from the same RNG: always 999, but the draws advance the RNG before the re-noising noise.
         for _ in range(1 + (schedule.start_t is not None)):
-            torch.randint(START_T, START_T + 1, (1,), generator=second, device=lr.device)
+            torch.randint(START_T, START_T + 1, (1,), generator=second, device=second.device)
 
         def model(x, t, cfg):
             if not guided:
@@ -351,7 +351,7 @@ class CCSR(Upscaler):
         text, negative = self._texts(knobs, guided)
         vae = self.condition_vae
         condition = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling).mode().float() * vae.config.scaling_factor
-        start = torch.randn(condition.shape, generator=generator, device=lr.device)
+        start = randn(condition.shape, generator, lr)
 
         def model(x, t, cfg):
             # v1 guides every evaluation, the first included, with two separate calls.

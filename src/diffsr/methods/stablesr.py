@@ -21,7 +21,7 @@ from diffsr.images import Picture
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.stablesr_nets import SFT_HIDDEN, CFWAutoencoder, SFTUNet, TimeAwareEncoder, add_sft
 from diffsr.tiling import TilingOptions
-from diffsr.samplers import PREDICTIONS, Schedule, guided, q_sample, release_ddim_alphas, sample_ddim, sample_ddpm
+from diffsr.samplers import PREDICTIONS, Schedule, guided, q_sample, randn, release_ddim_alphas, sample_ddim, sample_ddpm
 
 CFW_NAME = "vqgan_cfw_00011.ckpt"
 SAMPLERS = ("ddpm", "ddim")
@@ -305,7 +305,7 @@ class StableSR(Upscaler):
         condition_tiles)` over tiles and merges the predictions (diffsr.tiling.aggregate); guidance is
         applied per tile, which is the same as after merging since the merge is linear."""
         alphas_cumprod = self.backbone.alphas_cumprod
-        noise = torch.randn(condition.shape, generator=generator, device=condition.device, dtype=torch.float32)
+        noise = randn(condition.shape, generator, condition, torch.float32)
         # The arbitrary-size scripts start from the LR latent noised to t=999 on the full schedule.
         x = q_sample(condition.float(), noise, alphas_cumprod[START_TIMESTEP].item()) if start == "lr" else noise
 
