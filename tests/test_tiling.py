@@ -204,6 +204,62 @@ def test_bounded_encode_of_a_size_the_tile_does_not_divide(backbone):
     assert (tiled - untiled).abs().mean() < 0.5 * untiled.abs().mean()
 
 
+@pytest.fixture(scope="module")
+def cfw(base):
+    """StableSR's CFW autoencoder (VAE + fusion layers), tiny random weights."""
+    from diffsr.testing import make_tiny_weights
+
+    weights = make_tiny_weights("stablesr", base, base.parent / "stablesr" / "stablesr_000117.ckpt")
+    return diffsr.load_upscaler("stablesr", base=base, weights=weights).autoencoder
+
+
+def test_stablesr_cfw_decoder_runs_under_the_tiled_vae(cfw):
+    """The fusion layers take the encoder's features in every VAE mode: exact equals untiled; bounded holds
+    no whole feature map (it re-computes each tile's features) and stays as close as the plain decoder."""
+    image = (smooth((1, 3, 192, 128), 7, cells=12) * 0.5).clamp(-1, 1)
+    z = smooth((1, 4, 24, 16), 8, cells=6)
+    dist, features = cfw.encode(image)
+    reference = cfw.decode(z, features, 0.5)
+    assert (reference - cfw.decode(z, features, 0.0)).abs().max() > 1e-3  # the fusion is in the path
+
+    exact = TilingOptions(vae_tile_size=8, max_memory=BIG_BUDGET)
+    assert tiling.vae_plan(exact, cfw.vae, (24, 16), True, "cpu", torch.float32)[0] == "exact"
+    exact_dist, exact_features = cfw.encode(image, exact)
+    exact_diff = max((exact_dist.mean - dist.mean).abs().max().item(),
+                     (cfw.decode(z, exact_features, 0.5, exact) - reference).abs().max().item())
+
+    bounded = TilingOptions(vae_tile_size=8, max_memory=1e-6)
+    bounded_dist, bounded_features = cfw.encode(image, bounded)
+    assert bounded_features.maps is None  # nothing image-sized is kept for the decoder
+    fused = cfw.decode(z, bounded_features, 0.5, bounded)
+    assert (fused - cfw.decode(z, bounded_features, 0.0, bounded)).abs().max() > 1e-3
+    plain = tiling.vae_decode(cfw.vae, z, bounded)
+    fused_error = (fused - reference).abs().mean().item()
+    plain_error = (plain - cfw.vae.decode(z).sample).abs().mean().item()
+    print(f"CFW tiled: exact max abs {exact_diff:.2e}; bounded mean abs {fused_error:.4f} "
+          f"(plain decoder bounded: {plain_error:.4f})")
+    assert exact_diff < 1e-3
+    assert fused_error < 1.5 * plain_error
+
+
+def test_stablesr_upscales_through_the_bounded_vae_without_seams(cfw, base):
+    import diffsr
+    from diffsr.testing import make_tiny_weights
+
+    weights = make_tiny_weights("stablesr", base, base.parent / "stablesr" / "stablesr_turbo.ckpt")
+    upscaler = diffsr.load_upscaler("stablesr", base=base, weights=weights)
+    lr = smooth((1, 3, 256, 256), 3, cells=8) * 0.6 + 0.2
+    options = TilingOptions(tile_size=16, tile_overlap=8, vae_tile_size=16, max_memory=1e-6)
+    assert tiling.vae_plan(options, upscaler.autoencoder.vae, (32, 32), True, "cpu", torch.float32)[0] == "bounded"
+    with torch.no_grad():
+        out = upscaler.restore(lr, torch.Generator().manual_seed(0), steps=2, tiling=options)
+    assert out.shape[-2:] == (256, 256) and torch.isfinite(out).all()
+    borders = sorted(set(tile_borders(32, 16, 8, unit=8)) | {128})  # denoiser tiles and the VAE's 2x2 tiles
+    ratio = seam_ratio(out[0] * 255, borders, borders)
+    print(f"StableSR, bounded VAE: seam ratio {ratio:.3f}")
+    assert ratio < 1.1
+
+
 # -- automatic choice and bad input ----------------------------------------------------------------------
 
 

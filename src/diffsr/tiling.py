@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -229,39 +230,55 @@ def vae_plan(options: TilingOptions, vae, latent_hw, decoder: bool, device, dtyp
     return ("exact" if whole_maps <= options.budget_bytes(torch.device(device)) else "bounded"), tile
 
 
-@torch.no_grad()
-def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(), mode: str | None = None):
-    """`vae.encode(image).latent_dist` for an image of any size (see the module notes for the modes)."""
+def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(), mode: str | None = None,
+               statistics: dict | None = None):
+    """`vae.encode(image).latent_dist` for an image of any size (see the module notes for the modes).
+
+    Forward hooks on the encoder's resnet blocks fire with whole feature maps in the untiled and exact modes,
+    and once per tile in bounded mode. In bounded mode, a `statistics` dict receives the pooled GroupNorm
+    statistics, with which `shared_statistics` re-runs any part of the encoder later (StableSR's CFW)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if image.shape[-1] % 8 or image.shape[-2] % 8:
         raise UsageError(f"image size {tuple(image.shape[-2:])} must be a multiple of 8 pixels to encode")
-    latent_hw = (image.shape[-2] // 8, image.shape[-1] // 8)
-    auto, tile = vae_plan(options, vae, latent_hw, False, image.device, image.dtype)
-    mode = mode or auto
+    mode = mode or encode_mode(options, vae, image)
+    tile = vae_tile(options, vae, False, image.device, image.dtype)
     if mode == "untiled":
         return vae.encode(image).latent_dist
-    if mode == "exact":
-        moments = _ExactRunner(vae.encoder, rows=tile).encode(image)
-    else:
-        moments = _encode_bounded(vae.encoder, image, tile)
-    if vae.quant_conv is not None:
-        moments = vae.quant_conv(moments)
+    with torch.no_grad():  # the tiled modes are for inference
+        if mode == "exact":
+            moments = _ExactRunner(vae.encoder, rows=tile).encode(image)
+        else:
+            moments = _run_bounded(vae.encoder, image, 8 * tile, 8 * ENCODER_HALO, 1 / 8, unit=8,
+                                   statistics=statistics)
+        if vae.quant_conv is not None:
+            moments = vae.quant_conv(moments)
     return DiagonalGaussianDistribution(moments)
 
 
-@torch.no_grad()
-def vae_decode(vae, latent: torch.Tensor, options: TilingOptions = TilingOptions(), mode: str | None = None):
-    """`vae.decode(latent).sample` (latent unscaled) for a latent of any size."""
+def encode_mode(options: TilingOptions, vae, image: torch.Tensor) -> str:
+    latent_hw = (image.shape[-2] // 8, image.shape[-1] // 8)
+    return vae_plan(options, vae, latent_hw, False, image.device, image.dtype)[0]
+
+
+def vae_decode(vae, latent: torch.Tensor, options: TilingOptions = TilingOptions(), mode: str | None = None,
+               hooked: tuple[torch.nn.Module, ...] = ()):
+    """`vae.decode(latent).sample` (latent unscaled) for a latent of any size.
+
+    Forward hooks on the decoder's resnet blocks fire as in `vae_encode`; in bounded mode `bounded_tile()`
+    tells a hook which part of the latent the current tile covers. `hooked`: modules such hooks call whose
+    GroupNorms must share the pooled statistics too (StableSR's fusion layers). Untiled runs keep the
+    autograd mode (training decodes through here); the tiled modes run without gradients."""
     auto, tile = vae_plan(options, vae, latent.shape[-2:], True, latent.device, latent.dtype)
     mode = mode or auto
     if mode == "untiled":
         return vae.decode(latent).sample
-    if vae.post_quant_conv is not None:
-        latent = vae.post_quant_conv(latent)
-    if mode == "exact":
-        return _ExactRunner(vae.decoder, rows=tile).decode(latent)
-    return _decode_bounded(vae.decoder, latent, tile)
+    with torch.no_grad():
+        if vae.post_quant_conv is not None:
+            latent = vae.post_quant_conv(latent)
+        if mode == "exact":
+            return _ExactRunner(vae.decoder, rows=tile).decode(latent)
+        return _run_bounded(vae.decoder, latent, tile, DECODER_HALO, 8, hooked=hooked)
 
 
 # exact mode: module by module over row bands, pooled GroupNorm statistics, whole-map attention
@@ -355,7 +372,12 @@ class _ExactRunner:
         pre2 = self._norm_act(block.norm2, block.nonlinearity, hidden)
         hidden = self._local(lambda b: block.conv2(block.dropout(pre2(b))), hidden)
         shortcut = x if block.conv_shortcut is None else self._local(block.conv_shortcut, x, halo=0)
-        return (shortcut + hidden) / block.output_scale_factor
+        out = (shortcut + hidden) / block.output_scale_factor
+        # The block never runs as a module here, so its forward hooks (StableSR's CFW) are called by hand.
+        for hook in block._forward_hooks.values():
+            changed = hook(block, (x,), out)
+            out = out if changed is None else changed
+        return out
 
     def _attention(self, attn, x: torch.Tensor) -> torch.Tensor:
         if attn.spatial_norm is not None or attn.group_norm is None:
@@ -424,14 +446,30 @@ class _ExactRunner:
         return self._head(x)
 
 
-# bounded mode: each tile on its own, GroupNorm statistics shared from a downscaled pass
+# bounded mode: each tile on its own, GroupNorm statistics pooled over a first pass
+
+_TILE: ContextVar[tuple[int, int, int, int] | None] = ContextVar("diffsr_bounded_tile", default=None)
+
+
+def bounded_tile() -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the input that the current bounded-mode tile covers, halo included;
+    None outside bounded mode (the whole input)."""
+    return _TILE.get()
 
 
 @contextmanager
-def _group_norm_statistics(net: torch.nn.Module, record: dict | None = None, use: dict | None = None):
-    """While active, every GroupNorm in `net` either adds its input's per-group count, sum and sum of squares
+def shared_statistics(net: torch.nn.Module, statistics: dict):
+    """While active, every GroupNorm of `net` normalises with the given pooled statistics (from `vae_encode`'s
+    `statistics`), so any crop of the input runs as it did inside the whole bounded run."""
+    with _group_norm_statistics([net], use=statistics):
+        yield
+
+
+@contextmanager
+def _group_norm_statistics(nets, record: dict | None = None, use: dict | None = None):
+    """While active, every GroupNorm in `nets` either adds its input's per-group count, sum and sum of squares
     to `record` (and normalises with its own statistics), or normalises with the pooled statistics in `use`."""
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    norms = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
 
     def forward(norm, x):
         if use is not None:
@@ -468,25 +506,40 @@ def _tile_boxes(size: int, tile: int, unit: int = 1) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float, unit: int = 1) -> torch.Tensor:
+def _run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float, unit: int = 1,
+                 hooked: tuple[torch.nn.Module, ...] = (), statistics: dict | None = None) -> torch.Tensor:
     """Each core tile of `x` (tile x tile, plus `halo` of context) through `net`; outputs `scale` x the input.
 
     Two passes: the first runs every tile with its own GroupNorm statistics and pools them over all tiles;
-    the second normalises every tile with the pooled statistics, so all tiles share one brightness."""
+    the second normalises every tile with the pooled statistics, so all tiles share one brightness. The
+    GroupNorms of `hooked` modules take part too; `statistics`, if given, receives the pooled statistics."""
     height, width = x.shape[-2:]
     boxes = []
     for top, bottom in _tile_boxes(height, tile, unit):
         for left, right in _tile_boxes(width, tile, unit):
             padded = (max(top - halo, 0), min(bottom + halo, height), max(left - halo, 0), min(right + halo, width))
             boxes.append(((top, bottom, left, right), padded))
+
+    def run(padded):
+        y0, y1, x0, x1 = padded
+        token = _TILE.set(padded)
+        try:
+            return net(x[..., y0:y1, x0:x1])
+        finally:
+            _TILE.reset(token)
+
     record: dict = {}
-    with _group_norm_statistics(net, record=record):
-        for _, (y0, y1, x0, x1) in boxes:  # with halos: statistics of halo-less tiles came out 2-3x worse
-            net(x[..., y0:y1, x0:x1])
+    with _group_norm_statistics([net, *hooked], record=record):
+        for _, padded in boxes:  # with halos: statistics of halo-less tiles came out 2-3x worse
+            run(padded)
+    pooled = _pooled(record)
+    if statistics is not None:
+        statistics.update(pooled)
     out = None
-    with _group_norm_statistics(net, use=_pooled(record)):
-        for (top, bottom, left, right), (y0, y1, x0, x1) in boxes:
-            result = net(x[..., y0:y1, x0:x1])
+    with _group_norm_statistics([net, *hooked], use=pooled):
+        for (top, bottom, left, right), padded in boxes:
+            y0, x0 = padded[0], padded[2]
+            result = run(padded)
             core = result[..., round((top - y0) * scale):round((bottom - y0) * scale),
                           round((left - x0) * scale):round((right - x0) * scale)]
             if out is None:
@@ -494,11 +547,3 @@ def _run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float, unit:
                                   dtype=core.dtype)
             out[..., round(top * scale):round(bottom * scale), round(left * scale):round(right * scale)] = core
     return out
-
-
-def _encode_bounded(encoder, image: torch.Tensor, tile: int) -> torch.Tensor:
-    return _run_bounded(encoder, image, 8 * tile, 8 * ENCODER_HALO, 1 / 8, unit=8)
-
-
-def _decode_bounded(decoder, latent: torch.Tensor, tile: int) -> torch.Tensor:
-    return _run_bounded(decoder, latent, tile, DECODER_HALO, 8)

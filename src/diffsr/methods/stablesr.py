@@ -337,7 +337,7 @@ class StableSR(Upscaler):
         pad_h, pad_w = -height % PAD_MULTIPLE, -width % PAD_MULTIPLE
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect")
-        dist, features = self.autoencoder.encode(image.to(self.dtype))
+        dist, features = self.autoencoder.encode(image.to(self.dtype), tiling)
         condition = dist.sample(generator) * self.scaling_factor
         backbone = self.backbone
         text = backbone.encode_prompt([prompt])
@@ -347,8 +347,7 @@ class StableSR(Upscaler):
         def tiler(denoise, latent, condition_latent):
             return tiling.aggregate(denoise, latent, condition_latent, TILE_SIZE, backbone.unet)
 
-        # The VAE runs untiled: CFW takes encoder features through hooks that the tiled VAE does not fire.
         latent = self.sample(condition, text, generator, steps, sampler, negative, guidance_scale, eta, start,
                              tiler=tiler)
-        decoded = self.autoencoder.decode((latent / self.scaling_factor).to(self.dtype), features, fidelity)
+        decoded = self.autoencoder.decode((latent / self.scaling_factor).to(self.dtype), features, fidelity, tiling)
         return (decoded[..., :height, :width].float().clamp(-1, 1) + 1) / 2

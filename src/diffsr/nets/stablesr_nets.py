@@ -18,6 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from diffsr import tiling
+from diffsr.tiling import ENCODER_HALO, TilingOptions, shared_statistics
+
 SFT_HIDDEN = 128  # the release's SPADE hard-codes its hidden width
 
 
@@ -208,11 +211,58 @@ def fusion_levels(vae: nn.Module) -> list[int]:
     return list(range(1, len(vae.config.block_out_channels) - 1))
 
 
+class EncoderFeatures:
+    """The encoder's feature maps at the fusion levels, for the CFW decoder. Held whole when the encoder ran
+    untiled or in the exact tiled mode; in the bounded mode they are re-computed for each decoder tile from
+    the image, with the encoder's pooled GroupNorm statistics, so memory stays bounded (costs about one more
+    encoder pass per decoder pass: little beside StableSR's many UNet steps)."""
+
+    def __init__(self, encoder: nn.Module, levels: list[int], maps: dict[int, torch.Tensor] | None = None,
+                 image: torch.Tensor | None = None, statistics: dict | None = None):
+        self.encoder, self.levels, self.maps = encoder, sorted(levels), maps
+        self.image, self.statistics = image, statistics
+        self._last: tuple = (None, {})  # (box, maps): a decoder tile asks for every level in turn
+
+    def region(self, level: int, box: tuple[int, int, int, int] | None) -> torch.Tensor:
+        """Level `level` features under the latent box (top, bottom, left, right), or whole when box is None."""
+        to_level = 2 ** (len(self.encoder.down_blocks) - 1 - level)  # latent px -> this level's px
+        if self.maps is not None:
+            whole = self.maps[level]
+            if box is None:
+                return whole
+            top, bottom, left, right = (side * to_level for side in box)
+            return whole[..., top:bottom, left:right]
+        if self._last[0] != box:
+            self._last = (box, self._compute(box))
+        return self._last[1][level]
+
+    @torch.no_grad()
+    def _compute(self, box) -> dict[int, torch.Tensor]:
+        image = self.image
+        to_image = 2 ** (len(self.encoder.down_blocks) - 1)
+        height, width = image.shape[-2:]
+        top, bottom, left, right = (0, height, 0, width) if box is None else (side * to_image for side in box)
+        halo = ENCODER_HALO * to_image
+        y0, y1, x0, x1 = max(top - halo, 0), min(bottom + halo, height), max(left - halo, 0), min(right + halo, width)
+        maps = {}
+        with shared_statistics(self.encoder, self.statistics):
+            x = self.encoder.conv_in(image[..., y0:y1, x0:x1])
+            for index, block in enumerate(self.encoder.down_blocks[:self.levels[-1] + 1]):
+                for resnet in block.resnets:
+                    x = resnet(x, None)
+                if index in self.levels:
+                    step = 2 ** index
+                    maps[index] = x[..., (top - y0) // step:(bottom - y0) // step, (left - x0) // step:(right - x0) // step]
+                for down in block.downsamplers or ():
+                    x = down(x)
+        return maps
+
+
 class CFWAutoencoder(nn.Module):
     """A diffusers AutoencoderKL whose decoder can take the encoder's features (StableSR's CFW).
 
     `encode` returns (latent distribution, features); `decode(z, features, w)` with w = 0 or no fusion
-    layers is exactly the plain decoder."""
+    layers is exactly the plain decoder. Both run through diffsr.tiling (any size, bounded memory)."""
 
     def __init__(self, vae: nn.Module, with_fusion: bool = True):
         super().__init__()
@@ -235,28 +285,35 @@ class CFWAutoencoder(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def encode(self, image: torch.Tensor):
-        """(latent distribution, {level: features at the end of that encoder level})."""
-        features: dict[int, torch.Tensor] = {}
+    def encode(self, image: torch.Tensor, options: TilingOptions = TilingOptions()):
+        """(latent distribution, EncoderFeatures at the fusion levels)."""
+        mode = tiling.encode_mode(options, self.vae, image)
+        levels = [int(level) for level in self.fusion]
+        if mode == "bounded":
+            statistics: dict = {}
+            dist = tiling.vae_encode(self.vae, image, options, mode, statistics=statistics)
+            return dist, EncoderFeatures(self.vae.encoder, levels, image=image, statistics=statistics)
+        maps: dict[int, torch.Tensor] = {}
 
         def keep(level):
-            return lambda module, inputs, output: features.__setitem__(level, output)
+            return lambda module, inputs, output: maps.__setitem__(level, output)
 
-        hooks = [(self.vae.encoder.down_blocks[int(level)].resnets[-1], keep(int(level))) for level in self.fusion]
+        hooks = [(self.vae.encoder.down_blocks[level].resnets[-1], keep(level)) for level in levels]
         with self._hooks(hooks):
-            dist = self.vae.encode(image).latent_dist
-        return dist, features
+            dist = tiling.vae_encode(self.vae, image, options, mode)
+        return dist, EncoderFeatures(self.vae.encoder, levels, maps=maps)
 
-    def decode(self, z: torch.Tensor, features: dict[int, torch.Tensor] | None = None, w: float = 0.0) -> torch.Tensor:
-        if w == 0 or not features or len(self.fusion) == 0:
-            return self.vae.decode(z).sample
+    def decode(self, z: torch.Tensor, features: EncoderFeatures | None = None, w: float = 0.0,
+               options: TilingOptions = TilingOptions()) -> torch.Tensor:
+        if w == 0 or features is None or len(self.fusion) == 0:
+            return tiling.vae_decode(self.vae, z, options)
 
         def fuse(level):
             layer = self.fusion[str(level)]
-            return lambda module, inputs, output: layer(features[level], output, w)
+            return lambda module, inputs, output: layer(features.region(level, tiling.bounded_tile()), output, w)
 
         # diffusers orders decoder up-blocks from the lowest resolution: LDM level l is up_blocks[-1 - l].
         hooks = [(self.vae.decoder.up_blocks[self.levels - 1 - int(level)].resnets[-1], fuse(int(level)))
                  for level in self.fusion]
         with self._hooks(hooks):
-            return self.vae.decode(z).sample
+            return tiling.vae_decode(self.vae, z, options, hooked=tuple(self.fusion.values()))
