@@ -29,3 +29,20 @@ def test_wavelet_keeps_result_detail_and_source_colour():
 def test_unknown_fix_is_rejected():
     with pytest.raises(ValueError, match="unknown color fix 'sepia'"):
         color_fix(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), "sepia")
+
+
+def test_wavelet_in_bands_equals_the_whole_image_computation():
+    """Bands of 8 rows with 31 rows of context give what one whole-image pass gives (to float rounding)."""
+    torch.manual_seed(1)
+    result, source = torch.rand(1, 3, 100, 48), torch.rand(1, 3, 100, 48)
+    whole = wavelet(result, source, rows=1000)
+    banded = wavelet(result, source, rows=8)
+    assert (whole - banded).abs().max().item() < 1e-6
+    # And with too little context a band would differ: the reach is needed.
+    from diffsr import color
+
+    reach, color.WAVELET_REACH = color.WAVELET_REACH, 15
+    try:
+        assert (wavelet(result, source, rows=8) - whole).abs().max().item() > 1e-3
+    finally:
+        color.WAVELET_REACH = reach

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 COLOR_FIXES = ("adain", "wavelet", "none")
+WAVELET_LEVELS = 5
+WAVELET_REACH = 2**WAVELET_LEVELS - 1  # rows the five dilated blurs (radii 1..16) reach
+WAVELET_ROWS = 256  # rows per band of the wavelet fix
 
 
 def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,10 +21,11 @@ def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.T
 
 
 def adain(result: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Give `result` the per-channel mean and std of `source`."""
+    """Give `result` the per-channel mean and std of `source` (the releases' operations, one image-sized
+    temporary: the rest runs in place)."""
     source_mean, source_std = _mean_std(source)
     result_mean, result_std = _mean_std(result)
-    return ((result - result_mean) / result_std * source_std + source_mean).clamp(0, 1)
+    return (result - result_mean).div_(result_std).mul_(source_std).add_(source_mean).clamp_(0, 1)
 
 
 def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -31,19 +35,31 @@ def _wavelet_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
     return F.conv2d(x, kernel, groups=x.shape[1], dilation=radius)
 
 
-def _wavelet_split(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+def _wavelet_split(x: torch.Tensor, levels: int = WAVELET_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low): high is the sum of the detail bands at radii 1, 2, 4, 8, 16; low is what remains."""
     high = torch.zeros_like(x)
     for level in range(levels):
         low = _wavelet_blur(x, 2**level)
-        high = high + (x - low)
+        high += x - low
         x = low
     return high, x
 
 
-def wavelet(result: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Keep the result's detail bands and take the source's low-frequency colours."""
-    return (_wavelet_split(result)[0] + _wavelet_split(source)[1]).clamp(0, 1)
+def wavelet(result: torch.Tensor, source: torch.Tensor, rows: int = WAVELET_ROWS) -> torch.Tensor:
+    """Keep the result's detail bands and take the source's low-frequency colours.
+
+    Computed in bands of `rows` rows with WAVELET_REACH rows of context on each side: the blurs reach that far
+    (1 + 2 + 4 + 8 + 16 px), so the replicate padding at a band's inner edge only touches the context rows
+    and every kept row is what the whole-image computation gives, without its many image-sized temporaries."""
+    height = result.shape[-2]
+    out = torch.empty_like(result)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        start, stop = max(top - WAVELET_REACH, 0), min(bottom + WAVELET_REACH, height)
+        high = _wavelet_split(result[..., start:stop, :])[0]
+        high += _wavelet_split(source[..., start:stop, :])[1]
+        out[..., top:bottom, :] = high[..., top - start:bottom - start, :].clamp_(0, 1)
+    return out
 
 
 def color_fix(result: torch.Tensor, source: torch.Tensor, method: str) -> torch.Tensor:

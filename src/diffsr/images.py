@@ -184,7 +184,7 @@ def tensor_to_array(image: torch.Tensor, dtype=np.uint8) -> np.ndarray:
     image = image.detach().float().cpu()
     if image.ndim == 4:
         image = image[0]
-    return (image.clamp(0, 1) * top).round().permute(1, 2, 0).numpy().astype(dtype)
+    return image.clamp(0, 1).mul_(top).round_().permute(1, 2, 0).numpy().astype(dtype)
 
 
 def to_pil(rgb: np.ndarray, alpha: np.ndarray | None = None) -> Image.Image:

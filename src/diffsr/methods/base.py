@@ -112,4 +112,5 @@ class Upscaler:
 
 
 def color_fix_and_clamp(restored: torch.Tensor, lr: torch.Tensor, method: str) -> torch.Tensor:
-    return color_fix(restored.clamp(0, 1), lr, method).clamp(0, 1)
+    """Clamp, colour-fix and clamp again; works in place on `restored` (large images: no extra copies)."""
+    return color_fix(restored.clamp_(0, 1), lr, method).clamp_(0, 1)

@@ -286,7 +286,7 @@ class CCSR(Upscaler):
                                     sample_posterior, tiling)
         vae = self.backbone.vae
         image = vae_decode(vae, (latent / vae.config.scaling_factor).to(self.dtype), tiling)
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return image.float().div_(2).add_(0.5).clamp_(0, 1)
 
     def sample_latent(self, lr: torch.Tensor, generator: torch.Generator, prompt: str | None = None,
                       negative_prompt: str | None = None, steps: int | None = None, t_max: float | None = None,

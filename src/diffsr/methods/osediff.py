@@ -188,4 +188,4 @@ class OSEDiff(Upscaler):
         # One step from t=999 straight to x0 (what the release's DDPM step returns there).
         x0 = (latent.float() - self.sqrt_one_minus_alpha_bar * eps.float()) / self.sqrt_alpha_bar
         image = vae_decode(vae, (x0 / vae.config.scaling_factor).to(self.dtype), tiling).clamp(-1, 1)
-        return image.float() * 0.5 + 0.5
+        return image.float().mul_(0.5).add_(0.5)

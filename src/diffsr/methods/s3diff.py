@@ -388,4 +388,4 @@ class S3Diff(Upscaler):
         # One step from t=999 straight to x0 (what the release's one-step DDPM scheduler returns).
         x0 = (latent.float() - self.sqrt_one_minus_alpha_bar * eps.float()) / self.sqrt_alpha_bar
         decoded = vae_decode(vae, (x0 / vae.config.scaling_factor).to(self.dtype), tiling).clamp(-1, 1)
-        return decoded[..., :height, :width].float() * 0.5 + 0.5
+        return decoded[..., :height, :width].float().mul_(0.5).add_(0.5)

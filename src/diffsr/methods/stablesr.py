@@ -350,4 +350,4 @@ class StableSR(Upscaler):
         latent = self.sample(condition, text, generator, steps, sampler, negative, guidance_scale, eta, start,
                              tiler=tiler)
         decoded = self.autoencoder.decode((latent / self.scaling_factor).to(self.dtype), features, fidelity, tiling)
-        return (decoded[..., :height, :width].float().clamp(-1, 1) + 1) / 2
+        return decoded[..., :height, :width].float().clamp_(-1, 1).add_(1).div_(2)
