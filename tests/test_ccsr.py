@@ -174,14 +174,15 @@ def test_v1_names_round_trip_through_diffusers_converters(ccsr_v1):
     """Our diffusers -> LDM names (used to write checkpoints) are what diffusers' LDM converters read back."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from diffsr.methods.ccsr_v1 import unet_to_ldm, vae_to_ldm
+    from diffsr.checkpoints.ldm import unet_to_ldm, vae_to_ldm
 
     unet, vae = ccsr_v1.backbone.unet, ccsr_v1.backbone.vae
-    ldm = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), unet.config).items()}
+    ldm = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet.state_dict(), unet.config.layers_per_block).items()}
     back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
     assert back.keys() == unet.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in unet.state_dict().items())
-    ldm = {"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), vae.config).items()}
+    levels = len(vae.config.block_out_channels)
+    ldm = {"first_stage_model." + k: v for k, v in vae_to_ldm(vae.state_dict(), {}, levels).items()}
     back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
     assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in vae.state_dict().items())
 

@@ -41,15 +41,19 @@ def unet_from_ldm(state: dict, unet_config: dict) -> dict:
 
 
 def unet_to_ldm(state: dict, layers_per_block: int) -> dict:
-    """Inverse of unet_from_ldm (keys only get renamed; the tensors are the same)."""
+    """Inverse of unet_from_ldm (keys only get renamed; the tensors are the same). Also names a ControlNet's
+    own layers (CCSR v1's `control_model.*`: zero_convs, middle_block_out)."""
     per_down, per_up = layers_per_block + 1, layers_per_block + 1
     up_has_attention = {int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "controlnet_mid_block": "middle_block_out.0"}
     out = {}
     for key, value in state.items():
         name = key.replace(".sft.", ".spade.")
-        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
+        if m := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", name):
+            name = f"zero_convs.{m.group(1)}.0.{m.group(2)}"
+        elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
             block, kind, layer, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
             index = 1 + block * per_down + layer
             name = f"input_blocks.{index}.0.{_ldm_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
