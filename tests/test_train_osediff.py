@@ -5,7 +5,8 @@ import torch
 
 import diffsr
 from diffsr.training.loop import train
-from diffsr.training.osediff import OSEDiffTrainer, add_noise, vsd_loss, x0_from_eps
+from diffsr.samplers import alpha_bar_at, q_sample, x0_from_eps
+from diffsr.training.osediff import OSEDiffTrainer, vsd_loss
 from metric_helpers import metric_weights  # noqa: F401  (fixture)
 from training_helpers import falls, logged, pair_folders, tiny_config
 
@@ -35,8 +36,10 @@ def test_noise_and_x0_formulas_are_inverse():
     alphas = torch.linspace(0.99, 0.01, 1000)
     x0, noise = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
     t = torch.tensor([0, 500, 999])
-    noisy = add_noise(alphas, x0, noise, t)
-    torch.testing.assert_close(x0_from_eps(alphas, noisy, noise, t), x0, rtol=1e-4, atol=1e-4)
+    alpha_bar = alpha_bar_at(alphas, t, x0)
+    assert alpha_bar.shape == (3, 1, 1, 1) and alpha_bar[2].item() == alphas[999].item()
+    noisy = q_sample(x0, noise, alpha_bar)
+    torch.testing.assert_close(x0_from_eps(noisy, noise, alpha_bar), x0, rtol=1e-4, atol=1e-4)
 
 
 def test_regularizer_unet_is_the_base_with_all_adapters_active(trainer, tiny_base):

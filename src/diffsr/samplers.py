@@ -66,6 +66,12 @@ def to_eps(output: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction: 
     raise UsageError(f"unknown prediction type '{prediction}' (choose {', '.join(PREDICTIONS)})")
 
 
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at per-sample timesteps `t`, shaped (B, 1, 1, 1) on `like`'s device and dtype (training
+    draws a timestep per sample; the functions below take it as their alpha_bar)."""
+    return alphas_cumprod.to(like.device)[t].view(-1, 1, 1, 1).to(like.dtype)
+
+
 def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
     return (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
 

@@ -17,6 +17,7 @@ from diffsr import lora
 from diffsr.lora import add_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.prompts import compose_prompt, load_tagger
+from diffsr.samplers import x0_from_eps
 from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 TIMESTEP = 999
@@ -114,8 +115,7 @@ class OSEDiff(Upscaler):
         self.process_size = process_size
         self.tagger = tagger
         self.sample_posterior = sample_posterior
-        alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
-        self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+        self.alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
 
     @classmethod
     def load(cls, base, weights, device="cpu", dtype="float32", merge_lora: bool = False, tagger=None,
@@ -186,6 +186,6 @@ class OSEDiff(Upscaler):
 
         eps = tiling.aggregate(denoise, latent, None, TILE_SIZE, unet)
         # One step from t=999 straight to x0 (what the release's DDPM step returns there).
-        x0 = (latent.float() - self.sqrt_one_minus_alpha_bar * eps.float()) / self.sqrt_alpha_bar
+        x0 = x0_from_eps(latent.float(), eps.float(), self.alpha_bar)
         image = vae_decode(vae, (x0 / vae.config.scaling_factor).to(self.dtype), tiling).clamp(-1, 1)
         return image.float().mul_(0.5).add_(0.5)

@@ -23,6 +23,7 @@ from diffsr.images import Picture, as_picture
 from diffsr.lora import LoraModulation, add_degradation_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.de_net import DEResNet, load_de_net
+from diffsr.samplers import x0_from_eps
 from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 TIMESTEP = 999
@@ -252,8 +253,7 @@ class S3Diff(Upscaler):
         # The estimator is small: it stays in float32 whatever the model's dtype.
         self.estimator = estimator.to(backbone.device)
         self.sample_posterior = sample_posterior
-        alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
-        self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+        self.alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
 
     @classmethod
     def load(cls, base, weights, device="cpu", dtype="float32", de_net=None, sample_posterior: bool = False,
@@ -386,6 +386,6 @@ class S3Diff(Upscaler):
         latent = (posterior.sample(generator) if sample else posterior.mode()) * vae.config.scaling_factor
         eps = tiling.aggregate(denoise, latent, None, TILE_SIZE, self.backbone.unet)
         # One step from t=999 straight to x0 (what the release's one-step DDPM scheduler returns).
-        x0 = (latent.float() - self.sqrt_one_minus_alpha_bar * eps.float()) / self.sqrt_alpha_bar
+        x0 = x0_from_eps(latent.float(), eps.float(), self.alpha_bar)
         decoded = vae_decode(vae, (x0 / vae.config.scaling_factor).to(self.dtype), tiling).clamp(-1, 1)
         return decoded[..., :height, :width].float().mul_(0.5).add_(0.5)

@@ -29,15 +29,11 @@ from torch import nn
 from diffsr.backbone import Backbone, load_backbone, quiet_loading
 from diffsr.errors import BaseModelError, UsageError, WeightsError
 from diffsr.methods.ccsr import START_T, CCSR, controlnet_from_unet, load_v2_controlnet, save_v2
-from diffsr.samplers import q_sample, x0_from_eps
+from diffsr.samplers import alpha_bar_at, q_sample, x0_from_eps
 from diffsr.training.base import Trainer, trainable
 
 T_MAX = 0.6667  # train_ccsr_stage1.sh --t_max
 RESIZE_BACK_MODES = ("area", "bilinear", "bicubic")  # dataloaders/realesrgan.py, resize_bak
-
-
-def _alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return alphas_cumprod[t].float().view(-1, 1, 1, 1)
 
 
 def eps_loss(model, z0: torch.Tensor, alphas_cumprod: torch.Tensor, t_end: int) -> torch.Tensor:
@@ -45,7 +41,7 @@ def eps_loss(model, z0: torch.Tensor, alphas_cumprod: torch.Tensor, t_end: int) 
     z0 = z0.float()
     noise = torch.randn_like(z0)
     t = torch.randint(0, t_end, (z0.shape[0],), device=z0.device)
-    return F.mse_loss(model(q_sample(z0, noise, _alpha_bar(alphas_cumprod, t)), t).float(), noise)
+    return F.mse_loss(model(q_sample(z0, noise, alpha_bar_at(alphas_cumprod, t, z0)), t).float(), noise)
 
 
 def truncated_losses(model, z0: torch.Tensor, alphas_cumprod: torch.Tensor, t_max: int,
@@ -59,7 +55,7 @@ def truncated_losses(model, z0: torch.Tensor, alphas_cumprod: torch.Tensor, t_ma
     loss_eps = eps_loss(model, z0, alphas_cumprod, t_max)
     T = torch.full((z0.shape[0],), start_t, device=z0.device, dtype=torch.long)
     tau = torch.full((z0.shape[0],), t_max, device=z0.device, dtype=torch.long)
-    a_T, a_tau = _alpha_bar(alphas_cumprod, T), _alpha_bar(alphas_cumprod, tau)
+    a_T, a_tau = alpha_bar_at(alphas_cumprod, T, z0), alpha_bar_at(alphas_cumprod, tau, z0)
     # l_T: one step from T straight to x0.
     x_T = q_sample(z0 if start is None else start.float(), torch.randn_like(z0), a_T)
     x0_T = x0_from_eps(x_T, model(x_T, T).float(), a_T)

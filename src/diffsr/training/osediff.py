@@ -26,6 +26,7 @@ from diffsr.checkpoints import read_method_weights
 from diffsr.lora import add_lora
 from diffsr.methods import osediff
 from diffsr.prompts import compose_prompt, load_tagger
+from diffsr.samplers import alpha_bar_at, q_sample, x0_from_eps
 from diffsr.training.base import Trainer, trainable
 from diffsr.training.losses import PerceptualLoss
 
@@ -34,16 +35,6 @@ NEGATIVE_PROMPT = ("painting, oil painting, illustration, drawing, art, sketch, 
                    "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, signature, "
                    "jpeg artifacts, deformed, lowres, over-smooth")
 VSD_TIMESTEPS = (20, 980)  # torch.randint bounds, as released
-
-
-def x0_from_eps(alphas_cumprod: torch.Tensor, noisy: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    a = alphas_cumprod.to(noisy.device)[t].view(-1, 1, 1, 1).to(noisy.dtype)
-    return (noisy - (1 - a).sqrt() * eps) / a.sqrt()
-
-
-def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
 def vsd_loss(x0: torch.Tensor, x0_regularizer: torch.Tensor, x0_frozen: torch.Tensor) -> torch.Tensor:
@@ -143,7 +134,7 @@ class OSEDiffTrainer(Trainer):
         latent = self.vae.encode(lr_up).latent_dist.sample() * scaling  # the release samples the posterior
         t = torch.full((len(latent),), osediff.TIMESTEP, device=latent.device, dtype=torch.long)
         eps = self.unet(latent, t, encoder_hidden_states=text).sample
-        x0 = x0_from_eps(self.alphas_cumprod, latent, eps, t)
+        x0 = x0_from_eps(latent, eps, alpha_bar_at(self.alphas_cumprod, t, latent))
         return x0, self.vae.decode(x0 / scaling).sample.clamp(-1, 1)
 
     def generator_loss(self, batch: dict):
@@ -160,20 +151,21 @@ class OSEDiffTrainer(Trainer):
 
     def vsd(self, x0: torch.Tensor, text: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         t = torch.randint(*VSD_TIMESTEPS, (len(x0),), device=x0.device)
-        noisy = add_noise(self.alphas_cumprod, x0, torch.randn_like(x0), t)
+        alpha_bar = alpha_bar_at(self.alphas_cumprod, t, x0)
+        noisy = q_sample(x0, torch.randn_like(x0), alpha_bar)
         unet = self.regularizer_unet
         with torch.no_grad():
-            x0_regularizer = x0_from_eps(self.alphas_cumprod, noisy, unet(noisy, t, text).sample.float(), t)
+            x0_regularizer = x0_from_eps(noisy, unet(noisy, t, text).sample.float(), alpha_bar)
             with adapters_off(unet):  # the frozen base: guided by the negative prompt
                 eps = unet(torch.cat([noisy] * 2), torch.cat([t] * 2), torch.cat([negative, text])).sample.float()
             unconditional, conditional = eps.chunk(2)
-            x0_frozen = x0_from_eps(self.alphas_cumprod, noisy, unconditional + self.cfg_vsd * (conditional - unconditional), t)
+            x0_frozen = x0_from_eps(noisy, unconditional + self.cfg_vsd * (conditional - unconditional), alpha_bar)
         return vsd_loss(x0, x0_regularizer, x0_frozen)
 
     def regularizer_loss(self, batch: dict):
         latent = batch["latent"]
         noise = torch.randn_like(latent)
         t = torch.randint(0, len(self.alphas_cumprod), (len(latent),), device=latent.device)
-        eps = self.regularizer_unet(add_noise(self.alphas_cumprod, latent, noise, t), t, batch["text"]).sample
+        eps = self.regularizer_unet(q_sample(latent, noise, alpha_bar_at(self.alphas_cumprod, t, latent)), t, batch["text"]).sample
         loss = self.lambdas["regularizer"] * F.mse_loss(eps.float(), noise.float())
         return loss, {"loss_regularizer": loss.item()}

@@ -30,6 +30,7 @@ from diffsr.methods.s3diff import (NEGATIVE_PROMPT, POSITIVE_PROMPT, RANK_UNET, 
                                    UNET_TARGETS, VAE_ADAPTER, VAE_TARGETS, DegradationConditioner, S3Diff,
                                    _checked_weights, attach_degradation_lora, unet_block, vae_block, write_release)
 from diffsr.nets.de_net import load_de_net
+from diffsr.samplers import x0_from_eps
 from diffsr.training.base import Trainer, trainable
 from diffsr.training.gan import DINO, VisionAidedDiscriminator, load_dino
 from diffsr.training.losses import PerceptualLoss
@@ -111,8 +112,7 @@ class S3DiffTrainer(Trainer):
         self.negative_prob = negative_prob
         # (2, 77, d): positive, negative. Constant, so encoded once (as the other trainers do).
         self.register_buffer("text", self.backbone.encode_prompt([positive_prompt, negative_prompt]), persistent=False)
-        alpha_bar = self.backbone.alphas_cumprod[TIMESTEP].item()
-        self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+        self.alpha_bar = self.backbone.alphas_cumprod[TIMESTEP].item()
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _initialise_conditioner(self) -> None:
@@ -165,7 +165,7 @@ class S3DiffTrainer(Trainer):
         scaling = self.vae.config.scaling_factor
         latent = self.vae.encode(source).latent_dist.sample() * scaling
         eps = self.unet(latent, TIMESTEP, encoder_hidden_states=text).sample
-        x0 = (latent - self.sqrt_one_minus_alpha_bar * eps) / self.sqrt_alpha_bar
+        x0 = x0_from_eps(latent, eps, self.alpha_bar)
         return self.vae.decode(x0 / scaling).sample.clamp(-1, 1)
 
     def prepare(self, batch: dict) -> None:
