@@ -100,7 +100,7 @@ def _step_timestep(t: int, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_ddpm(model: Model, x: torch.Tensor, schedule: Schedule, generator: torch.Generator | None = None,
-                prediction: str = "epsilon", callback=None) -> torch.Tensor:
+                prediction: str = "epsilon") -> torch.Tensor:
     """Ancestral DDPM on the re-spaced betas with the fixed-small (posterior) variance, as the release's
     p_sample_loop with `time_replace`: the network sees original timesteps, the posterior uses the
     re-spaced betas beta_i = 1 - abar_i / abar_{i-1}."""
@@ -110,8 +110,6 @@ def sample_ddpm(model: Model, x: torch.Tensor, schedule: Schedule, generator: to
         output = model(x, _step_timestep(int(schedule.timesteps[i]), x)).float()
         noise = randn(x.shape, generator, x) if i > 0 else None
         x, _ = ddpm_step(x, to_eps(output, x, a, prediction), a, a_prev, noise)
-        if callback is not None:
-            callback(len(schedule) - i)
     return x
 
 
@@ -128,7 +126,7 @@ def release_ddim_alphas(alphas_cumprod: torch.Tensor, steps: int) -> tuple[torch
 @torch.no_grad()
 def sample_ddim(model: Model, x: torch.Tensor, schedule: Schedule, eta: float = 0.0,
                 generator: torch.Generator | None = None, prediction: str = "epsilon",
-                alphas: tuple[torch.Tensor, torch.Tensor] | None = None, callback=None) -> torch.Tensor:
+                alphas: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """DDIM (eta = 0: deterministic). `alphas` overrides the (alpha_bar_t, alpha_bar_prev) pairs per step,
     ascending like the schedule (see release_ddim_alphas); by default they are the schedule's own."""
     if alphas is None:
@@ -144,8 +142,6 @@ def sample_ddim(model: Model, x: torch.Tensor, schedule: Schedule, eta: float = 
         x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
         if sigma > 0:
             x = x + sigma * randn(x.shape, generator, x)
-        if callback is not None:
-            callback(len(schedule) - i)
     return x
 
 
@@ -185,8 +181,7 @@ class TruncatedSchedule:
 
 @torch.no_grad()
 def truncated_sample(model: Callable[[torch.Tensor, int, bool], torch.Tensor], x: torch.Tensor,
-                     schedule: TruncatedSchedule, renoise: NoiseSampler, step_noise: NoiseSampler,
-                     callback=None) -> torch.Tensor:
+                     schedule: TruncatedSchedule, renoise: NoiseSampler, step_noise: NoiseSampler) -> torch.Tensor:
     """CCSR's non-uniform timestep sampling (paper Sec. III-B): x0 from the start latent at t=start_t, re-noise it to
     t_max, run DDPM steps down to t_min and return the last x0 estimate.
 
@@ -199,9 +194,7 @@ def truncated_sample(model: Callable[[torch.Tensor, int, bool], torch.Tensor], x
         if not schedule.steps:
             return x0
         x = q_sample(x0, renoise(x0), schedule.renoise_alpha_bar)
-    for i, (t, alpha_bar, alpha_bar_prev) in enumerate(schedule.steps):
+    for t, alpha_bar, alpha_bar_prev in schedule.steps:
         eps = model(x, t, True).float()
         x, x0 = ddpm_step(x, eps, alpha_bar, alpha_bar_prev, step_noise(x))
-        if callback is not None:
-            callback(i + 1)
     return x0

@@ -298,7 +298,7 @@ class StableSR(Upscaler):
 
     def sample(self, condition: torch.Tensor, text: torch.Tensor, generator: torch.Generator, steps: int,
                sampler: str = "ddpm", negative: torch.Tensor | None = None, guidance_scale: float = 1.0,
-               eta: float = 0.0, start: str = "lr", tiler=None, callback=None) -> torch.Tensor:
+               eta: float = 0.0, start: str = "lr", tiler=None) -> torch.Tensor:
         """Denoise from t=999 to a clean latent, conditioned on the (scaled) LR latent `condition`.
 
         `tiler(denoise, latent, condition) -> prediction`, when given, runs `denoise(latent_tiles,
@@ -318,9 +318,9 @@ class StableSR(Upscaler):
 
         schedule = Schedule.respaced(alphas_cumprod, steps)
         if sampler == "ddpm":
-            return sample_ddpm(model, x, schedule, generator, self.prediction, callback)
+            return sample_ddpm(model, x, schedule, generator, self.prediction)
         return sample_ddim(model, x, schedule, eta, generator, self.prediction,
-                           release_ddim_alphas(alphas_cumprod, steps), callback)
+                           release_ddim_alphas(alphas_cumprod, steps))
 
     def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str = "", negative_prompt: str | None = None,
                 steps: int | None = None, sampler: str = "ddpm", guidance_scale: float = 1.0, fidelity: float = 0.5,
