@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffsr.errors import ImageError, UsageError
-from diffsr.images import IMAGE_SUFFIXES, read_image
+from diffsr.images import IMAGE_SUFFIXES, image_size, read_image
 
 
 def _image_files(sources) -> list[Path]:
@@ -41,20 +41,6 @@ def _image_files(sources) -> list[Path]:
         else:
             raise UsageError(f"{source}: neither a folder nor a .txt file list")
     return files
-
-
-def _header_size(path: Path) -> tuple[int, int]:
-    """(height, width) read from the file header only."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except Exception as error:  # any header problem: reported, the file is left out
-        raise ImageError(f"{path}: not a readable image ({str(error).strip() or type(error).__name__})") from None
-    return height, width
 
 
 def _random_flip(images: list[torch.Tensor], flip: bool, rotate: bool) -> list[torch.Tensor]:
@@ -78,7 +64,7 @@ class _SafeImages(Dataset):
         kept = []
         for entry, paths, needed in entries:
             try:
-                if all(min(_header_size(p)) >= n for p, n in zip(paths, needed)):
+                if all(min(image_size(p)) >= n for p, n in zip(paths, needed)):
                     kept.append(entry)
                 else:
                     self.too_small += 1

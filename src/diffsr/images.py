@@ -86,6 +86,19 @@ def _from_pil(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return np.asarray(image.convert("RGB")), None
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) read from the file header only, without decoding the pixels; one ImageError line
+    (naming the file) for a missing or unreadable file."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except Exception as error:  # any header problem: reported, the file is left out
+        raise ImageError(f"{path}: not a readable image ({str(error).strip() or type(error).__name__})") from None
+    return height, width
+
+
 def read_image(path: str | Path) -> Picture:
     """Read any supported image as a Picture; one clear ImageError line for anything unreadable."""
     path = Path(path)

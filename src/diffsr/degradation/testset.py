@@ -19,7 +19,7 @@ import torch
 from diffsr.degradation.config import DegradationConfig, load_config
 from diffsr.degradation.pipeline import apply_degradation, sample_params
 from diffsr.errors import ImageError, UsageError
-from diffsr.images import collect_inputs, read_image, tensor_to_array, write_image
+from diffsr.images import collect_inputs, image_size, read_image, tensor_to_array, write_image
 
 PAIRS_FILE = "pairs.json"
 
@@ -36,18 +36,6 @@ class TestSetReport:
     too_small: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # "path: reason"
     failed: list[str] = field(default_factory=list)  # pairs not written, "name: reason"
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the header, without decoding the pixels."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except Exception as error:  # any header problem: the file is reported and left out
-        raise ImageError(f"{path}: not a readable image ({str(error).strip() or type(error).__name__})") from None
-    return height, width
 
 
 def plan_pairs(sources: list[tuple[Path, tuple[int, int]]], config: DegradationConfig, crop: int, count: int,
@@ -85,7 +73,7 @@ def make_test_set(hr_dir: str | Path, out: str | Path, crop: int = 512, count: i
     sources = []
     for path in collect_inputs([hr_dir]):
         try:
-            size = _image_size(path)
+            size = image_size(path)
         except ImageError as error:
             report.unreadable.append(str(error))
             continue

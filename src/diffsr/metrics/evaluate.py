@@ -237,15 +237,18 @@ def render(result: Evaluation | RunsEvaluation, fmt: str = "md", digits: int = 4
         return json.dumps(result.to_dict(), indent=1, default=float) + "\n"
     header, rows = result.table()
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows([[("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for v in row]
-                          for row in rows])
-        return buffer.getvalue()
+        return csv_table(header, rows)
     if fmt != "md":
         raise UsageError(f"unknown format '{fmt}' (choose {', '.join(FORMATS)})")
     return markdown_table(header, rows, digits) + notes(result)
+
+
+def csv_table(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row] for row in rows])
+    return buffer.getvalue()
 
 
 def markdown_table(header: list[str], rows: list[list], digits: int = 4) -> str:

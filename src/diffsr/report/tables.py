@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from functools import lru_cache
 from importlib import resources
 
-from diffsr.metrics.evaluate import markdown_table
+from diffsr.metrics.evaluate import csv_table, markdown_table
 
 DATASET_ALIASES = {"div2k": "DIV2K-Val", "div2k-val": "DIV2K-Val", "div2kval": "DIV2K-Val", "realsr": "RealSR",
                    "drealsr": "DRealSR"}
@@ -74,9 +72,4 @@ def stability_table(bench) -> tuple[list[str], list[list]] | None:
 
 
 def benchmark_csv(bench) -> str:
-    header, rows = bench.table()
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row] for row in rows])
-    return buffer.getvalue()
+    return csv_table(*bench.table())
