@@ -182,24 +182,28 @@ def scatter_plot(bench) -> str:
 def comparisons(bench, max_images: int) -> str:
     from diffsr.images import collect_inputs
 
-    methods = [m for m in bench.methods if m.folders]
+    def by_stem(folder) -> dict:
+        """Each folder is listed once: file by name stem (the first, as collect_inputs sorts them)."""
+        found: dict = {}
+        for path in collect_inputs([folder]):
+            found.setdefault(path.stem, path)
+        return found
+
+    methods = [(m, by_stem(m.folders[0])) for m in bench.methods if m.folders]
+    gt_files = by_stem(bench.gt_dir) if bench.gt_dir is not None else {}
     blocks = []
     for lr_path in collect_inputs([bench.lr_dir])[:max_images]:
-        panels = []
-        gt_picture = None
-        if bench.gt_dir is not None:
-            gt_paths = [p for p in collect_inputs([bench.gt_dir]) if p.stem == lr_path.stem]
-            gt_picture = read_image(gt_paths[0]) if gt_paths else None
-        panels.append(("LR input", read_image(lr_path), ""))
-        for method in methods:
-            candidates = [p for p in collect_inputs([method.folders[0]]) if p.stem == lr_path.stem]
-            if not candidates:
+        panels = [("LR input", read_image(lr_path), "")]
+        gt_path = gt_files.get(lr_path.stem)
+        gt_picture = read_image(gt_path) if gt_path else None
+        for method, files in methods:
+            result = files.get(lr_path.stem)
+            if result is None:
                 continue
             scores = method.evaluation.runs[0].per_image if hasattr(method.evaluation, "runs") else \
                 method.evaluation.per_image if method.evaluation else {}
-            score = scores.get(candidates[0].name, {})
-            caption = ", ".join(f"{k} {v:.3f}" for k, v in score.items())
-            panels.append((method.name, read_image(candidates[0]), caption))
+            caption = ", ".join(f"{k} {v:.3f}" for k, v in scores.get(result.name, {}).items())
+            panels.append((method.name, read_image(result), caption))
         if gt_picture is not None:
             panels.append(("ground truth", gt_picture, ""))
         cells = "".join(
