@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from diffsr.errors import BaseModelError, UsageError
+from diffsr.errors import BaseModelError, UsageError, first_line
 
 # What each part's folder must hold to be loadable.
 _PART_FILES = {
@@ -132,9 +132,9 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
 
         scheduler_config = dict(DDPMScheduler.load_config(base, subfolder="scheduler"))
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         where = "folder" if is_local else "hub id"
-        raise BaseModelError(f"{base}: cannot load the base model ({where}): {first_line}") from error
+        raise BaseModelError(f"{base}: cannot load the base model ({where}): {first}") from error
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(device=device)
     return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype)

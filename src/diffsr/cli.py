@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from diffsr.color import COLOR_FIXES
-from diffsr.errors import DiffsrError, UsageError
+from diffsr.errors import DiffsrError, UsageError, first_line
 from diffsr.images import OUTPUT_FORMATS, collect_inputs
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -277,7 +277,7 @@ def run_upscale(args) -> int:
             progress.write(f"diffsr: error: {error}", file=sys.stderr)
             failures += 1
         except (RuntimeError, MemoryError) as error:  # e.g. out of memory on the device: keep the batch going
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = first_line(error)
             progress.write(f"diffsr: error: {path}: {first}", file=sys.stderr)
             failures += 1
     if not args.quiet:

@@ -19,3 +19,10 @@ class BaseModelError(DiffsrError):
 
 class UsageError(DiffsrError):
     """A knob is out of range or a combination of options is invalid."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (or its type name): the one line a user sees of an
+    error raised by a library underneath."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from diffsr.errors import WeightsError
+from diffsr.errors import WeightsError, first_line
 
 # Top-level keys that identify each release format (a file matches when it has all of them).
 _SIGNATURES = {
@@ -49,7 +49,7 @@ def read_weights(path: str | Path) -> dict:
                           "(only do this for files you trust)", stacklevel=2)
             data = torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise WeightsError(f"{path}: not a readable weights file, corrupt or truncated ({reason})") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a dict of weights, found {type(data).__name__}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from diffsr.errors import UsageError
+from diffsr.errors import UsageError, first_line
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic", "nearest")
@@ -167,5 +167,5 @@ def load_config(source: str | Path | dict | DegradationConfig | None = None) -> 
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise UsageError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{path}: not valid YAML ({first_line(error)})") from None
     return config_from_dict(data)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from diffsr.backbone import Backbone, load_backbone, quiet_loading
-from diffsr.errors import UsageError, WeightsError
+from diffsr.errors import UsageError, WeightsError, first_line
 from diffsr.images import Picture, resize
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.samplers import TruncatedSchedule, q_sample, randn, space_timesteps, truncated_sample
@@ -380,7 +380,7 @@ def load_v2(folder: Path, dtype: torch.dtype):
         with quiet_loading():
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as error:
-        raise WeightsError(f"{folder}: cannot load the CCSR-v2 weights: {_first_line(error)}") from None
+        raise WeightsError(f"{folder}: cannot load the CCSR-v2 weights: {first_line(error)}") from None
     return controlnet, vae
 
 
@@ -396,11 +396,7 @@ def load_v2_controlnet(folder: Path, dtype: torch.dtype = torch.float32) -> nn.M
         with quiet_loading():
             return controlnet_class().from_pretrained(folder, subfolder="controlnet", torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as error:
-        raise WeightsError(f"{folder}: cannot load the CCSR-v2 weights: {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{folder}: cannot load the CCSR-v2 weights: {first_line(error)}") from None
 
 
 def write_random_v2(base: Path, out: Path, seed: int = 0) -> None:

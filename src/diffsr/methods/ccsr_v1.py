@@ -17,7 +17,7 @@ import torch
 
 from diffsr.backbone import Backbone, quiet_loading
 from diffsr.checkpoints import ldm, read_method_weights
-from diffsr.errors import WeightsError
+from diffsr.errors import WeightsError, first_line
 
 UNET, CONTROL, VAE, COND = "model.diffusion_model.", "control_model.", "first_stage_model.", "cond_encoder."
 
@@ -58,8 +58,7 @@ def load_v1(path: Path, backbone: Backbone):
         try:
             module.load_state_dict({k: v.to(backbone.dtype) for k, v in converted.items()}, strict=True)
         except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise WeightsError(f"{path}: its {label} does not fit the base model ({first_line})") from None
+                        raise WeightsError(f"{path}: its {label} does not fit the base model ({first_line(error)})") from None
     return controlnet, condition_vae
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from diffsr.backbone import Backbone, load_backbone
 from diffsr.checkpoints import read_method_weights
-from diffsr.errors import UsageError, WeightsError
+from diffsr.errors import UsageError, WeightsError, first_line
 from diffsr.images import Picture, as_picture
 from diffsr.lora import LoraModulation, add_degradation_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
@@ -205,7 +205,7 @@ def attach_degradation_lora(backbone: Backbone, weights: dict) -> tuple[LoraModu
         unet = add_degradation_lora(backbone.unet, weights["unet_lora_target_modules"], weights["rank_unet"],
                                     UNET_ADAPTER, unet_block)
     except ValueError as error:  # peft: no module matched the targets
-        raise WeightsError(f"its LoRA targets do not fit this base model ({str(error).splitlines()[0]})") from None
+        raise WeightsError(f"its LoRA targets do not fit this base model ({first_line(error)})") from None
     _load_exact(backbone.unet, weights["state_dict_unet"], lambda n: "lora" in n or "conv_in" in n, "state_dict_unet")
     _load_exact(backbone.vae, weights["state_dict_vae"], lambda n: "lora" in n or "skip_conv" in n, "state_dict_vae")
     return vae, unet

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffsr.errors import DiffsrError, UsageError
+from diffsr.errors import DiffsrError, UsageError, first_line
 from diffsr.images import collect_inputs, read_image, resize_picture, write_image
 from diffsr.metrics.evaluate import Evaluation, RunsEvaluation, build_metrics, evaluate, evaluate_runs, parse_metric_names
 
@@ -168,7 +168,7 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
             result = run_method(name, lr_paths, output, scale, seeds, device, dtype, base_for.get(name, default_base),
                                 weights_for.get(name), options, failures)
         except (DiffsrError, TypeError, RuntimeError) as error:
-            bench.methods.append(MethodResult(name, [], error=str(error).strip().splitlines()[0]))
+            bench.methods.append(MethodResult(name, [], error=first_line(error)))
             log(f"{name}: cannot run: {bench.methods[-1].error}")
             continue
         for failure in failures:

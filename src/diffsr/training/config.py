@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffsr.errors import UsageError
+from diffsr.errors import UsageError, first_line
 
 
 @dataclass
@@ -138,7 +138,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     except OSError as error:
         raise UsageError(f"{path}: cannot read ({error.strerror})") from None
     except yaml.YAMLError as error:
-        raise UsageError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{path}: not valid YAML ({first_line(error)})") from None
     if not isinstance(values, dict):
         raise UsageError(f"{path}: a training config must be a mapping")
     for dotted, value in (overrides or {}).items():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
-from diffsr.errors import WeightsError
+from diffsr.errors import WeightsError, first_line
 
 DINO = "facebook/dino-vitb16"  # the ViT-B/16 DINO weights vision_aided_loss loads from torch.hub
 DINO_LAYER_NORM_EPS = 1e-6  # DINO's own LayerNorm eps (vision_transformer.py)
@@ -52,7 +52,7 @@ def load_dino(name: str | Path = DINO):
             model = ViTModel.from_pretrained(str(name), add_pooling_layer=False, layer_norm_eps=DINO_LAYER_NORM_EPS)
     except (OSError, ValueError) as error:
         raise WeightsError(f"cannot load the DINO backbone {str(name)!r} of S3Diff's discriminator "
-                           f"({str(error).splitlines()[0]}); offline, download {DINO} first or pass "
+                           f"({first_line(error)}); offline, download {DINO} first or pass "
                            "dino=<local folder with config.json and the weights>") from None
     return model.eval().requires_grad_(False)
 
