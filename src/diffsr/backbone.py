@@ -106,11 +106,12 @@ def quiet_loading():
 
 
 def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-                  unet_cls=None, vae_cls=None) -> Backbone:
+                  vae: torch.nn.Module | None = None) -> Backbone:
     """Load UNet, VAE, text encoder, tokenizer and scheduler config from `base`.
 
     `base` is a local folder in the diffusers layout or a hub id (resolved by huggingface_hub as usual,
-    including its offline cache). `unet_cls`/`vae_cls` let a method substitute a subclass.
+    including its offline cache). `vae`: a VAE to use instead of the base's (CCSR v2 ships its own), so the
+    base's is not loaded at all.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -124,8 +125,8 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
         base = str(local)
     try:
         with quiet_loading():
-            unet = (unet_cls or UNet2DConditionModel).from_pretrained(base, subfolder="unet", torch_dtype=dtype)
-            vae = (vae_cls or AutoencoderKL).from_pretrained(base, subfolder="vae", torch_dtype=dtype)
+            unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
+            vae = vae or AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
             text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
         from diffusers import DDPMScheduler

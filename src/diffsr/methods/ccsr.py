@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffsr.backbone import Backbone, load_backbone, quiet_loading
+from diffsr.backbone import Backbone, load_backbone, quiet_loading, resolve_dtype
 from diffsr.errors import UsageError, WeightsError, first_line
 from diffsr.images import Picture, resize
 from diffsr.methods.base import Prepared, Upscaler, output_size
@@ -190,13 +190,14 @@ class CCSR(Upscaler):
         weights = Path(weights)
         if not weights.exists():
             raise WeightsError(f"{weights}: weights not found")
-        backbone = load_backbone(base, device, dtype)
         if weights.is_dir():
-            controlnet, backbone.vae = load_v2(weights, backbone.dtype)
+            controlnet, vae = load_v2(weights, resolve_dtype(dtype))
+            backbone = load_backbone(base, device, dtype, vae=vae)
             condition_vae, version = None, 2
         else:
             from diffsr.methods.ccsr_v1 import load_v1
 
+            backbone = load_backbone(base, device, dtype)
             controlnet, condition_vae = load_v1(weights, backbone)
             version = 1
         for module in (controlnet, backbone.vae, condition_vae):
