@@ -260,6 +260,22 @@ def test_stablesr_upscales_through_the_bounded_vae_without_seams(cfw, base):
     assert ratio < 1.1
 
 
+def test_denoiser_passes_are_reported(upscaler, base):
+    """One report per whole-latent denoiser pass, however many tiles it takes: 1 for OSEDiff, one per step
+    for StableSR (the CLI's second progress bar counts these)."""
+    from diffsr.testing import make_tiny_weights
+
+    stablesr = diffsr.load_upscaler("stablesr", base=base,
+                                    weights=make_tiny_weights("stablesr", base, base.parent / "sr" / "stablesr_turbo.ckpt"))
+    image = np.full((32, 40, 3), 128, np.uint8)
+    for model, knobs, expected in ((upscaler, {"tile_size": 16, "tile_overlap": 8}, 1), (stablesr, {"steps": 3}, 3)):
+        count = []
+        with tiling.report_passes(lambda: count.append(1)):
+            model(image, scale=4, **knobs)
+        assert len(count) == expected
+    model(image, scale=4)  # outside the context nothing is reported (and nothing fails)
+
+
 # -- automatic choice and bad input ----------------------------------------------------------------------
 
 

@@ -253,6 +253,8 @@ def run_upscale(args) -> int:
 
     from tqdm import tqdm
 
+    from diffsr import tiling
+
     # Only the knobs the user gave: the others keep each method's release defaults.
     knobs = {**_method_knobs(args), **_tiling_knobs(args)}
     try:
@@ -262,10 +264,13 @@ def run_upscale(args) -> int:
         return EXIT_USAGE
     written = 0
     progress = tqdm(planned, desc=f"{method.name} x{args.scale:g}", unit="image", disable=args.quiet, file=sys.stderr)
+    # A second bar counts the denoiser passes of the image in hand (multi-step methods on large images are slow).
+    passes = tqdm(desc="denoiser passes", unit="pass", disable=args.quiet, file=sys.stderr, position=1, leave=False)
     for path, target in progress:
+        passes.reset()
         try:
             picture = read_image(path)
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, tiling.report_passes(passes.update):
                 warnings.simplefilter("always")
                 result = upscaler.upscale(picture, scale=args.scale, seed=args.seed, color_fix=args.color_fix,
                                           **knobs)
@@ -280,6 +285,7 @@ def run_upscale(args) -> int:
             first = first_line(error)
             progress.write(f"diffsr: error: {path}: {first}", file=sys.stderr)
             failures += 1
+    passes.close()
     if not args.quiet:
         print(f"wrote {written} image(s) to {args.output}" + (f"; {failures} failed" if failures else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
@@ -316,6 +322,8 @@ def run_evaluate(args) -> int:
     from tempfile import TemporaryDirectory
 
     from tqdm import tqdm
+
+    from diffsr import tiling
 
     from diffsr.metrics.evaluate import evaluate, evaluate_runs, render
 

@@ -95,9 +95,28 @@ class TilingOptions:
 
     def aggregate(self, denoise: "Denoiser", latent: torch.Tensor, condition: torch.Tensor | None, default_tile: int,
                   unet: torch.nn.Module) -> torch.Tensor:
-        """`aggregate` with these options: the method gives its default tile size and its UNet (for sizing)."""
+        """`aggregate` with these options: the method gives its default tile size and its UNet (for sizing).
+        Every method's denoiser passes come through here: each one is reported to `report_passes`."""
         tile = self.denoiser_tile(default_tile, unet, latent.device, unet.dtype)
-        return aggregate(denoise, latent, condition, tile, self.tile_overlap, self.tile_batch, self.release_gaussian)
+        merged = aggregate(denoise, latent, condition, tile, self.tile_overlap, self.tile_batch, self.release_gaussian)
+        report = _PASS_DONE.get()
+        if report is not None:
+            report()
+        return merged
+
+
+_PASS_DONE: ContextVar[Callable[[], None] | None] = ContextVar("diffsr_pass_done", default=None)
+
+
+@contextmanager
+def report_passes(callback: Callable[[], None]):
+    """While active, `callback()` runs after every whole-latent denoiser pass (one per sampler step; two where
+    a method guides with separate calls): progress for long multi-step runs, shared by all methods."""
+    token = _PASS_DONE.set(callback)
+    try:
+        yield
+    finally:
+        _PASS_DONE.reset(token)
 
 
 def available_memory(device: torch.device) -> float:
