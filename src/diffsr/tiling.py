@@ -15,6 +15,9 @@ Tiled VAE, three ways, chosen by size and the memory budget:
   its own GroupNorm statistics, which are pooled over all tiles, then with the pooled statistics, shared by all
   tiles (so no brightness jumps); attention stays within the tile. Memory stops growing at the tile size; the
   result approximates the untiled one.
+Forward hooks on the VAE's resnet blocks see whole maps in the first two modes and one tile at a time in the
+third (`bounded_tile()` says which); StableSR's CFW decoder relies on this. Every denoiser pass is reported to
+`report_passes` (progress).
 Written by hand: diffusers' own VAE tiling normalises each tile with its own statistics (visible seams).
 """
 
