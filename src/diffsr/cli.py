@@ -323,8 +323,6 @@ def run_evaluate(args) -> int:
 
     from tqdm import tqdm
 
-    from diffsr import tiling
-
     from diffsr.metrics.evaluate import evaluate, evaluate_runs, render
 
     def progress(items):
