@@ -263,8 +263,8 @@ def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(
 
     if image.shape[-1] % 8 or image.shape[-2] % 8:
         raise UsageError(f"image size {tuple(image.shape[-2:])} must be a multiple of 8 pixels to encode")
-    mode = mode or encode_mode(options, vae, image)
-    tile = vae_tile(options, vae, False, image.device, image.dtype)
+    auto, tile = encode_plan(options, vae, image)
+    mode = mode or auto
     if mode == "untiled":
         return vae.encode(image).latent_dist
     with torch.no_grad():  # the tiled modes are for inference
@@ -278,9 +278,10 @@ def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(
     return DiagonalGaussianDistribution(moments)
 
 
-def encode_mode(options: TilingOptions, vae, image: torch.Tensor) -> str:
+def encode_plan(options: TilingOptions, vae, image: torch.Tensor) -> tuple[str, int]:
+    """`vae_plan` for encoding `image`: (mode, tile)."""
     latent_hw = (image.shape[-2] // 8, image.shape[-1] // 8)
-    return vae_plan(options, vae, latent_hw, False, image.device, image.dtype)[0]
+    return vae_plan(options, vae, latent_hw, False, image.device, image.dtype)
 
 
 def vae_decode(vae, latent: torch.Tensor, options: TilingOptions = TilingOptions(), mode: str | None = None,

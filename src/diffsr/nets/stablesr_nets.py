@@ -287,7 +287,7 @@ class CFWAutoencoder(nn.Module):
 
     def encode(self, image: torch.Tensor, options: TilingOptions = TilingOptions()):
         """(latent distribution, EncoderFeatures at the fusion levels)."""
-        mode = tiling.encode_mode(options, self.vae, image)
+        mode, _ = tiling.encode_plan(options, self.vae, image)
         levels = [int(level) for level in self.fusion]
         if mode == "bounded":
             statistics: dict = {}
