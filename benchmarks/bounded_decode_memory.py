@@ -9,6 +9,7 @@ and without `MALLOC_MMAP_THRESHOLD_=131072` (glibc then stops keeping freed mid-
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +18,8 @@ from diffusers import AutoencoderKL
 
 from diffsr import tiling
 
-
-def peak_gb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 2**20
+sys.path.insert(0, str(Path(__file__).parent))
+from tiling_memory import peak_rss_gb, reset_peak  # noqa: E402
 
 
 def main() -> None:
@@ -33,12 +32,12 @@ def main() -> None:
     torch.set_num_threads(2)
     vae = AutoencoderKL.from_pretrained(args.models / "sd21-full", subfolder="vae", torch_dtype=torch.bfloat16).eval()
     latent = torch.randn(1, 4, args.height, args.width, dtype=torch.bfloat16)
-    Path("/proc/self/clear_refs").write_text("5")  # the peak starts over from here
-    start, cpu = peak_gb(), time.process_time()
+    reset_peak()
+    start, cpu = peak_rss_gb(), time.process_time()
     with torch.no_grad():
         tiling.vae_decode(vae, latent, tiling.TilingOptions(vae_tile_size=args.tile, max_memory=0.01), mode="bounded")
     tiles = len(tiling._tile_boxes(args.height, args.tile)) * len(tiling._tile_boxes(args.width, args.tile))
-    print(f"latent {args.height}x{args.width}: {tiles} tiles, peak above start {peak_gb() - start:.2f} GB, "
+    print(f"latent {args.height}x{args.width}: {tiles} tiles, peak above start {peak_rss_gb() - start:.2f} GB, "
           f"CPU {time.process_time() - cpu:.0f} s")
 
 
