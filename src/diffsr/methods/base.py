@@ -15,7 +15,7 @@ import torch
 from diffsr.color import COLOR_FIXES, color_fix
 from diffsr.errors import UsageError
 from diffsr.images import Picture, as_picture, resize, tensor_to_array, to_pil
-from diffsr.tiling import TILING_KNOBS, TilingOptions
+from diffsr.tiling import TILING_KNOBS, TilingOptions, return_freed_memory
 
 MIN_SCALE, MAX_SCALE = 1, 8
 
@@ -94,6 +94,8 @@ class Upscaler:
         self.check_knobs(knobs)
         knobs = dict(knobs)
         tiling = TilingOptions.from_knobs(knobs)
+        if self.device.type == "cpu":
+            return_freed_memory()
         prepared = self.preprocess(picture, scale)
         lr = prepared.lr.to(self.device, torch.float32)
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
