@@ -1,5 +1,10 @@
 """Tiling: latent aggregation, tiled VAE, the automatic choice and bad input (diffsr.tiling, issue #3)."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -335,3 +340,46 @@ def test_every_method_denoises_large_latents_through_the_tiler(base, tmp_path, m
     assert shapes and set(shapes) == {(16, 16)}
     borders = tile_borders(32, 16, 8, unit=8)
     assert seam_ratio(out[0] * 255, borders, borders) < 1.1
+
+
+FRAGMENTING_HEAP = """
+import sys
+from pathlib import Path
+import torch
+from diffsr.tiling import return_freed_memory
+
+def rss_mb():
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) / 1024
+
+torch.ones(30 << 18)  # a freed 30 MB block, as model loading frees: glibc's threshold rises to 30 MB
+if sys.argv[1] == "apply":
+    assert return_freed_memory()
+blocks = [torch.ones(2 << 18) for _ in range(200)]  # 2 MB each
+before = rss_mb()
+del blocks[::2]  # every other block: the freed ones sit between live ones
+print(before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+def test_cpu_upscaling_returns_freed_feature_maps_to_the_system():
+    """Freed 2 MB blocks between live ones stay resident under glibc's raised threshold (the control) and go
+    back to the system once `return_freed_memory` has run (what every CPU upscale does first)."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+    def returned_mb(mode):
+        done = subprocess.run([sys.executable, "-c", FRAGMENTING_HEAP, mode], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return float(done.stdout.split()[-1])
+
+    assert returned_mb("default") < 50
+    assert returned_mb("apply") > 150
+
+
+def test_upscale_on_cpu_applies_the_allocator_setting(upscaler, monkeypatch):
+    calls = []
+    monkeypatch.setattr("diffsr.methods.base.return_freed_memory", lambda: calls.append(1))
+    upscaler(np.zeros((16, 16, 3), np.uint8), scale=2)
+    assert calls
