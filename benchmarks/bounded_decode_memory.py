@@ -19,12 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiling_memory import WEIGHTS, cpu_seconds, peak_rss_gb, reset_peak  # noqa: E402
-
-
-def resident_gb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 2**20
+from tiling_memory import WEIGHTS, cpu_seconds, peak_rss_gb, reset_peak, resident_gb  # noqa: E402
 
 
 def child(args) -> None:

@@ -67,11 +67,19 @@ def smooth_image(size: int) -> np.ndarray:
     return (np.stack(planes, axis=2) + rng.normal(0, 8, (size, size, 3))).clip(0, 255).astype(np.uint8)
 
 
+def _status_gb(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field + ":")) / 2**20
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory since the start or the last reset_peak() (Linux VmHWM)."""
-    status = Path("/proc/self/status").read_text()
-    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    return kib / 2**20
+    return _status_gb("VmHWM")
+
+
+def resident_gb() -> float:
+    """Resident memory now (Linux VmRSS)."""
+    return _status_gb("VmRSS")
 
 
 def reset_peak() -> None:

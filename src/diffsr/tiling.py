@@ -147,8 +147,9 @@ def return_freed_memory() -> bool:
     """On glibc, serve every block of 1 MB or more with its own mmap, so that freed feature maps go straight back
     to the system. glibc's default raises this threshold to 32 MB once large blocks are freed (loading a model
     does), and tile-sized buffers then come from heaps that fragment: the first full-size VAE decoder tile after
-    loading OSEDiff peaked 1.4 GB higher (+3.20 against +1.84 GB) and kept 1.4 GB after it returned; the default
-    saved no measurable CPU time. Once per process; does nothing elsewhere or when MALLOC_MMAP_THRESHOLD_ is set. True if applied."""
+    loading OSEDiff peaked 1.4 GB higher (+3.20 against +1.84 GB) and kept 1.4 GB after it returned. Costs about
+    6% CPU time (benchmarks/bounded_decode_memory.py). Once per process; does nothing elsewhere or when
+    MALLOC_MMAP_THRESHOLD_ is set. True if applied."""
     if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT))
