@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pickle
-import warnings
+import re
 import zipfile
 from pathlib import Path
 
 import torch
 
+from diffsr.checkpoints import restricted_pickle
 from diffsr.errors import WeightsError, first_line
 
 # Top-level keys that identify each release format (a file matches when it has all of them).
@@ -37,23 +38,42 @@ def read_weights(path: str | Path) -> dict:
             return load_file(str(path))
         except Exception as error:  # safetensors raises several private error types
             raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
-    try:
+    with path.open("rb") as file:  # one open file: both loads below read the same bytes
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            if "weights_only" not in str(error) or path.suffix != ".ckpt":
-                raise
-            # Lightning checkpoints pickle a few non-tensor objects (hyper-parameters, callbacks);
-            # other files never need full unpickling, so a .pkl/.pth that does is treated as corrupt.
-            warnings.warn(f"{path.name}: holds pickled Python objects; loading it with full unpickling "
-                          "(only do this for files you trust)", stacklevel=2)
-            data = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        reason = first_line(error)
-        raise WeightsError(f"{path}: not a readable weights file, corrupt or truncated ({reason})") from None
+            try:
+                data = torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:
+                # Lightning checkpoints pickle a few non-tensor objects (hyper-parameters, callbacks): they
+                # become inert placeholders. Other files never hold any, so one that does is refused.
+                if path.suffix != ".ckpt" or not _is_torch_archive(file):
+                    raise WeightsError(_unpickling_problem(path, error)) from None
+                file.seek(0)
+                data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+            reason = first_line(error)
+            raise WeightsError(f"{path}: not a readable weights file, corrupt or truncated ({reason})") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a dict of weights, found {type(data).__name__}")
     return data
+
+
+def _is_torch_archive(file) -> bool:
+    """A torch.save zip archive, and not TorchScript (which torch.load would hand to torch.jit.load)."""
+    file.seek(0)
+    if not zipfile.is_zipfile(file):
+        return False
+    file.seek(0)
+    with zipfile.ZipFile(file) as archive:
+        return not any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def _unpickling_problem(path: Path, error: pickle.UnpicklingError) -> str:
+    """Why torch's weights_only loader refused a file, in one line: foreign objects, or damage."""
+    foreign = re.search(r"GLOBAL (\S+)", str(error))  # how torch names a class or function it will not load
+    if foreign:
+        return (f"{path}: holds pickled objects diffsr will not unpickle ({foreign[1]}); weights files may hold "
+                "only tensors and plain values")
+    return f"{path}: not a readable weights file, corrupt or truncated ({first_line(error)})"
 
 
 def detect(weights: dict) -> str | None:
