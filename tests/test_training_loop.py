@@ -1,6 +1,7 @@
 """The shared training loop (diffsr.training.loop), exercised through the OSEDiff trainer on the tiny model."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -157,3 +158,77 @@ def test_two_processes_train_together(tmp_path, tiny_base, hr_dir, metric_weight
     assert [row["step"] for row in logged(tmp_path / "run")] == [1, 2]  # the main process logs, once per step
     assert done.stdout.count("trained weights in the release format") == 1
     assert (tmp_path / "run" / "release" / "osediff.pkl").is_file()
+
+
+class Payload:
+    """Unpickles as a call to exec that writes a marker file (it runs only if a file is unpickled fully)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_planted_checkpoint_payload_never_runs(tmp_path, tiny_base, hr_dir, metric_weights):
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    train(osediff_config(out, tiny_base, hr_dir, metric_weights, train={"steps": 1, "save_every": 1}), progress=False)
+    planted = out / "checkpoints" / "step-1" / "trained.pt"
+    saved = torch.load(planted, weights_only=True)  # the checkpoint holds only tensors and plain values
+    torch.save({**saved, "note": Payload(marker)}, planted)
+    with pytest.warns(UserWarning, match=r"step-1.trained.pt: holds pickled objects diffsr will not unpickle"):
+        result = train(osediff_config(out, tiny_base, hr_dir, metric_weights, train={"steps": 1, "save_every": 1}),
+                       progress=False)
+    assert not marker.exists()
+    assert list(result["losses"]["loss"]) and [row["step"] for row in logged(out)] == [1]  # started afresh
+    assert list((out / "checkpoints").iterdir()) == [out / "checkpoints" / "step-1"]
+    aside = list(out.glob("checkpoints.old-*"))  # the planted file is kept aside, not resumed, not deleted
+    assert len(aside) == 1 and (aside[0] / "step-1" / "trained.pt").is_file()
+
+
+def test_a_fresh_start_never_mixes_with_an_older_run(tmp_path, tiny_base, hr_dir, metric_weights):
+    """`diffsr train --no-resume` over an older, longer run, then a plain rerun: it resumes the new run."""
+    out = tmp_path / "run"
+
+    def config(steps, seed):
+        return osediff_config(out, tiny_base, hr_dir, metric_weights,
+                              train={"steps": steps, "save_every": 1, "seed": seed})
+
+    old = trained_state(train(config(3, 0), progress=False)["trainer"])  # keeps step-2 and step-3
+    with pytest.warns(UserWarning, match="starting a new run: the checkpoints of the earlier run .* moved to"):
+        new = trained_state(train(config(1, 1), resume=False, progress=False)["trainer"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    aside = list(out.glob("checkpoints.old-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["log.jsonl", "step-2", "step-3"]
+    rerun = trained_state(train(config(1, 1), progress=False)["trainer"])
+    assert all(torch.equal(rerun[name], new[name]) for name in new)
+    assert not all(torch.equal(rerun[name], old[name]) for name in old)
+    released = torch.load(out / "release" / "osediff.pkl", weights_only=True)["state_dict_unet"]
+    name = next(k for k in released if "lora_B" in k)
+    assert any(torch.equal(released[name], tensor) for tensor in new.values())
+    # A checkpoint of another run put beside this run's is never resumed, even when it is newer.
+    shutil.copytree(aside[0] / "step-3", out / "checkpoints" / "step-3")
+    with pytest.warns(UserWarning, match=r"step-3: a checkpoint of another run"):
+        again = trained_state(train(config(1, 1), progress=False)["trainer"])
+    assert all(torch.equal(again[name], new[name]) for name in new)
+
+
+def test_resume_skips_a_damaged_checkpoint_and_a_half_written_log_line(tmp_path, tiny_base, hr_dir, metric_weights):
+    out = tmp_path / "run"
+    config = osediff_config(out, tiny_base, hr_dir, metric_weights,
+                            train={"steps": 3, "save_every": 1, "keep_checkpoints": 3})
+    train(config, progress=False)
+    log = (out / "log.jsonl").read_text()
+    (out / "checkpoints" / "step-3" / "trained.pt").write_bytes(b"")  # empty (disk full)
+    half = out / "checkpoints" / "step-2" / "trained.pt"
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])  # truncated
+    with open(out / "log.jsonl", "a") as file:
+        file.write('{"step": 4, "loss": 0.1')  # the process died while writing
+    with pytest.warns(UserWarning) as warned:
+        result = train(config, progress=False)
+    messages = [str(w.message) for w in warned]
+    assert any("step-3" in m and "corrupt or truncated" in m for m in messages)
+    assert any("step-2" in m and "corrupt or truncated" in m for m in messages)
+    assert any("log.jsonl" in m and "line 4" in m for m in messages)
+    assert len(result["losses"]["loss"]) == 2  # resumed from step-1: steps 2 and 3 ran again
+    assert (out / "log.jsonl").read_text() == log  # and drew exactly what the first run drew

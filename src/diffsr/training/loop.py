@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+import uuid
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,12 +23,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diffsr.errors import DiffsrError, UsageError
+from diffsr.checkpoints import read_weights
+from diffsr.errors import DiffsrError, UsageError, WeightsError
 from diffsr.training import trainer_class
 from diffsr.training.config import OptimizerConfig, TrainConfig
 
 CHECKPOINTS = "checkpoints"
-TRAINED_FILE = "trained.pt"  # trained tensors (our format), optimisers, schedulers, step
+TRAINED_FILE = "trained.pt"  # trained tensors (our format), optimisers, schedulers, step, run id
+RUN_FILE = "run.json"  # the id of the run the checkpoints in checkpoints/ belong to
+LOG_FILE = "log.jsonl"
 RELEASE = "release"  # the trained weights in the authors' format
 
 
@@ -140,14 +145,57 @@ def trained_state(trainer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    folders = [p for p in (output_dir / CHECKPOINTS).glob("step-*") if (p / TRAINED_FILE).is_file()]
-    return max(folders, key=lambda p: int(p.name.split("-")[1]), default=None)
+def _step_number(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
 
 
-def save_checkpoint(folder: Path, step: int, trainer, optimizers: dict, schedulers: dict, scaler) -> None:
+def start_run(out: Path) -> str:
+    """Begin a new run in `out` and return its id. An earlier run's checkpoints (and its log.jsonl) are moved
+    aside to checkpoints.old-TIME/, so they are never resumed, never mixed with this run's, never deleted."""
+    checkpoints = out / CHECKPOINTS
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, number = out / f"{CHECKPOINTS}.old-{stamp}", 1
+        while aside.exists():
+            number += 1
+            aside = out / f"{CHECKPOINTS}.old-{stamp}-{number}"
+        checkpoints.rename(aside)
+        if (out / LOG_FILE).is_file():
+            (out / LOG_FILE).rename(aside / LOG_FILE)
+        warnings.warn(f"starting a new run: the checkpoints of the earlier run in {out} are moved to {aside}",
+                      stacklevel=2)
+    run = uuid.uuid4().hex
+    (out / RUN_FILE).write_text(json.dumps({"run": run}) + "\n")
+    return run
+
+
+def resume_point(out: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint of this output folder's run that reads, and what it holds. Damaged ones (a crash
+    or a full disk while saving) and other runs' are skipped with a warning."""
+    run_file = out / RUN_FILE
+    try:
+        run = json.loads(run_file.read_text())["run"] if run_file.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        run = "unreadable"  # then no checkpoint matches it: a new run starts
+    folders = [p for p in (out / CHECKPOINTS).glob("step-*") if (p / TRAINED_FILE).is_file()]
+    for folder in sorted(folders, key=_step_number, reverse=True):
+        try:  # trained.pt holds tensors and plain values only: the weights reader's weights_only load
+            saved = read_weights(folder / TRAINED_FILE)
+        except WeightsError as error:
+            warnings.warn(f"skipping checkpoint {error}", stacklevel=2)
+            continue
+        if saved.get("run") != run:
+            warnings.warn(f"skipping {folder}: a checkpoint of another run (not the one {run_file} names)",
+                          stacklevel=2)
+            continue
+        return folder, saved
+    return None
+
+
+def save_checkpoint(folder: Path, run: str, step: int, trainer, optimizers: dict, schedulers: dict, scaler) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({
+        "run": run,
         "step": step,
         "trained": {k: v.cpu() for k, v in trained_state(trainer).items()},
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
@@ -157,8 +205,8 @@ def save_checkpoint(folder: Path, step: int, trainer, optimizers: dict, schedule
     (folder / (TRAINED_FILE + ".tmp")).replace(folder / TRAINED_FILE)  # a crash never leaves half a file
 
 
-def load_checkpoint(folder: Path, trainer, optimizers: dict, schedulers: dict, scaler) -> int:
-    saved = torch.load(folder / TRAINED_FILE, map_location="cpu", weights_only=False)
+def load_checkpoint(folder: Path, saved: dict, trainer, optimizers: dict, schedulers: dict, scaler) -> int:
+    """Put what resume_point read from `folder` into the trainer, optimisers and schedulers; the step it is at."""
     own = trained_state(trainer)
     missing = sorted(set(own) - set(saved["trained"]))
     if missing or set(saved["optimizers"]) != set(optimizers):
@@ -227,13 +275,17 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
     optimizers = dict(zip(optimizers, prepared))
     trainer = accelerator.unwrap_model(model)
 
-    start = 0
-    checkpoint = latest_checkpoint(out) if resume else None
-    if checkpoint is not None:
-        start = load_checkpoint(checkpoint, trainer, optimizers, schedulers, accelerator.scaler)
+    start, run = 0, None
+    found = resume_point(out) if resume else None
+    if found is not None:
+        checkpoint, saved = found
+        start = load_checkpoint(checkpoint, saved, trainer, optimizers, schedulers, accelerator.scaler)
+        run = saved.get("run")  # None in checkpoints older than run ids
         accelerator.print(f"resuming from {checkpoint} (step {start})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if found is None:
+            run = start_run(out)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     if log_with:
         accelerator.init_trackers("train", config={"method": config.method, "stage": config.stage})
@@ -246,7 +298,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
     history: dict[str, list[float]] = {}
     bar = tqdm(range(start, loop.steps), initial=start, total=loop.steps, desc=f"train {config.method}",
                disable=not (progress and accelerator.is_local_main_process))
-    log_file = _open_log(out / "log.jsonl", start) if accelerator.is_main_process else None
+    log_file = _open_log(out / LOG_FILE, start) if accelerator.is_main_process else None
     model.train()
     for step in bar:
         torch.manual_seed(derived_seed(loop.seed, step, accelerator.process_index, 2))
@@ -271,7 +323,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> di
             if log_with:
                 accelerator.log(logs, step=done)
         if done % loop.save_every == 0 or done == loop.steps:
-            _save(accelerator, out, done, trainer, optimizers, schedulers, loop.keep_checkpoints)
+            _save(accelerator, out, run, done, trainer, optimizers, schedulers, loop.keep_checkpoints)
         if config.validation.images and config.validation.every and done % config.validation.every == 0:
             validate(accelerator, trainer, config, done)
     if log_file is not None:
@@ -313,19 +365,29 @@ def run_step(accelerator, model, trainer, micro: list[dict], optimizers: dict, g
 
 
 def _open_log(path: Path, start: int):
-    """log.jsonl keeps one line per step: on resume the lines past the checkpoint (a crashed run's) go."""
+    """log.jsonl keeps one line per step: on resume the lines past the checkpoint (a crashed run's) go, and so
+    does a line a crash left half-written."""
     kept = []
     if start and path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                warnings.warn(f"{path}: dropping line {number}, not a complete log entry (written when a run "
+                              "stopped?)", stacklevel=2)
+                continue
+            if step <= start:
+                kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
     return path.open("a")
 
 
-def _save(accelerator, out: Path, step: int, trainer, optimizers, schedulers, keep: int) -> None:
+def _save(accelerator, out: Path, run: str, step: int, trainer, optimizers, schedulers, keep: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_checkpoint(out / CHECKPOINTS / f"step-{step}", step, trainer, optimizers, schedulers, accelerator.scaler)
-        folders = sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        save_checkpoint(out / CHECKPOINTS / f"step-{step}", run, step, trainer, optimizers, schedulers,
+                        accelerator.scaler)
+        folders = sorted((out / CHECKPOINTS).glob("step-*"), key=_step_number)
         for old in folders[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
