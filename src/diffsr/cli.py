@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set train.steps=100 (YAML value syntax; repeatable)")
     train.add_argument("--no-resume", action="store_true",
-                       help="start from step 0 even if output_dir holds checkpoints (they are overwritten)")
+                       help="start a new run from step 0 even if output_dir holds checkpoints (they are moved to "
+                            "output_dir/checkpoints.old-TIME/)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
