@@ -224,7 +224,7 @@ def test_a_torchscript_archive_is_not_run(tmp_path):
     module = torch.jit.script(torch.nn.Linear(2, 2))
     path = tmp_path / "model.ckpt"
     torch.jit.save(module, str(path))
-    with pytest.raises(WeightsError, match="model.ckpt: "):
+    with pytest.raises(WeightsError, match="model.ckpt: a TorchScript archive .a program., not a weights file"):
         read_weights(path)
 
 

@@ -38,14 +38,18 @@ def read_weights(path: str | Path) -> dict:
             return load_file(str(path))
         except Exception as error:  # safetensors raises several private error types
             raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
-    with path.open("rb") as file:  # one open file: both loads below read the same bytes
+    with path.open("rb") as file:  # one open file: every read below sees the same bytes
         try:
+            members = _zip_members(file)
+            if any(name.endswith("constants.pkl") for name in members or ()):  # torch.load would run it
+                raise WeightsError(f"{path}: a TorchScript archive (a program), not a weights file")
+            file.seek(0)
             try:
                 data = torch.load(file, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as error:
                 # Lightning checkpoints pickle a few non-tensor objects (hyper-parameters, callbacks): they
                 # become inert placeholders. Other files never hold any, so one that does is refused.
-                if path.suffix != ".ckpt" or not _is_torch_archive(file):
+                if path.suffix != ".ckpt" or members is None:
                     raise WeightsError(_unpickling_problem(path, error)) from None
                 file.seek(0)
                 data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
@@ -57,14 +61,15 @@ def read_weights(path: str | Path) -> dict:
     return data
 
 
-def _is_torch_archive(file) -> bool:
-    """A torch.save zip archive, and not TorchScript (which torch.load would hand to torch.jit.load)."""
+def _zip_members(file) -> list[str] | None:
+    """The member names when `file` is a zip archive (torch.save's format), else None (torch's legacy
+    format, a raw pickle, or damage)."""
     file.seek(0)
     if not zipfile.is_zipfile(file):
-        return False
+        return None
     file.seek(0)
     with zipfile.ZipFile(file) as archive:
-        return not any(name.endswith("constants.pkl") for name in archive.namelist())
+        return archive.namelist()
 
 
 def _unpickling_problem(path: Path, error: pickle.UnpicklingError) -> str:
