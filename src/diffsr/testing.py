@@ -179,6 +179,8 @@ def weights_digest(*paths: str | Path) -> str:
 
     from safetensors.torch import load_file
 
+    from diffsr.checkpoints import read_weights
+
     digest = hashlib.sha256()
 
     def add(name: str, value) -> None:
@@ -205,7 +207,7 @@ def weights_digest(*paths: str | Path) -> str:
             if file.suffix == ".safetensors":
                 add(name, load_file(str(file)))
             elif file.suffix in (".pkl", ".pth", ".ckpt", ".bin"):
-                add(name, torch.load(file, map_location="cpu", weights_only=True))
+                add(name, read_weights(file))
             elif file.name in ("vocab.json", "merges.txt"):
                 add(name, file.read_bytes())
     return digest.hexdigest()

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from diffsr.checkpoints import read_weights
 from diffsr.errors import ImageError
 from diffsr.metrics.perceptual import load_prefixed
-from diffsr.metrics.weights import load_state_dict, weights_path
+from diffsr.metrics.weights import weights_path
 
 SIZE = 299
 
@@ -170,7 +171,7 @@ class FIDInception(nn.Module):
     def from_file(cls, weights_dir=None, download: bool = True) -> "FIDInception":
         model = cls()
         path = weights_path("fid_inception", weights_dir, download)
-        state = {k: v for k, v in load_state_dict(path).items() if not k.endswith("num_batches_tracked")}
+        state = {k: v for k, v in read_weights(path).items() if not k.endswith("num_batches_tracked")}
         own = model.state_dict()
         load_prefixed(model, {**{k: own[k] for k in own if k.endswith("num_batches_tracked")}, **state}, "", path)
         return model.eval()

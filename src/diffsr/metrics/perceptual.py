@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffsr.checkpoints import read_weights
 from diffsr.errors import WeightsError
-from diffsr.metrics.weights import load_state_dict, weights_path
+from diffsr.metrics.weights import weights_path
 
 VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -84,7 +85,7 @@ class LPIPS(nn.Module):
     def from_files(cls, net: str, weights_dir=None, download: bool = True) -> "LPIPS":
         model = cls(net)
         head_file = weights_path(f"lpips_{net}", weights_dir, download)
-        heads = load_state_dict(head_file)
+        heads = read_weights(head_file)
         # pyiqa's head file holds `lin{i}.model.1.weight` (the original release's names); a file that
         # also carries the trunk (`net.slice{k}.{i}.*`) is used whole.
         trunk_keys = {k.split(".", 2)[2]: v for k, v in heads.items() if k.startswith("net.slice")}
@@ -92,7 +93,7 @@ class LPIPS(nn.Module):
             load_prefixed(model.features, trunk_keys, "", head_file)
         else:
             trunk_file = weights_path("alexnet" if net == "alex" else "vgg16", weights_dir, download)
-            load_prefixed(model.features, load_state_dict(trunk_file), "features.", trunk_file)
+            load_prefixed(model.features, read_weights(trunk_file), "features.", trunk_file)
         for i, lin in enumerate(model.lins):
             load_prefixed(lin, heads, f"lin{i}.model.1.", head_file)
         return model.eval()
@@ -152,14 +153,14 @@ class DISTS(nn.Module):
     def from_files(cls, weights_dir=None, download: bool = True) -> "DISTS":
         model = cls()
         dists_file = weights_path("dists", weights_dir, download)
-        dists = load_state_dict(dists_file)
+        dists = read_weights(dists_file)
         # The trunk comes from torchvision's VGG16 file, or from the DISTS file itself when it carries one
         # (as `stage{k}.{index}.*`, the names of the original DISTS module).
         trunk = {key.split(".", 1)[1]: value for key, value in dists.items() if key.startswith("stage")}
         trunk_file = dists_file
         if not trunk:
             trunk_file = weights_path("vgg16", weights_dir, download)
-            trunk = {key[len("features."):]: value for key, value in load_state_dict(trunk_file).items()}
+            trunk = {key[len("features."):]: value for key, value in read_weights(trunk_file).items()}
         convs = nn.ModuleDict({str(i): layer for i, layer in enumerate(model.features) if isinstance(layer, nn.Conv2d)})
         load_prefixed(convs, trunk, "", trunk_file)
         for name in ("alpha", "beta"):

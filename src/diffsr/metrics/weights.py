@@ -76,16 +76,3 @@ def weights_path(key: str, weights_dir: str | Path | None = None, download: bool
         reason = "downloads are off"
     raise WeightsError(f"missing weights file {file.name} ({file.what}); {reason}. Get it from {file.url} "
                        f"and put it in {folders[0]} (or pass --metric-weights DIR)")
-
-
-def load_state_dict(path: Path) -> dict:
-    """A checkpoint's tensors; one clear error line when the file is not one."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(f"{path}: cannot read weights ({type(error).__name__}: {str(error).strip()[:100]})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: not a state dict (found {type(state).__name__})")
-    return state
