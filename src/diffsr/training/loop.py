@@ -145,8 +145,10 @@ def trained_state(trainer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _step_number(folder: Path) -> int:
-    return int(folder.name.split("-")[1])
+def _step_folders(out: Path) -> list[Path]:
+    """checkpoints/step-N folders, oldest first."""
+    folders = [p for p in (out / CHECKPOINTS).glob("step-*") if p.name[len("step-"):].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[len("step-"):]))
 
 
 def start_run(out: Path) -> str:
@@ -177,8 +179,7 @@ def resume_point(out: Path) -> tuple[Path, dict] | None:
         run = json.loads(run_file.read_text())["run"] if run_file.is_file() else None
     except (ValueError, KeyError, TypeError):
         run = "unreadable"  # then no checkpoint matches it: a new run starts
-    folders = [p for p in (out / CHECKPOINTS).glob("step-*") if (p / TRAINED_FILE).is_file()]
-    for folder in sorted(folders, key=_step_number, reverse=True):
+    for folder in reversed([p for p in _step_folders(out) if (p / TRAINED_FILE).is_file()]):
         try:  # trained.pt holds tensors and plain values only: the weights reader's weights_only load
             saved = read_weights(folder / TRAINED_FILE)
         except WeightsError as error:
@@ -387,8 +388,7 @@ def _save(accelerator, out: Path, run: str, step: int, trainer, optimizers, sche
     if accelerator.is_main_process:
         save_checkpoint(out / CHECKPOINTS / f"step-{step}", run, step, trainer, optimizers, schedulers,
                         accelerator.scaler)
-        folders = sorted((out / CHECKPOINTS).glob("step-*"), key=_step_number)
-        for old in folders[:-keep] if keep > 0 else []:
+        for old in _step_folders(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
 
