@@ -131,7 +131,8 @@ def test_wrong_weights_file_is_a_clear_error(no_weight_cache, tmp_path, metric_w
         create_metric("dists", weights_dir=tmp_path, download=False)
     (tmp_path / "DISTS_weights-f5e65c96.pth").unlink()
     (tmp_path / "DISTS_weights-f5e65c96.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(MetricUnavailable, match="DISTS_weights-f5e65c96.pth: not a readable weights file, corrupt or truncated"):
+    with pytest.raises(MetricUnavailable,
+                       match="DISTS_weights-f5e65c96.pth: not a readable weights file, corrupt or truncated"):
         create_metric("dists", weights_dir=tmp_path, download=False)
 
 
