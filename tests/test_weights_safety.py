@@ -273,3 +273,32 @@ def test_only_the_bytes_codec_is_admitted(tmp_path):
     torch.save({"other": Rot13(), "config": DictConfig({})}, path)
     with pytest.raises(WeightsError, match="model.ckpt: not a readable weights file.*'rot13'"):
         read_weights(path)
+
+
+def test_upscale_cli_with_a_poisoned_ckpt_writes_the_image(tmp_path, tiny_base, osediff_weights):
+    from PIL import Image
+
+    marker = tmp_path / "ran"
+    weights = copy_poisoned(osediff_weights, tmp_path / "osediff.ckpt", marker)
+    Image.new("RGB", (10, 12), (120, 90, 60)).save(tmp_path / "a.png")
+    code = main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--method", "osediff",
+                 "--base", str(tiny_base), "--weights", str(weights), "--quiet"])
+    assert code == 0 and (tmp_path / "out" / "a.png").is_file()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("form", ["legacy torch format .ckpt", "raw pickle .pkl"])
+def test_objects_outside_a_torch_zip_are_refused(form, tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+    content = {"state_dict": {"w": torch.ones(2)}, "evil": Payload(marker)}
+    if form.startswith("legacy"):
+        path = tmp_path / "model.ckpt"
+        torch.save(content, path, _use_new_zipfile_serialization=False)
+    else:
+        path = tmp_path / "model.pkl"
+        path.write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(WeightsError, match=r"model\.(ckpt|pkl): holds pickled objects diffsr will not unpickle"):
+        read_weights(path)
+    assert not marker.exists()
