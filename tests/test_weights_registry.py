@@ -265,3 +265,92 @@ def test_hugging_face_sources_through_hf_endpoint_and_offline(tmp_path, server):
     out = run_hf(tmp_path, server.url, ["base-x", "base-y"], offline=True)
     assert out["base-x"] == str(snapshot)
     assert "'base-y' is not in the cache" in out["base-y"] and "diffsr weights fetch base-y" in out["base-y"]
+
+
+# -- the command line and the methods' defaults ---------------------------------------------------------
+def cache_for_defaults(method: str, tiny_base: Path, tmp_path: Path, monkeypatch) -> None:
+    """What `diffsr upscale --method M` uses by default, as tiny models in the real cache layout (the Hugging
+    Face cache for Hub sources, $DIFFSR_HOME/weights for the others), under a copy of the bundled registry
+    whose hashes are those of the tiny files (DIFFSR_REGISTRY)."""
+    import huggingface_hub.constants
+    import yaml
+
+    from diffsr.testing import make_tiny_weights
+    from weights_helpers import fill_hf_cache, folder_files
+
+    bundled = yaml.safe_load((Path(SRC) / "diffsr" / "weights" / "registry.yaml").read_text())
+    reg = Registry.load()
+    release = tmp_path / "release"
+    main_item = reg.default_weights(method)
+    make_tiny_weights(method, tiny_base, release / main_item.files[0].path)  # extras are written beside it
+    hub = tmp_path / "hf" / "hub"
+    for name in weights.needed_by(method, reg):
+        item = reg.get(name)
+        folder = tiny_base if item.kind == "base" else release
+        entries = folder_files(tiny_base) if item.kind == "base" else \
+            [e for e in folder_files(release) if e["path"] in {f.path for f in item.files}]
+        assert len(entries) == (len(entries) if item.kind == "base" else len(item.files)), name
+        bundled["items"][name]["files"] = entries
+        source = item.sources[0]
+        files = {e["path"]: (folder / e["path"]).read_bytes() for e in entries}
+        if source.hf:
+            fill_hf_cache(hub, source.hf, files, source.revision)
+        else:
+            for path, data in files.items():
+                target = Path(os.environ["DIFFSR_HOME"]) / "weights" / name / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+    write_registry(tmp_path / "registry.yaml", bundled["items"])
+    monkeypatch.setenv("DIFFSR_REGISTRY", str(tmp_path / "registry.yaml"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("method, knobs", [("osediff", []), ("s3diff", []), ("stablesr", ["--steps", "2"]),
+                                           ("ccsr", ["--steps", "3"])])
+def test_upscale_with_no_base_or_weights_runs_offline_from_the_cache(method, knobs, tiny_base, tmp_path,
+                                                                      monkeypatch, capsys):
+    from PIL import Image
+
+    from conftest import smooth_image
+    from diffsr.cli import main
+
+    cache_for_defaults(method, tiny_base, tmp_path, monkeypatch)
+    Image.fromarray(smooth_image(16, 16)).save(tmp_path / "photo.png")
+    code = main(["upscale", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out"), "--method", method,
+                 "--scale", "2", "--offline", "--quiet", *knobs])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(tmp_path / "out" / "photo.png").size == (32, 32)
+    assert weights.status(Registry.load().default_weights(method)).verified == "yes"  # checked on load
+
+
+def test_weights_command_lists_fetches_verifies_and_prints_paths(tmp_path, server, monkeypatch, capsys,
+                                                                  isolated_home):
+    from diffsr.cli import main
+
+    item = url_item(server.url + "/good/{file}", default=True, variant="general")
+    write_registry(tmp_path / "registry.yaml", {"tiny": item, "other": url_item(server.url + "/missing/{file}")})
+    monkeypatch.setenv("DIFFSR_REGISTRY", str(tmp_path / "registry.yaml"))
+    assert main(["weights", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "METHOD", "VARIANT", "SIZE", "CACHED", "VERIFIED", "LICENCE"]
+    assert lines[1].split() == ["tiny", "*", "osediff", "general", "300.00", "kB", "no", "-", "test"]
+    assert main(["weights", "path", "tiny"]) == 2
+    assert "run `diffsr weights fetch tiny`" in capsys.readouterr().err
+    assert main(["weights", "fetch", "--method", "osediff", "--quiet"]) == 0  # the default weights of osediff
+    target = isolated_home / "weights" / "tiny" / "tiny.bin"
+    assert capsys.readouterr().out == f"tiny: {target}\n"
+    assert main(["weights", "fetch", "tiny", "other", "--quiet"]) == 1  # one failed, the other still fetched
+    err = capsys.readouterr().err
+    assert err.count("diffsr: error: ") == 1 and "could not fetch 'other'" in err
+    assert main(["weights", "fetch", "tiyn"]) == 2
+    assert "did you mean tiny" in capsys.readouterr().err
+    assert main(["weights", "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-3:] == ["yes", "yes", "test"]
+    assert main(["weights", "path", "tiny"]) == 0
+    assert capsys.readouterr().out == f"{target}\n"
+    assert main(["weights", "verify"]) == 0
+    assert capsys.readouterr().out == "tiny: ok\n"
+    target.write_bytes(b"\0" + PAYLOAD[1:])
+    assert main(["weights", "verify", "tiny"]) == 1
+    assert capsys.readouterr().out.startswith(f"tiny: FAILED: {target}: sha256 ")

@@ -5,6 +5,7 @@ drops mid-file, slow sending) that also answers the few routes huggingface_hub's
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 import threading
 import time
@@ -123,7 +124,8 @@ def folder_files(folder: Path) -> list[dict]:
 def fill_hf_cache(hub: Path, repo: str, files: dict[str, bytes], revision: str = "main") -> Path:
     """Put files into huggingface_hub's cache layout (blobs + snapshot links + refs), as a download would."""
     root = hub / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / COMMIT
+    commit = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else COMMIT  # a pinned revision is its own name
+    snapshot = root / "snapshots" / commit
     for name, data in files.items():
         blob = root / "blobs" / sha256(data)
         blob.parent.mkdir(parents=True, exist_ok=True)
@@ -132,5 +134,5 @@ def fill_hf_cache(hub: Path, repo: str, files: dict[str, bytes], revision: str =
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(Path("../" * (len(Path(name).parts) + 1)) / "blobs" / blob.name)
     (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / revision).write_text(COMMIT)
+    (root / "refs" / revision).write_text(commit)
     return snapshot

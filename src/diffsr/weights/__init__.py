@@ -24,7 +24,7 @@ from diffsr.weights.fetching import fetch_command, fetch_item, find_cached, is_o
 from diffsr.weights.registry import FileSpec, Item, Registry, Source
 
 __all__ = ["Registry", "Item", "FileSpec", "Source", "fetch", "path", "verify", "resolve", "resolve_method",
-           "status", "diffsr_home", "is_offline"]
+           "status", "needed_by", "hub_base", "diffsr_home", "is_offline"]
 
 
 def _registry(registry: Registry | None) -> Registry:
@@ -39,7 +39,10 @@ def fetch(name: str, offline: bool | None = None, progress: bool = True, registr
 
 def path(name: str, registry: Registry | None = None) -> Path:
     """The cached, checked local path of `name`; never downloads (a missing item is a WeightsError)."""
-    return fetch_item(_registry(registry).get(name), offline=True, progress=False)
+    item = _registry(registry).get(name)
+    if find_cached(item) is None:
+        raise WeightsError(f"'{item.name}' is not in the cache: run `{fetch_command(item)}`")
+    return fetch_item(item, offline=True, progress=False)
 
 
 def verify(name: str, registry: Registry | None = None, progress: bool = False) -> list[str]:
@@ -145,9 +148,20 @@ def resolve_method(method: str, base=None, weights=None, options: dict | None = 
                 options[option] = resolve(extra, option, method, offline, progress, registry)
     else:
         weights = resolve(weights, "weights", method, offline, progress, registry)
+    extra_options = {option for entry in registry.items.values() for option in entry.extras}
+    for option in extra_options & set(options):  # --de-net / --cfw-weights may be registry names too
+        if isinstance(options[option], str):
+            options[option] = resolve(options[option], option, method, offline, progress, registry)
     if base is None:
         base = item.base if item is not None and item.base else default_base
     return Resolved(resolve(base, "base", method, offline, progress, registry), weights, options)
+
+
+def needed_by(method: str, registry: Registry | None = None) -> list[str]:
+    """The items `diffsr upscale --method M` uses when nothing is named: default weights, base, extras."""
+    registry = _registry(registry)
+    item = registry.default_weights(method)
+    return [name for name in (item.base, item.name, *item.extras.values()) if name]
 
 
 # The files a diffusers Stable Diffusion folder needs (model weights are chosen per part below).

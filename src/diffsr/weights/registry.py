@@ -65,12 +65,19 @@ class Item:
 
     @property
     def size_text(self) -> str:
-        exact = [f.size for f in self.files if f.size]
-        if len(exact) == len(self.files):
-            return human_size(sum(exact))
-        approx = [f.approx or (human_size(f.size) if f.size else None) for f in self.files]
-        big = [a for a in approx if a]
-        return ("~" + " + ".join(big)) if big else "?"
+        """Total size: exact when every file's size is known, else "~" and the sum of what is known."""
+        known = [f.size or _parse_size(f.approx) for f in self.files]
+        total = sum(k for k in known if k)
+        if not total:
+            return "?"
+        return human_size(total) if all(f.size for f in self.files) else "~" + human_size(total)
+
+
+def _parse_size(text: str | None) -> int | None:
+    if not text:
+        return None
+    number, unit = text.split()
+    return int(float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
 
 
 def human_size(size: int) -> str:
