@@ -306,9 +306,9 @@ def cache_for_defaults(method: str, tiny_base: Path, tmp_path: Path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("method, knobs", [("osediff", []), ("s3diff", []), ("stablesr", ["--steps", "2"]),
+@pytest.mark.parametrize("method, knobs", [("osediff", []), ("s3diff", []), ("stablesr", ["--steps", "1"]),
                                            ("ccsr", ["--steps", "3"])])
-def test_upscale_with_no_base_or_weights_runs_offline_from_the_cache(method, knobs, tiny_base, tmp_path,
+def test_upscale_with_no_base_or_weights_runs_offline_from_the_cache(method, knobs, tiny_base, tmp_path, one_thread,
                                                                       monkeypatch, capsys):
     from PIL import Image
 
