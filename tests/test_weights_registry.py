@@ -354,3 +354,15 @@ def test_weights_command_lists_fetches_verifies_and_prints_paths(tmp_path, serve
     target.write_bytes(b"\0" + PAYLOAD[1:])
     assert main(["weights", "verify", "tiny"]) == 1
     assert capsys.readouterr().out.startswith(f"tiny: FAILED: {target}: sha256 ")
+
+
+def test_readme_starts_with_a_pathless_command_and_names_no_removed_repository():
+    readme = (Path(SRC).parent / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if line.startswith("diffsr upscale"))
+    assert first.split() == ["diffsr", "upscale", "photo.jpg", "-o", "out/", "--method", "osediff"]
+    for removed in ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1 ",
+                    "stabilityai/stable-diffusion-2-1`", "stabilityai/stable-diffusion-2-1\n"):
+        assert removed not in readme
+    for name in Registry.load().items:  # the table lists every model
+        assert f"| `{name}`" in readme
+    assert "HF_HUB_OFFLINE=1" in readme and "DIFFSR_HOME" in readme and "diffsr weights fetch" in readme
