@@ -366,3 +366,40 @@ def test_readme_starts_with_a_pathless_command_and_names_no_removed_repository()
     for name in Registry.load().items:  # the table lists every model
         assert f"| `{name}`" in readme
     assert "HF_HUB_OFFLINE=1" in readme and "DIFFSR_HOME" in readme and "diffsr weights fetch" in readme
+
+
+def test_metric_weights_download_through_the_registry_module(tmp_path, server, monkeypatch):
+    """The metric networks' files are fetched by diffsr.weights too (the one module that downloads)."""
+    import torch
+
+    from diffsr.metrics import weights as metric_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    file = metric_weights.WEIGHT_FILES["dists"]
+    server.files["/metric.pth"] = PAYLOAD
+    server.drop_after["/metric.pth"] = 50_000
+    monkeypatch.setitem(metric_weights.WEIGHT_FILES, "dists", metric_weights.WeightFile(file.name, server.url + "/metric.pth", file.what))
+    path = metric_weights.weights_path("dists", download=True)
+    assert path == tmp_path / "torch-hub" / "checkpoints" / file.name and path.read_bytes() == PAYLOAD
+    assert server.gets("/metric.pth") == [None, "bytes=50000-"]
+    monkeypatch.setitem(metric_weights.WEIGHT_FILES, "lpips_vgg", metric_weights.WeightFile("x.pth", server.url + "/none", "x"))
+    with pytest.raises(WeightsError, match=r"missing weights file x.pth \(x\); .*/none: download failed: HTTP 404"):
+        metric_weights.weights_path("lpips_vgg", download=True)
+
+
+def test_a_file_is_hashed_once_and_again_only_when_it_changes(tmp_path, server, monkeypatch):
+    from diffsr.weights import checks
+
+    reg = registry(tmp_path, tiny=url_item(server.url + "/good/{file}"))
+    path = weights.fetch("tiny", registry=reg, progress=False)
+    calls = []
+    real_digest = checks.digest
+    monkeypatch.setattr(checks, "digest", lambda *a, **k: calls.append(a[0]) or real_digest(*a, **k))
+    for _ in range(3):
+        assert weights.fetch("tiny", registry=reg, offline=True) == path
+    assert calls == []  # remembered (size and modification time unchanged)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    assert weights.fetch("tiny", registry=reg, offline=True) == path
+    assert calls == [path]  # changed time: hashed again, and remembered again
+    assert weights.fetch("tiny", registry=reg, offline=True) == path and calls == [path]
+    assert weights.verify("tiny", registry=reg) == [] and calls == [path, path]  # verify always re-hashes

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from diffsr.errors import BaseModelError, WeightsError
 from diffsr.weights.checks import check_file, diffsr_home
-from diffsr.weights.fetching import fetch_command, fetch_item, find_cached, is_offline, item_root
+from diffsr.weights.fetching import download_url, fetch_command, fetch_item, find_cached, is_offline, item_root
 from diffsr.weights.registry import FileSpec, Item, Registry, Source
 
 __all__ = ["Registry", "Item", "FileSpec", "Source", "fetch", "path", "verify", "resolve", "resolve_method",
-           "status", "needed_by", "hub_base", "diffsr_home", "is_offline"]
+           "status", "needed_by", "hub_base", "download_url", "diffsr_home", "is_offline"]
 
 
 def _registry(registry: Registry | None) -> Registry:

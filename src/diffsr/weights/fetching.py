@@ -148,6 +148,15 @@ def _fetch_hf(source: Source, spec: FileSpec, progress: bool) -> Path:
     return path
 
 
+def download_url(url: str, target: Path, progress: bool = True) -> Path:
+    """One plain file from `url` to `target` (resumed, locked, renamed when complete), for callers whose
+    files are not registry items (the metric networks); one-line WeightsError on failure."""
+    try:
+        return _fetch_url(url, Path(target), FileSpec(path=Path(target).name), progress, Path(target).name)
+    except SourceFailed as error:
+        raise WeightsError(f"{url}: download failed: {error}") from None
+
+
 def _fetch_url(url: str, target: Path, spec: FileSpec, progress: bool, label: str) -> Path:
     """Download `url` to `target`: into `target.part` (resumed with an HTTP Range request after a dropped
     connection), under a lock so two processes do not write one file, renamed once the hash matches."""
