@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffsr import weights
@@ -321,7 +322,17 @@ def test_upscale_with_no_base_or_weights_runs_offline_from_the_cache(method, kno
                  "--scale", "2", "--offline", "--quiet", *knobs])
     assert code == 0, capsys.readouterr().err
     assert Image.open(tmp_path / "out" / "photo.png").size == (32, 32)
-    assert weights.status(Registry.load().default_weights(method)).verified == "yes"  # checked on load
+    item = Registry.load().default_weights(method)
+    assert weights.status(item).verified == "yes"  # checked on load
+    if item.convert:  # the pickled release was loaded from its one-time safetensors copy, with the same result
+        release = tmp_path / "release" / item.files[0].path
+        converted = Path(os.environ["DIFFSR_HOME"]) / "converted" / item.name / (release.stem + ".safetensors")
+        assert converted.is_file()
+        code = main(["upscale", str(tmp_path / "photo.png"), "-o", str(tmp_path / "direct"), "--method", method,
+                     "--scale", "2", "--quiet", "--base", str(tiny_base), "--weights", str(release), *knobs])
+        assert code == 0, capsys.readouterr().err
+        direct = np.asarray(Image.open(tmp_path / "direct" / "photo.png"))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "photo.png")), direct)
 
 
 def test_weights_command_lists_fetches_verifies_and_prints_paths(tmp_path, server, monkeypatch, capsys,

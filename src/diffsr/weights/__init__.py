@@ -140,21 +140,35 @@ def resolve_method(method: str, base=None, weights=None, options: dict | None = 
         item = registry.default_weights(method)
     elif isinstance(weights, str) and weights in registry.items:
         item = registry.items[weights]
+    from_registry = {}  # load option -> the registry item it came from (pickled releases load from a copy)
     if item is not None:
         _check_use(item, "weights", method)
         weights = fetch_item(item, offline=offline, progress=progress)
+        from_registry["weights"] = item
         for option, extra in item.extras.items():
             if options.get(option) is None:
                 options[option] = resolve(extra, option, method, offline, progress, registry)
+                from_registry[option] = registry.get(extra)
     else:
         weights = resolve(weights, "weights", method, offline, progress, registry)
     extra_options = {option for entry in registry.items.values() for option in entry.extras}
     for option in extra_options & set(options):  # --de-net / --cfw-weights may be registry names too
         if isinstance(options[option], str):
+            if options[option] in registry.items:
+                from_registry[option] = registry.items[options[option]]
             options[option] = resolve(options[option], option, method, offline, progress, registry)
     if base is None:
         base = item.base if item is not None and item.base else default_base
-    return Resolved(resolve(base, "base", method, offline, progress, registry), weights, options)
+    base = resolve(base, "base", method, offline, progress, registry)
+    for option, entry in from_registry.items():
+        if entry.convert == "safetensors":
+            from diffsr.weights.convert import converted_copy
+
+            if option == "weights":
+                weights = converted_copy(entry, weights, base, progress)
+            else:
+                options[option] = converted_copy(entry, options[option], base, progress)
+    return Resolved(base, weights, options)
 
 
 def needed_by(method: str, registry: Registry | None = None) -> list[str]:

@@ -56,6 +56,7 @@ class Item:
     default: bool = False
     base: str | None = None
     extras: dict = field(default_factory=dict)  # load option -> item name
+    convert: str | None = None  # "safetensors": a pickled release, loaded from a one-time converted copy
     note: str = ""
 
     @property
