@@ -414,3 +414,18 @@ def test_a_file_is_hashed_once_and_again_only_when_it_changes(tmp_path, server, 
     assert calls == [path]  # changed time: hashed again, and remembered again
     assert weights.fetch("tiny", registry=reg, offline=True) == path and calls == [path]
     assert weights.verify("tiny", registry=reg) == [] and calls == [path, path]  # verify always re-hashes
+
+
+def test_upscale_offline_with_a_missing_model_is_one_line_with_the_fetch_command(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import smooth_image
+    from diffsr.cli import main
+
+    Image.fromarray(smooth_image(16, 16)).save(tmp_path / "photo.png")
+    code = main(["upscale", str(tmp_path / "photo.png"), "-o", str(tmp_path / "out"), "--method", "s3diff",
+                 "--offline", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "'s3diff' is not in the cache" in err and "run `diffsr weights fetch s3diff`" in err
+    assert not (tmp_path / "out" / "photo.png").exists()

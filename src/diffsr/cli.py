@@ -204,13 +204,13 @@ def run_weights(args) -> int:
     failed = 0
     for name in names:
         try:
-            print(f"{name}: {weights.fetch(name, offline=False, progress=not args.quiet, registry=registry)}")
+            print(f"{name}: {weights.fetch(name, progress=not args.quiet, registry=registry)}")
         except DiffsrError as error:
             _fail(str(error))
             failed += 1
     for repo in args.hub:
         try:
-            print(f"{repo}: {weights.hub_base(repo, offline=False)}")
+            print(f"{repo}: {weights.hub_base(repo)}")
         except DiffsrError as error:
             _fail(str(error))
             failed += 1

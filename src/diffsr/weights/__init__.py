@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffsr.errors import BaseModelError, WeightsError
-from diffsr.weights.checks import check_file, diffsr_home
+from diffsr.weights.checks import check_file, diffsr_home, expected, remembered
 from diffsr.weights.fetching import download_url, fetch_command, fetch_item, find_cached, is_offline, item_root
 from diffsr.weights.registry import FileSpec, Item, Registry, Source
 
@@ -45,7 +45,7 @@ def path(name: str, registry: Registry | None = None) -> Path:
     return fetch_item(item, offline=True, progress=False)
 
 
-def verify(name: str, registry: Registry | None = None, progress: bool = False) -> list[str]:
+def verify(name: str, registry: Registry | None = None) -> list[str]:
     """Re-hash the cached copy of `name`: [] when every file matches, else one line per problem."""
     item = _registry(registry).get(name)
     found = find_cached(item)
@@ -60,7 +60,7 @@ def verify(name: str, registry: Registry | None = None, progress: bool = False) 
 class Status:
     item: Item
     cached: bool
-    verified: str  # "yes", "no", "unchecked" (no published hash), "-" (not cached)
+    verified: str  # yes | no | not yet (cached, never hashed) | partly / unchecked (no published hash) | -
     location: Path | None
 
 
@@ -70,19 +70,20 @@ def status(item: Item) -> Status:
     if found is None:
         return Status(item, False, "-", None)
     _, paths = found
-    from diffsr.weights.checks import expected, remembered
-
-    states = []
+    states = set()
     for p, spec in zip(paths, item.files):
         if not expected(spec):
-            states.append("unchecked")
+            states.add("unchecked")
         elif remembered(p) is None:
-            states.append("not yet")
+            states.add("not yet")
         else:
-            states.append("yes" if check_file(p, spec) is None else "no")
-    verified = "no" if "no" in states else "not yet" if "not yet" in states else \
-        "yes" if "yes" in states and "unchecked" not in states else \
-        "partly" if "yes" in states else "unchecked"
+            states.add("yes" if check_file(p, spec) is None else "no")
+    if "no" in states or "not yet" in states:
+        verified = "no" if "no" in states else "not yet"
+    elif "unchecked" in states:
+        verified = "partly" if "yes" in states else "unchecked"
+    else:
+        verified = "yes"
     return Status(item, True, verified, item_root(item, paths))
 
 

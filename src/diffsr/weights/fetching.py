@@ -93,18 +93,18 @@ def fetch_item(item: Item, offline: bool | None = None, progress: bool = True) -
     """The item's local path (file or folder), fetched and checked if it is not in the cache yet."""
     found = find_cached(item)
     if found is not None:
-        source, paths = found
+        _, paths = found
         problems = [(p, why) for p, spec in zip(paths, item.files) if (why := check_file(p, spec)) is not None]
         if not problems:
             return item_root(item, paths)
-        path, why = problems[0]
+        first, why = problems[0]
         if is_offline(offline):
-            raise WeightsError(f"{path}: cached copy of '{item.name}' is corrupt ({why}); offline, so it is not "
+            raise WeightsError(f"{first}: cached copy of '{item.name}' is corrupt ({why}); offline, so it is not "
                                f"used: on a connected machine run `{fetch_command(item)}`")
-        for path, _ in problems:
-            remove(path)
         if progress:
-            print(f"diffsr: {path}: corrupt ({why}); fetching '{item.name}' again", file=sys.stderr)
+            print(f"diffsr: {first}: corrupt ({why}); fetching '{item.name}' again", file=sys.stderr)
+        for path, _ in problems:  # a file that failed its check is never loaded
+            remove(path)
     if is_offline(offline):
         raise WeightsError(f"'{item.name}' is not in the cache and downloads are off (offline): on a connected "
                            f"machine run `{fetch_command(item)}` and copy {diffsr_home()} and the Hugging Face "
