@@ -429,3 +429,39 @@ def test_upscale_offline_with_a_missing_model_is_one_line_with_the_fetch_command
     assert code == 2 and err.count("\n") == 1
     assert "'s3diff' is not in the cache" in err and "run `diffsr weights fetch s3diff`" in err
     assert not (tmp_path / "out" / "photo.png").exists()
+
+
+def test_named_weights_bring_their_own_base_and_companions(tmp_path, server):
+    """--weights NAME without --base uses the base those weights were trained on, and their extras come
+    along unless given; a user's --base / extra path wins."""
+    server.files["/f/model_index.json"] = b"{}"
+    server.files["/f/tiny.bin"] = PAYLOAD
+
+    def item(kind, path, data, **fields):
+        return {"kind": kind, "licence": "test", "files": [{"path": path, "size": len(data), "sha256": sha256(data)}],
+                "sources": [{"url": server.url + "/f/{file}"}], **fields}
+
+    reg = registry(tmp_path,
+                   **{"base-a": item("base", "model_index.json", b"{}"), "base-b": item("base", "model_index.json", b"{}"),
+                      "w-a": item("weights", "tiny.bin", PAYLOAD, method="stablesr", base="base-a", default=True,
+                                  extras={"cfw_weights": "cfw"}),
+                      "w-b": item("weights", "tiny.bin", PAYLOAD, method="stablesr", base="base-b",
+                                  extras={"cfw_weights": "cfw"}),
+                      "cfw": item("extra", "tiny.bin", PAYLOAD, method="stablesr")})
+    home = Path(os.environ["DIFFSR_HOME"]) / "weights"
+    resolved = weights.resolve_method("stablesr", registry=reg, progress=False)  # the default: w-a on base-a
+    assert (resolved.base, resolved.weights) == (home / "base-a", home / "w-a" / "tiny.bin")
+    assert resolved.options == {"cfw_weights": home / "cfw" / "tiny.bin"}
+    resolved = weights.resolve_method("stablesr", weights="w-b", registry=reg, progress=False)
+    assert resolved.base == home / "base-b"
+    mine = tmp_path / "my-base"
+    mine.mkdir()
+    resolved = weights.resolve_method("stablesr", base=str(mine), weights="w-b", options={"cfw_weights": "x.ckpt"},
+                                      registry=reg, progress=False)
+    assert (resolved.base, resolved.options) == (mine, {"cfw_weights": Path("x.ckpt")})
+    resolved = weights.resolve_method("stablesr", base="base-a", weights=str(mine / "w.ckpt"),
+                                      options={"cfw_weights": "cfw"}, registry=reg, progress=False)
+    assert (resolved.base, resolved.weights) == (home / "base-a", mine / "w.ckpt")
+    assert resolved.options == {"cfw_weights": home / "cfw" / "tiny.bin"}
+    with pytest.raises(WeightsError, match="'w-a' is method weights .*not an extra file"):
+        weights.resolve_method("stablesr", options={"cfw_weights": "w-a"}, registry=reg, progress=False)

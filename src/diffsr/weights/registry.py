@@ -61,8 +61,8 @@ class Item:
 
     @property
     def single_file(self) -> bool:
-        """One-file items resolve to that file; the others to their folder."""
-        return len(self.files) == 1 and "/" not in self.files[0].path
+        """One-file items resolve to that file; bases and the other items to their folder."""
+        return self.kind != "base" and len(self.files) == 1 and "/" not in self.files[0].path
 
     @property
     def size_text(self) -> str:
