@@ -187,7 +187,7 @@ def run_weights(args) -> int:
             names = args.names or [name for name, item in registry.items.items() if weights.status(item).cached]
             bad = 0
             for name in names:
-                problems = weights.verify(name, registry=registry)
+                problems = weights.verify(name, registry=registry, progress=True)
                 bad += bool(problems)
                 print(f"{name}: ok" if not problems else f"{name}: FAILED: " + "; ".join(problems))
             return EXIT_SOME_FAILED if bad else EXIT_OK

@@ -45,7 +45,7 @@ def path(name: str, registry: Registry | None = None) -> Path:
     return fetch_item(item, offline=True, progress=False)
 
 
-def verify(name: str, registry: Registry | None = None) -> list[str]:
+def verify(name: str, registry: Registry | None = None, progress: bool = False) -> list[str]:
     """Re-hash the cached copy of `name`: [] when every file matches, else one line per problem."""
     item = _registry(registry).get(name)
     found = find_cached(item)
@@ -53,7 +53,7 @@ def verify(name: str, registry: Registry | None = None) -> list[str]:
         return [f"{item.name}: not in the cache (run `{fetch_command(item)}`)"]
     _, paths = found
     return [f"{p}: {why}" for p, spec in zip(paths, item.files)
-            if (why := check_file(p, spec, rehash=True)) is not None]
+            if (why := check_file(p, spec, rehash=True, progress=progress)) is not None]
 
 
 @dataclass

@@ -21,19 +21,24 @@ def diffsr_home() -> Path:
     return Path(os.environ.get("DIFFSR_HOME") or Path.home() / ".cache" / "diffsr").expanduser()
 
 
-def digest(path: Path, spec: FileSpec, progress=None) -> str:
+def digest(path: Path, spec: FileSpec, progress: bool = False) -> str:
     """The file's digest in the kind `spec` publishes: sha256 (default) or the git blob sha1, which hashes
-    the header b"blob <size>\\0" followed by the bytes."""
+    the header b"blob <size>\0" followed by the bytes. `progress`: a bar (hashing GBs takes a while)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     size = path.stat().st_size
     if spec.git_sha1 and not spec.sha256:
         hasher = hashlib.sha1(b"blob %d\0" % size)
     else:
         hasher = hashlib.sha256()
-    with open(path, "rb") as stream:
+    with open(path, "rb") as stream, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1000,
+                                          desc=f"checking {spec.path}", disable=not progress, file=sys.stderr,
+                                          leave=False) as bar:
         while chunk := stream.read(CHUNK):
             hasher.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
+            bar.update(len(chunk))
     return hasher.hexdigest()
 
 
@@ -54,9 +59,9 @@ def remembered(path: Path) -> str | None:
         stat = path.resolve().stat()
     except (OSError, ValueError):
         return None
-    if data.get("path") == str(path.resolve()) and data.get("size") == stat.st_size and data.get("mtime_ns") == stat.st_mtime_ns:
-        return data.get("digest")
-    return None
+    unchanged = (data.get("path"), data.get("size"), data.get("mtime_ns")) == (str(path.resolve()), stat.st_size,
+                                                                            stat.st_mtime_ns)
+    return data.get("digest") if unchanged else None
 
 
 def remember(path: Path, value: str) -> None:
@@ -69,7 +74,7 @@ def remember(path: Path, value: str) -> None:
     temporary.replace(memo)
 
 
-def check_file(path: Path, spec: FileSpec, rehash: bool = False, progress=None) -> str | None:
+def check_file(path: Path, spec: FileSpec, rehash: bool = False, progress: bool = False) -> str | None:
     """None when the file matches what the registry publishes, else what is wrong (one phrase).
     Files without a published hash are checked by size where that is known."""
     if not path.is_file():

@@ -32,7 +32,7 @@ def converted_copy(item: Item, release: Path, base: Path, progress: bool = True)
             print(f"diffsr: converting {release.name} to safetensors once ({target})", file=sys.stderr)
         temporary = target.with_name(target.name + ".tmp")
         _write(item, release, base, temporary)
-        value = digest(temporary, FileSpec(path=target.name, sha256="-"))
+        value = digest(temporary, FileSpec(path=target.name, sha256="-"), progress)
         temporary.replace(target)
         record.write_text(json.dumps({"sha256": value, "from": str(release)}))
     return target

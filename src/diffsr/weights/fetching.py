@@ -94,7 +94,8 @@ def fetch_item(item: Item, offline: bool | None = None, progress: bool = True) -
     found = find_cached(item)
     if found is not None:
         _, paths = found
-        problems = [(p, why) for p, spec in zip(paths, item.files) if (why := check_file(p, spec)) is not None]
+        problems = [(p, why) for p, spec in zip(paths, item.files)
+                    if (why := check_file(p, spec, progress=progress)) is not None]
         if not problems:
             return item_root(item, paths)
         first, why = problems[0]
@@ -141,7 +142,7 @@ def _fetch_hf(source: Source, spec: FileSpec, progress: bool) -> Path:
                                     tqdm_class=None if progress else QuietTqdm))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
         raise SourceFailed(f"{spec.path}: {first_line(error)}") from None
-    problem = check_file(path, spec, rehash=True)
+    problem = check_file(path, spec, rehash=True, progress=progress)
     if problem is not None:
         remove(path)
         raise SourceFailed(f"{spec.path}: {problem} (download deleted)")
@@ -185,7 +186,7 @@ def _fetch_url(url: str, target: Path, spec: FileSpec, progress: bool, label: st
             size = part.stat().st_size
             part.unlink()
             raise SourceFailed(f"{spec.path}: size {size} bytes, expected {spec.size} (download deleted)")
-        value = digest(part, spec) if expected(spec) else None
+        value = digest(part, spec, progress) if expected(spec) else None
         if value is not None and value != expected(spec):
             part.unlink()
             raise SourceFailed(f"{spec.path}: hash {value[:12]}..., expected {expected(spec)[:12]}... (download deleted)")
@@ -244,7 +245,7 @@ def _fetch_gdrive(item: Item, source: Source, progress: bool) -> list[Path]:
             found = next((m for m in matches if m.is_file()), None)
             if found is None:
                 raise SourceFailed(f"{spec.path}: not in the downloaded folder")
-            problem = check_file(found, spec, rehash=True)
+            problem = check_file(found, spec, rehash=True, progress=progress)
             if problem is not None:
                 raise SourceFailed(f"{spec.path}: {problem} (download deleted)")
             target = folder / spec.path
