@@ -465,3 +465,39 @@ def test_named_weights_bring_their_own_base_and_companions(tmp_path, server):
     assert resolved.options == {"cfw_weights": home / "cfw" / "tiny.bin"}
     with pytest.raises(WeightsError, match="'w-a' is method weights .*not an extra file"):
         weights.resolve_method("stablesr", options={"cfw_weights": "w-a"}, registry=reg, progress=False)
+
+
+def test_google_drive_is_the_last_source_through_the_optional_gdown(tmp_path, monkeypatch, isolated_home):
+    """Without gdown the source fails with the install hint; with it (a stand-in module writing what Drive
+    would), folders map to the item's sub-folders and files are checked before they are moved in place."""
+    import types
+
+    config, model = b'{"x": 1}', PAYLOAD
+    drive = {"F1": {"nested/config.json": config, "nested/model.bin": model},
+             "F2": {"config.json": b"{}", "vae.bin": model[::-1]}}
+    entries = [{"path": "controlnet/config.json", "sha256": sha256(config)},
+               {"path": "controlnet/model.bin", "sha256": sha256(model)},
+               {"path": "vae/config.json", "sha256": sha256(b"{}")}, {"path": "vae/vae.bin", "size": len(model)}]
+    reg = registry(tmp_path, folders={"kind": "weights", "method": "ccsr", "licence": "test", "files": entries,
+                                      "sources": [{"gdrive": {"controlnet": "F1", "vae": "F2"}, "folder": True}]},
+                   wrong={"kind": "extra", "licence": "test", "sources": [{"gdrive": "F3"}],
+                          "files": [{"path": "w.pth", "sha256": sha256(model)}]})
+    monkeypatch.setitem(sys.modules, "gdown", None)  # not installed
+    with pytest.raises(WeightsError, match=r'gdrive:F1,F2: needs the optional gdown package \(pip install "diffsr\[gdrive\]"\)'):
+        weights.fetch("folders", registry=reg, progress=False)
+
+    def download_folder(id, output, quiet):
+        for name, data in drive[id].items():
+            (Path(output) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(output) / name).write_bytes(data)
+
+    def download(id, output, quiet):
+        Path(output).write_bytes(b"not the file")
+
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download_folder=download_folder, download=download))
+    folder = weights.fetch("folders", registry=reg, progress=False)
+    assert folder == isolated_home / "weights" / "folders"
+    assert (folder / "controlnet" / "model.bin").read_bytes() == model and (folder / "vae" / "vae.bin").is_file()
+    with pytest.raises(WeightsError, match="could not fetch 'wrong' from any source: gdrive:F3: w.pth: sha256"):
+        weights.fetch("wrong", registry=reg, progress=False)
+    assert not (isolated_home / "weights" / "wrong" / "w.pth").exists()

@@ -241,7 +241,9 @@ def _fetch_gdrive(item: Item, source: Source, progress: bool) -> list[Path]:
             raise SourceFailed(first_line(error)) from None
         paths = []
         for spec in item.files:
-            matches = [scratch / spec.path] + sorted(scratch.rglob(Path(spec.path).name))
+            top = Path(spec.path).parts[0]
+            within = scratch / top if top in folders else scratch  # controlnet/ and vae/ both hold config.json
+            matches = [scratch / spec.path] + sorted(within.rglob(Path(spec.path).name))
             found = next((m for m in matches if m.is_file()), None)
             if found is None:
                 raise SourceFailed(f"{spec.path}: not in the downloaded folder")
