@@ -110,8 +110,8 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
     """Load UNet, VAE, text encoder, tokenizer and scheduler config from `base`.
 
     `base` is a local folder in the diffusers layout, a registry name (sd21-base) or a hub id (both
-    fetched by diffsr.weights, the cache only when offline). `vae`: a VAE to use instead of the base's (CCSR v2 ships its own), so the
-    base's is not loaded at all.
+    fetched by diffsr.weights, the cache only when offline). `vae`: a VAE to use instead of the base's
+    (CCSR v2 ships its own), so the base's is not loaded at all.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
