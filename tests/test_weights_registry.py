@@ -501,3 +501,42 @@ def test_google_drive_is_the_last_source_through_the_optional_gdown(tmp_path, mo
     with pytest.raises(WeightsError, match="could not fetch 'wrong' from any source: gdrive:F3: w.pth: sha256"):
         weights.fetch("wrong", registry=reg, progress=False)
     assert not (isolated_home / "weights" / "wrong" / "w.pth").exists()
+
+
+HUB_SCRIPT = """
+import json, sys
+from diffsr import weights
+out = {}
+for repo in sys.argv[1:]:
+    try:
+        folder = weights.hub_base(repo)
+        out[repo] = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    except Exception as error:
+        out[repo] = "error: " + str(error)
+print(json.dumps(out))
+"""
+
+
+def test_a_hub_id_base_fetches_configs_and_one_weights_file_per_part(tmp_path, server):
+    """`--base ORG/REPO` (unchecked): configs, tokenizer and per part the safetensors weights, or the .bin where
+    a repo has no safetensors; fp16/EMA variants and the big single-file checkpoints are left alone."""
+    common = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "unet/config.json",
+              "vae/config.json", "text_encoder/config.json"]
+    new = common + ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                    "text_encoder/model.safetensors"]
+    for path in new + ["unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.safetensors",
+                       "v2-1_512-ema-pruned.ckpt"]:
+        server.add_hf_file("org/new", path, path.encode())
+    old = common + ["unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin"]
+    for path in old + ["unet/diffusion_pytorch_model.fp16.bin"]:
+        server.add_hf_file("org/old", path, path.encode())
+    env = dict(os.environ, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=SRC,
+               DIFFSR_HOME=str(tmp_path / "home"), HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT, "org/new", "org/old", "org/none"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["org/new"] == sorted(new)
+    assert out["org/old"] == sorted(old)
+    assert out["org/none"].startswith("error: org/none: cannot load the base model (hub id): ")

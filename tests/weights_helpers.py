@@ -5,6 +5,7 @@ drops mid-file, slow sending) that also answers the few routes huggingface_hub's
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import threading
@@ -40,11 +41,13 @@ class FileServer:
 
             def answer(self, body: bool):
                 path = self.path.split("?")[0]
+                if path.startswith("/api/models/"):
+                    return self.api(path[len("/api/models/"):])
                 wanted = self.headers.get("Range")
                 with server.lock:
                     server.requests.append((self.command, path, wanted))
                     drop = server.drop_after.pop(path, None) if body else None
-                data = server.files.get(path)
+                data = server.files.get(path.replace(f"/resolve/{COMMIT}/", "/resolve/main/"))  # main's commit
                 if data is None:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -75,6 +78,27 @@ class FileServer:
                 if drop is not None:  # cut the connection mid-file
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
+
+            def api(self, rest: str):
+                """repo_info (.../revision/R) and list_repo_tree (.../tree/R), what snapshot_download asks."""
+                for marker in ("/revision/", "/tree/"):
+                    if marker in rest:
+                        repo = rest.split(marker)[0]
+                        break
+                else:
+                    repo = rest
+                prefix = f"/{repo}/resolve/main/"
+                files = [{"type": "file", "path": p[len(prefix):], "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                         for p, d in server.files.items() if p.startswith(prefix)]
+                with server.lock:
+                    server.requests.append((self.command, self.path, None))
+                data = json.dumps(files if "/tree/" in rest else {"id": repo, "sha": COMMIT, "siblings": [
+                    {"rfilename": f["path"]} for f in files]}).encode() if files else b""
+                self.send_response(200 if files else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
