@@ -126,18 +126,27 @@ def _fetch_in_process(registry_file: str, home: str, queue) -> None:
 
 
 def test_two_processes_fetching_one_item_leave_one_good_file(tmp_path, server, isolated_home):
-    server.delay_s = 0.01  # ~0.2 s per download, so the two overlap
+    import time
+
+    from filelock import FileLock, Timeout
+
+    server.delay_s = 0.1  # ~2 s per download, so the two overlap
     registry(tmp_path, tiny=url_item(server.url + "/good/{file}"))
+    target = isolated_home / "weights" / "tiny" / "tiny.bin"
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     processes = [context.Process(target=_fetch_in_process, args=(str(tmp_path / "registry.yaml"), str(isolated_home),
                                                                  queue)) for _ in range(2)]
-    for process in processes:
-        process.start()
+    processes[0].start()
+    deadline = time.time() + 30
+    while not server.gets("/good/tiny.bin") and time.time() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(Timeout):  # the first process holds the file's lock while it downloads
+        FileLock(str(target) + ".lock").acquire(timeout=0)
+    processes[1].start()
     for process in processes:
         process.join(60)
     results = [queue.get(timeout=5) for _ in processes]
-    target = isolated_home / "weights" / "tiny" / "tiny.bin"
     assert results == [str(target)] * 2
     assert target.read_bytes() == PAYLOAD
     assert len(server.gets("/good/tiny.bin")) == 1  # the second waited for the first, then used its file
