@@ -168,20 +168,23 @@ def _fetch_url(url: str, target: Path, spec: FileSpec, progress: bool, label: st
         if target.is_file() and check_file(target, spec) is None:  # another process fetched it meanwhile
             return target
         part = target.with_name(target.name + ".part")
-        last = None
+        done, failure = False, None
         for _ in range(ATTEMPTS):
+            before = _size(part)
             try:
-                if _download(url, part, progress, label):
-                    break
+                done = _download(url, part, progress, label)
             except urllib.error.HTTPError as error:
-                if error.code == 416 and part.is_file():  # nothing left to fetch: the part is whole
-                    break
-                part.unlink(missing_ok=True)
-                raise SourceFailed(f"HTTP {error.code} {error.reason}") from None
+                if error.code != 416 or not part.is_file():  # 416: nothing left to fetch, the part is whole
+                    part.unlink(missing_ok=True)
+                    raise SourceFailed(f"HTTP {error.code} {error.reason}") from None
+                done = True
             except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-                last = error
-        else:
-            raise SourceFailed(f"{spec.path}: download kept failing ({first_line(last) if last else 'incomplete'})")
+                failure = error
+            if done or _size(part) == before:  # resume only while the download advances
+                break
+        if not done:
+            raise SourceFailed(f"{spec.path}: download stopped ({first_line(failure) if failure else 'incomplete'}); "
+                               f"run again to resume")
         if spec.size is not None and part.stat().st_size != spec.size:
             size = part.stat().st_size
             part.unlink()
@@ -196,11 +199,15 @@ def _fetch_url(url: str, target: Path, spec: FileSpec, progress: bool, label: st
     return target
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
 def _download(url: str, part: Path, progress: bool, label: str) -> bool:
     """Fetch the rest of `url` into `part`; True when the server sent all it announced."""
     from tqdm.auto import tqdm
 
-    start = part.stat().st_size if part.is_file() else 0
+    start = _size(part)
     headers = {"User-Agent": "diffsr", "Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
