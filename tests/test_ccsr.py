@@ -87,9 +87,11 @@ def test_bad_knobs_are_one_clear_error(ccsr_v2, knobs, message):
         ccsr_v2(smooth_image(16, 16), scale=2, **knobs)
 
 
-def test_weights_folder_errors(tiny_base, ccsr_v2_weights, tmp_path):
-    with pytest.raises(UsageError, match="ccsr needs its weights"):
-        diffsr.load_upscaler("ccsr", base=tiny_base)
+def test_weights_folder_errors(tiny_base, ccsr_v2_weights, tmp_path, monkeypatch):
+    # Without weights the registry's default is used (issue 15): offline and not cached, one line names it.
+    monkeypatch.setenv("DIFFSR_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsError, match="'ccsr-v1' is not in the cache .*`diffsr weights fetch ccsr-v1`"):
+        diffsr.load_upscaler("ccsr", base=tiny_base, offline=True)
     with pytest.raises(WeightsError, match="not found"):
         diffsr.load_upscaler("ccsr", base=tiny_base, weights=tmp_path / "nothing")
     partial = tmp_path / "partial"

@@ -123,8 +123,13 @@ def test_bad_weights_files(tiny_base, tmp_path, osediff_weights):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(WeightsError, match="not a known release format"):
         diffsr.load_upscaler("osediff", base=tiny_base, weights=tmp_path / "other.pth")
-    with pytest.raises(UsageError, match="osediff needs its weights"):
-        diffsr.load_upscaler("osediff", base=tiny_base, weights=None)
+
+def test_no_weights_means_the_registry_default(tiny_base, tmp_path, monkeypatch):
+    # Without weights the registry's default is used (issue 15); offline and not cached, one line names it
+    # and the command that fetches it.
+    monkeypatch.setenv("DIFFSR_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(WeightsError, match="'osediff' is not in the cache .*`diffsr weights fetch osediff`"):
+        diffsr.load_upscaler("osediff", base=tiny_base, weights=None, offline=True)
 
 
 def test_weights_for_another_base_are_named(tmp_path, osediff_weights):

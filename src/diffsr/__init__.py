@@ -1,7 +1,7 @@
 """diffsr: real-world image super-resolution with diffusion priors.
 
     import diffsr
-    up = diffsr.load_upscaler("osediff", base="stabilityai/stable-diffusion-2-1-base", weights="osediff.pkl")
+    up = diffsr.load_upscaler("osediff")     # the released weights and base, fetched by name on first use
     image = up(lr_image, scale=4, seed=0)
 """
 
@@ -19,8 +19,17 @@ __all__ = ["load_upscaler", "list_methods", "Upscaler", "DiffsrError", "ImageErr
 
 
 def load_upscaler(method: str, base: str | Path | None = None, weights: str | Path | None = None,
-                  device: str = "cpu", dtype: str = "float32", **options) -> Upscaler:
-    """Build `method` on the Stable Diffusion `base` (hub id or local diffusers folder) with the authors'
-    released `weights`. Options are method knobs fixed at load time (e.g. merge_lora=True)."""
+                  device: str = "cpu", dtype: str = "float32", offline: bool | None = None,
+                  progress: bool = True, **options) -> Upscaler:
+    """Build `method` on the Stable Diffusion `base` with the authors' released `weights`.
+
+    `base` and `weights` are registry names (`diffsr weights list`), local paths, or for `base` a hub id;
+    left out, the method's default weights, the base they were trained on and the files they need beside
+    them come from the weights registry (fetched and checked on first use; offline=True or HF_HUB_OFFLINE=1:
+    the cache only). Options are method knobs fixed at load time (e.g. merge_lora=True)."""
+    from diffsr.weights import resolve_method
+
     cls = get_method(method)
-    return cls.load(base or cls.default_base, weights, device=device, dtype=dtype, **options)
+    resolved = resolve_method(cls.name, base, weights, options, default_base=cls.default_base, offline=offline,
+                              progress=progress)
+    return cls.load(resolved.base, resolved.weights, device=device, dtype=dtype, **resolved.options)

@@ -109,20 +109,20 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
                   vae: torch.nn.Module | None = None) -> Backbone:
     """Load UNet, VAE, text encoder, tokenizer and scheduler config from `base`.
 
-    `base` is a local folder in the diffusers layout or a hub id (resolved by huggingface_hub as usual,
-    including its offline cache). `vae`: a VAE to use instead of the base's (CCSR v2 ships its own), so the
-    base's is not loaded at all.
+    `base` is a local folder in the diffusers layout, a registry name (sd21-base) or a hub id (both
+    fetched by diffsr.weights, the cache only when offline). `vae`: a VAE to use instead of the base's
+    (CCSR v2 ships its own), so the base's is not loaded at all.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from diffsr.weights import resolve
+
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
-    local = Path(base).expanduser()
-    is_local = local.exists() or str(base).startswith((".", "/", "~")) or str(base).count("/") != 1
-    if is_local:
-        check_base_folder(local)
-        base = str(local)
+    base = resolve(base, "base")  # registry names and hub ids become local folders; all downloads live there
+    check_base_folder(base)
+    base = str(base)
     try:
         with quiet_loading():
             unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
@@ -133,9 +133,7 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
 
         scheduler_config = dict(DDPMScheduler.load_config(base, subfolder="scheduler"))
     except (OSError, ValueError) as error:
-        first = first_line(error)
-        where = "folder" if is_local else "hub id"
-        raise BaseModelError(f"{base}: cannot load the base model ({where}): {first}") from error
+        raise BaseModelError(f"{base}: cannot load the base model: {first_line(error)}") from error
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(device=device)
     return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype)

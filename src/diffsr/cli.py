@@ -25,16 +25,21 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from diffsr.methods import list_methods
 
     parser.add_argument("--method", default="osediff", help=f"one of: {', '.join(list_methods())} (default osediff)")
-    parser.add_argument("--base", help="Stable Diffusion base: hub id or local diffusers folder (default: the method's)")
-    parser.add_argument("--weights", help="the method's released weights: a file (osediff.pkl, real-world_ccsr.ckpt) or the CCSR-v2 folder")
+    parser.add_argument("--base", help="Stable Diffusion base: a registry name (sd21-base), hub id or local diffusers "
+                                       "folder (default: the one the weights were trained on)")
+    parser.add_argument("--weights", help="the method's released weights: a registry name (osediff-face, stablesr-turbo, "
+                                          "ccsr-v1; see `diffsr weights list`), a file or the CCSR-v2 folder "
+                                          "(default: the method's, fetched on first use)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")
     parser.add_argument("--tagger", help="image tagger whose tags are prepended to the prompt (none is bundled)")
     parser.add_argument("--sample-posterior", action="store_true",
                         help="sample the VAE posterior with --seed as the release does (default: its mean)")
-    parser.add_argument("--de-net", help="s3diff: degradation estimator weights (default: de_net.pth beside --weights)")
-    parser.add_argument("--cfw-weights", help="StableSR: the CFW autoencoder (default: vqgan_cfw_00011.ckpt beside --weights)")
+    parser.add_argument("--de-net", help="s3diff: degradation estimator weights, a file or registry name "
+                                         "(default: s3diff-de-net, or de_net.pth beside a --weights file)")
+    parser.add_argument("--cfw-weights", help="StableSR: the CFW autoencoder, a file or registry name (default: "
+                                              "stablesr-cfw, or vqgan_cfw_00011.ckpt beside a --weights file)")
 
 
 def _score(text: str) -> float:
@@ -106,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(upscale)
     _add_run_options(upscale)
 
+    upscale.add_argument("--offline", action="store_true",
+                         help="use only cached weights, never download (as HF_HUB_OFFLINE=1 does)")
+    _add_weights_command(commands)
+
     demo = commands.add_parser("demo", help="run the whole pipeline on the bundled example image")
     demo.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
     demo.add_argument("--models", type=Path, default=None,
@@ -143,6 +152,94 @@ def build_parser() -> argparse.ArgumentParser:
                             "output_dir/checkpoints.old-TIME/)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _add_weights_command(commands) -> None:
+    weights = commands.add_parser("weights", help="the registry of released models: list, fetch, verify, path")
+    actions = weights.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="name, method, size, cached, verified, licence")
+    listing.add_argument("--method", help="only this method's models")
+    listing.add_argument("--long", action="store_true", help="also sources, location and notes")
+    fetch = actions.add_parser("fetch", help="download and check models (for offline use later)")
+    fetch.add_argument("names", nargs="*", metavar="NAME", help="registry names (diffsr weights list)")
+    fetch.add_argument("--all", action="store_true", help="every model in the registry")
+    fetch.add_argument("--method", action="append", default=[], metavar="M",
+                       help="what `diffsr upscale --method M` uses by default (weights, base, extras); repeatable")
+    fetch.add_argument("--hub", action="append", default=[], metavar="REPO",
+                       help="a Stable Diffusion base by hub id (unchecked), for --base REPO offline")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bars")
+    verify = actions.add_parser("verify", help="re-hash cached models against the registry")
+    verify.add_argument("names", nargs="*", metavar="NAME", help="registry names (default: every cached model)")
+    path = actions.add_parser("path", help="print the local path of a cached model (for scripts)")
+    path.add_argument("name", metavar="NAME")
+
+
+def run_weights(args) -> int:
+    from diffsr import weights
+
+    try:
+        registry = weights.Registry.load()
+        if args.action == "list":
+            return _list_weights(registry, args.method, args.long)
+        if args.action == "path":
+            print(weights.path(args.name, registry=registry))
+            return EXIT_OK
+        if args.action == "verify":
+            names = args.names or [name for name, item in registry.items.items() if weights.status(item).cached]
+            bad = 0
+            for name in names:
+                problems = weights.verify(name, registry=registry, progress=True)
+                bad += bool(problems)
+                print(f"{name}: ok" if not problems else f"{name}: FAILED: " + "; ".join(problems))
+            return EXIT_SOME_FAILED if bad else EXIT_OK
+        names = list(registry.items) if args.all else list(args.names)
+        for method in args.method:
+            names += [name for name in weights.needed_by(method, registry) if name not in names]
+        if not names and not args.hub:
+            raise UsageError("name what to fetch: NAME..., --all, --method M or --hub REPO")
+        for name in names:
+            registry.get(name)  # every name known before anything is downloaded
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    failed = 0
+    for name in names:
+        try:
+            print(f"{name}: {weights.fetch(name, progress=not args.quiet, registry=registry)}")
+        except DiffsrError as error:
+            _fail(str(error))
+            failed += 1
+    for repo in args.hub:
+        try:
+            print(f"{repo}: {weights.hub_base(repo)}")
+        except DiffsrError as error:
+            _fail(str(error))
+            failed += 1
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _list_weights(registry, method: str | None, long: bool) -> int:
+    from diffsr import weights
+
+    rows = [("NAME", "METHOD", "VARIANT", "SIZE", "CACHED", "VERIFIED", "LICENCE")]
+    for item in registry.items.values():
+        if method and item.method != method and item.name not in weights.needed_by(method, registry):
+            continue
+        state = weights.status(item)
+        rows.append((item.name + (" *" if item.default else ""), item.method or "(base)", item.variant or "",
+                     item.size_text, "yes" if state.cached else "no", state.verified, item.licence))
+        if long:
+            rows.append(("", "", "", "", "", "", f"sources: {', '.join(s.describe() for s in item.sources)}"))
+            if state.location:
+                rows.append(("", "", "", "", "", "", f"at: {state.location}"))
+            if item.note:
+                rows.append(("", "", "", "", "", "", f"note: {item.note}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    print("* the method's default; verified: yes = matches the published hash, unchecked = none is published",
+          file=sys.stderr)
+    return EXIT_OK
 
 
 def _add_metric_options(parser: argparse.ArgumentParser) -> None:
@@ -247,7 +344,8 @@ def run_upscale(args) -> int:
 
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
-                                        dtype=args.dtype, **_load_options(args))
+                                        dtype=args.dtype, offline=args.offline or None, progress=not args.quiet,
+                                        **_load_options(args))
     except (DiffsrError, TypeError) as error:
         _fail(str(error))
         return EXIT_USAGE
@@ -393,13 +491,14 @@ def run_benchmark(args) -> int:
 
 def run_convert(args) -> int:
     from diffsr.methods import get_method
+    from diffsr.weights import resolve
 
     try:
         method = get_method(args.method)
         args.output.mkdir(parents=True, exist_ok=True)
         for path in args.inputs:
             target = args.output / (path.stem + ".safetensors")
-            method.convert_weights(path, args.base or method.default_base, target)
+            method.convert_weights(path, resolve(args.base or method.default_base, "base", method.name), target)
             print(f"wrote {target}", file=sys.stderr)
     except DiffsrError as error:
         _fail(str(error))
@@ -444,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_benchmark(args)
     if args.command == "train":
         return run_train(args)
+    if args.command == "weights":
+        return run_weights(args)
     if args.command == "methods":
         from diffsr.methods import list_methods
 

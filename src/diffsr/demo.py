@@ -35,8 +35,8 @@ def run_demo(output: Path, models: Path | None = None, quiet: bool = False) -> i
     models = models or Path.home() / ".cache" / "diffsr" / "tiny"
     banner = ("SMOKE TEST: running OSEDiff with a tiny RANDOM model (no real weights on this machine).\n"
               "The output checks that the pipeline runs end to end; it is NOT an upscale.\n"
-              "For real results: diffsr upscale IMAGE -o OUT --method osediff "
-              "--base stabilityai/stable-diffusion-2-1-base --weights osediff.pkl")
+              "For real results (the released weights are fetched on first use): "
+              "diffsr upscale IMAGE -o OUT --method osediff")
     print(banner, file=sys.stderr)
     base, weights = ensure_tiny_models(models)
     argv = ["upscale", str(example_path()), "-o", str(output), "--method", "osediff", "--base", str(base),

@@ -65,7 +65,7 @@ def _write_tokenizer(folder: Path) -> int:
 def make_tiny_base(path: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny SD-2.x-shaped base model (UNet, VAE, CLIP text encoder, tokenizer, scheduler).
 
-    The layout and module names are those of stabilityai/stable-diffusion-2-1-base; channel counts,
+    The layout and module names are those of SD 2.1-base (registry name sd21-base); channel counts,
     depths and the text width are shrunk so a forward pass takes milliseconds on a CPU.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel

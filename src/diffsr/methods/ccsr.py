@@ -162,7 +162,7 @@ def _draws(generator: torch.Generator):
 
 class CCSR(Upscaler):
     name = "ccsr"
-    default_base = "stabilityai/stable-diffusion-2-1-base"
+    default_base = "sd21-base"
     default_color_fix = "adain"
     weights_name = "CCSR-v2 folder (controlnet/ + vae/) or real-world_ccsr.ckpt"
 

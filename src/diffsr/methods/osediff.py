@@ -104,7 +104,7 @@ def release_state(backbone: Backbone, unet_lists, vae_list: list[str], rank: int
 
 class OSEDiff(Upscaler):
     name = "osediff"
-    default_base = "stabilityai/stable-diffusion-2-1-base"
+    default_base = "sd21-base"
     default_color_fix = "adain"
     weights_name = "osediff.pkl"
 

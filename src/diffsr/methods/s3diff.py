@@ -240,7 +240,7 @@ def write_release(out_file: str | Path, unet: nn.Module, vae: nn.Module, conditi
 
 class S3Diff(Upscaler):
     name = "s3diff"
-    default_base = "stabilityai/sd-turbo"
+    default_base = "sd-turbo"
     default_color_fix = "wavelet"
     weights_name = "s3diff.pkl"
 

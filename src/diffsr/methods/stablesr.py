@@ -147,7 +147,7 @@ def save_cfw_checkpoint(out_file: Path, vae: torch.nn.Module, fusion: torch.nn.M
 # ------------------------------------------------------------------------------------------ method
 class StableSR(Upscaler):
     name = "stablesr"
-    default_base = "stabilityai/stable-diffusion-2-1-base"
+    default_base = "sd21-base"
     default_color_fix = "adain"
     weights_name = "stablesr_000117.ckpt"
 
@@ -176,7 +176,7 @@ class StableSR(Upscaler):
             raise UsageError(f"unknown prediction type '{prediction}' (choose {', '.join(PREDICTIONS)})")
         if "768v" in weights.name and prediction != "v_prediction":
             raise WeightsError(f"{weights}: a v-prediction checkpoint (768v), but the base model's scheduler predicts "
-                               f"'{prediction}': use base stabilityai/stable-diffusion-2-1 or prediction_type='v_prediction'")
+                               f"'{prediction}': use base sd21-768v or prediction_type='v_prediction'")
         groups = backbone.unet.config.norm_num_groups
         parts = read_stablesr_parts(weights, backbone.unet.config, backbone.vae.config, groups)
         for needed in ("unet", "encoder"):

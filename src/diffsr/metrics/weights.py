@@ -2,8 +2,8 @@
 
 A file is looked up, in order, in the folder the user names (`weights_dir`, or $DIFFSR_METRIC_WEIGHTS),
 in torch.hub's checkpoint cache (where torchvision and pytorch-fid keep theirs) and in pyiqa's cache
-(<torch hub>/pyiqa). If it is in none of them and downloads are allowed, torch.hub fetches it into its
-cache once; otherwise a WeightsError names the missing file and where to get it.
+(<torch hub>/pyiqa). If it is in none of them and downloads are allowed, diffsr.weights fetches it into
+torch.hub's checkpoint folder once; otherwise a WeightsError names the missing file and where to get it.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ def weights_path(key: str, weights_dir: str | Path | None = None, download: bool
             return folder / file.name
     target = Path(torch.hub.get_dir()) / "checkpoints" / file.name
     if download:
+        from diffsr.weights import download_url  # the one module of diffsr that downloads
+
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(file.url, str(target), progress=False)
-            return target
-        except Exception as error:  # no network, proxy, HTTP error: say what to do instead
-            reason = f"download failed ({type(error).__name__}: {str(error).strip()[:80]})"
+            return download_url(file.url, target, progress=False)
+        except WeightsError as error:  # no network, proxy, HTTP error: say what to do instead
+            reason = str(error)[:160]
     else:
         reason = "downloads are off"
     raise WeightsError(f"missing weights file {file.name} ({file.what}); {reason}. Get it from {file.url} "
