@@ -70,6 +70,7 @@ class Backbone:
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
+    folder: Path | None = None  # the local diffusers folder it was loaded from (a registry name or hub id resolved)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -136,4 +137,4 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
         raise BaseModelError(f"{base}: cannot load the base model: {first_line(error)}") from error
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(device=device)
-    return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype)
+    return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype, Path(base))

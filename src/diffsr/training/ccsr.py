@@ -94,7 +94,7 @@ class CCSRStage1(Trainer):
                                  f"{backbone.scheduler_config['prediction_type']}")
         self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
         self.tokenizer, self.scheduler_config = backbone.tokenizer, backbone.scheduler_config
-        self.vae_source = (str(base), "vae")
+        self.vae_source = (str(backbone.folder), "vae")  # base may be a registry name
         if weights is None:
             self.controlnet = controlnet_from_unet(self.unet)
             # The release's condition conv keeps torch's default initialisation (only the output convs start at
