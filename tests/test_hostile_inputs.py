@@ -84,14 +84,6 @@ def read_only(folder, monkeypatch):
             return real(*args, dir=dir, **kwargs)
 
         monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-        real_open = os.open
-
-        def os_open(path, flags, *args, **kwargs):  # today's writer opens its temporary directly
-            if flags & os.O_CREAT and os.path.realpath(os.path.dirname(os.fspath(path))) == os.path.realpath(folder):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-            return real_open(path, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", os_open)
 
 
 # -- 5: one file never aborts a batch; every-file problems are found before loading ----------------------
@@ -231,6 +223,10 @@ def test_a_planted_link_at_the_temporary_name_is_not_followed(tmp_path):
     (out / "b.png").symlink_to(victim)  # a link at the output name is replaced, not written through
     write_image(out / "b.png", smooth_image(8, 8))
     assert victim.read_text() == "precious" and not (out / "b.png").is_symlink()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask  # as a plainly created file, not 0600
+    assert sorted(p.name for p in out.iterdir()) == [".a.png.partial.png", "a.png", "b.png"]
 
 
 # -- 9: evaluate names ambiguity, skips temporaries, names a missing --gt, checks -o first -----------------
@@ -246,8 +242,11 @@ def test_evaluate_ambiguous_ground_truth_hidden_files_and_missing_gt(tmp_path, c
     good_image(gt / "a.webp", seed=5)
     good_image(sr / ".b.png.partial.png")
     good_image(sr / ".hidden.png")
+    declared_png(sr / "c.png", 60000, 60000)  # a decompression bomb: one problem line, the others scored
+    good_image(gt / "c.png")
     result = evaluate(sr, gt, "psnr")
     assert set(result.per_image) == {"b.png"}
+    assert any("c.png" in p and "megapixels" in p for p in result.problems)
     assert any("a.png" in p and "a.webp" in p and "ambiguous" in p for p in result.problems)
     assert not any("partial" in p or "hidden" in p for p in result.problems)
     with pytest.raises(UsageError, match="no-gt: no such ground-truth folder"):
