@@ -38,13 +38,14 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
         raise ArgumentTypeError(f"device must be a name such as 'cpu' or 'cuda', not {type(device).__name__}")
     if not isinstance(dtype, (str, torch.dtype)):
         raise ArgumentTypeError(f"dtype must be a name such as 'float32', not {type(dtype).__name__}")
-    resolve_device(device), resolve_dtype(dtype)
+    resolve_device(device)
+    resolve_dtype(dtype)
     process_size = options.get("process_size")
     if process_size is not None:
         if isinstance(process_size, bool) or not isinstance(process_size, int):
-            raise ArgumentTypeError(f"process_size must be an integer number of pixels, not {type(process_size).__name__}")
-        if process_size < 8 or process_size % 8:
-            raise UsageError(f"process_size {process_size} must be a positive multiple of 8 pixels")
+            raise ArgumentTypeError(f"process_size must be a whole number of pixels, not {type(process_size).__name__}")
+        if process_size < 8:
+            raise UsageError(f"process_size {process_size} must be at least 8 pixels")
     cls = get_method(method)
     parameters = inspect.signature(cls.load).parameters
     allowed = [name for name in parameters if name not in ("base", "weights", "device", "dtype")]

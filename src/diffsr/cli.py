@@ -72,9 +72,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing outputs (default: skip them); an input file is never replaced")
-    parser.add_argument("--max-input-megapixels", type=float, default=MAX_INPUT_PIXELS / 1e6,
+    parser.add_argument("--max-input-megapixels", type=float, default=MAX_INPUT_PIXELS / 1e6, metavar="MP",
                         help="refuse larger inputs, from their header before decoding (default %(default)g)")
-    parser.add_argument("--max-output-megapixels", type=float, default=MAX_OUTPUT_PIXELS / 1e6,
+    parser.add_argument("--max-output-megapixels", type=float, default=MAX_OUTPUT_PIXELS / 1e6, metavar="MP",
                         help="refuse inputs whose output would be larger (default %(default)g)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     # Multi-step methods (StableSR); left unset, each method uses its release default.

@@ -93,7 +93,6 @@ def _peak_rss_mb() -> float:
 
 def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, failures: list[str]) -> float:
     """Upscale every LR image into out_dir (PNG, same stem) through diffsr.batch; returns seconds spent upscaling."""
-    check_output_folder(out_dir)
     plan = plan_outputs(lr_paths, out_dir, "png", overwrite=True)
     failures.extend(plan.refused)
     spent = 0.0
@@ -107,7 +106,10 @@ def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, fail
         return result
 
     def report(kind, line):
-        failures.append(line) if kind == "error" else warnings.warn(line, stacklevel=2)
+        if kind == "error":
+            failures.append(line)
+        else:
+            warnings.warn(line, stacklevel=2)
 
     upscale_all(plan.jobs, timed, report)
     return spent
@@ -127,6 +129,8 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
     import diffsr
 
     folders = [output / name] if len(seeds) == 1 else [output / name / f"seed{s}" for s in seeds]
+    for folder in folders:  # before the model is loaded
+        check_output_folder(folder)
     cuda = torch.device(device).type == "cuda"
     if name == BASELINE:
         upscale = bicubic(scale)
