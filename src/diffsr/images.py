@@ -106,8 +106,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) read from the file header only, without decoding the pixels; one ImageError line
     (naming the file) for a missing or unreadable file."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the callers' own limits apply
+            with Image.open(path) as image:
+                width, height = image.size
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -148,7 +150,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> Picture:
         raise ImageError(f"{path}: is a folder, not an image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels applies
             with Image.open(path) as image:
                 check_pixels(path, *image.size, max_pixels)
                 frames = getattr(image, "n_frames", 1)
