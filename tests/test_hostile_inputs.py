@@ -1,7 +1,7 @@
 """Hostile and unlucky inputs (issue 16, items 5-12): one line per bad file, the other images still written,
 every-file problems found before the model loads, no original ever overwritten, no link ever written through.
 
-The CLI tests swap `diffsr.load_upscaler` for the session's tiny OSEDiff (loaded once), so they cost one
+The CLI tests swap `diffsr.load_upscaler` for a tiny OSEDiff (loaded once per module), so they cost one
 tiny upscale per good image; the swap also counts loads, to show what is refused before loading.
 """
 
@@ -36,9 +36,15 @@ def declared_png(path, width, height, bit_depth=8, colour_type=2):
     return path
 
 
+@pytest.fixture(scope="module")
+def osediff(tiny_base, osediff_weights):
+    """The tiny OSEDiff working at 64 px (the release's 512 would make every small image a 512 px run)."""
+    return diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, process_size=64)
+
+
 @pytest.fixture
 def loads(monkeypatch, osediff):
-    """Model loads made by the CLI (each returns the session's tiny OSEDiff)."""
+    """Model loads made by the CLI (each returns the tiny OSEDiff)."""
     calls = []
 
     def load(*args, **kwargs):
