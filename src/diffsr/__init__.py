@@ -7,15 +7,17 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
-from diffsr.errors import BaseModelError, DiffsrError, ImageError, UsageError, WeightsError
+from diffsr.errors import (ArgumentTypeError, BaseModelError, DiffsrError, ImageError, OutputError, UsageError,
+                           WeightsError)
 from diffsr.methods import get_method, list_methods
 from diffsr.methods.base import Upscaler
 
 __version__ = "0.1.0"
-__all__ = ["load_upscaler", "list_methods", "Upscaler", "DiffsrError", "ImageError", "WeightsError",
-           "BaseModelError", "UsageError", "__version__"]
+__all__ = ["load_upscaler", "list_methods", "Upscaler", "DiffsrError", "ImageError", "OutputError", "WeightsError",
+           "BaseModelError", "UsageError", "ArgumentTypeError", "__version__"]
 
 
 def load_upscaler(method: str, base: str | Path | None = None, weights: str | Path | None = None,
@@ -26,10 +28,38 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
     `base` and `weights` are registry names (`diffsr weights list`), local paths, or for `base` a hub id;
     left out, the method's default weights, the base they were trained on and the files they need beside
     them come from the weights registry (fetched and checked on first use; offline=True or HF_HUB_OFFLINE=1:
-    the cache only). Options are method knobs fixed at load time (e.g. merge_lora=True)."""
+    the cache only). Options are method knobs fixed at load time (e.g. merge_lora=True).
+    Bad arguments are refused here, before anything is read or fetched: UsageError, or ArgumentTypeError for a
+    wrong type."""
+    import torch
+
+    from diffsr.backbone import resolve_device, resolve_dtype
+
+    if not isinstance(method, str):
+        raise ArgumentTypeError(f"method must be a name such as 'osediff', not {type(method).__name__}")
+    for name, value in (("base", base), ("weights", weights)):
+        if value is not None and not isinstance(value, (str, Path)):
+            raise ArgumentTypeError(f"{name} must be a registry name, a path or a hub id, not {type(value).__name__}")
+    if not isinstance(device, (str, torch.device)):
+        raise ArgumentTypeError(f"device must be a name such as 'cpu' or 'cuda', not {type(device).__name__}")
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise ArgumentTypeError(f"dtype must be a name such as 'float32', not {type(dtype).__name__}")
+    resolve_device(device)
+    resolve_dtype(dtype)
+    process_size = options.get("process_size")
+    if process_size is not None:
+        if isinstance(process_size, bool) or not isinstance(process_size, int):
+            raise ArgumentTypeError(f"process_size must be a whole number of pixels, not {type(process_size).__name__}")
+        if process_size < 8:
+            raise UsageError(f"process_size {process_size} must be at least 8 pixels")
+    cls = get_method(method)
+    parameters = inspect.signature(cls.load).parameters
+    allowed = [name for name in parameters if name not in ("base", "weights", "device", "dtype")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        raise UsageError(f"{cls.name} has no load option {', '.join(unknown)} (options: {', '.join(allowed)})")
     from diffsr.weights import resolve_method
 
-    cls = get_method(method)
     resolved = resolve_method(cls.name, base, weights, options, default_base=cls.default_base, offline=offline,
                               progress=progress)
     return cls.load(resolved.base, resolved.weights, device=device, dtype=dtype, **resolved.options)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffsr.color import COLOR_FIXES
 from diffsr.errors import DiffsrError, UsageError, first_line
-from diffsr.images import OUTPUT_FORMATS, collect_inputs
+from diffsr.images import MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, OUTPUT_FORMATS, collect_inputs
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -75,7 +75,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-degradation", action="store_true", help="s3diff: print each image's degradation scores")
     parser.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction (default: the method's release default)")
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing outputs (default: skip them); an input file is never replaced")
+    parser.add_argument("--max-input-megapixels", type=float, default=MAX_INPUT_PIXELS / 1e6, metavar="MP",
+                        help="refuse larger inputs, from their header before decoding (default %(default)g)")
+    parser.add_argument("--max-output-megapixels", type=float, default=MAX_OUTPUT_PIXELS / 1e6, metavar="MP",
+                        help="refuse inputs whose output would be larger (default %(default)g)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     # Multi-step methods (StableSR); left unset, each method uses its release default.
     parser.add_argument("--steps", type=int, help="sampling steps (default: the method's; stablesr 200, 4 for turbo)")
@@ -295,11 +300,6 @@ def _add_evaluation_commands(commands) -> None:
     benchmark.add_argument("--quiet", action="store_true")
 
 
-def _output_path(path: Path, output: Path, fmt: str | None) -> Path:
-    suffix = OUTPUT_FORMATS[fmt] if fmt else (path.suffix.lower() if path.suffix.lower() in OUTPUT_FORMATS.values() else ".png")
-    return output / (path.stem + suffix)
-
-
 def _load_options(args) -> dict:
     """The model-loading options given on the command line (_add_model_options), for load_upscaler."""
     given = {"merge_lora": args.merge_lora, "sample_posterior": args.sample_posterior, "tagger": args.tagger,
@@ -309,43 +309,43 @@ def _load_options(args) -> dict:
 
 def run_upscale(args) -> int:
     import diffsr
-    from diffsr.images import collect_inputs, read_image, write_image
+    from diffsr.batch import plan_outputs, upscale_all
+    from diffsr.images import check_output_folder
     from diffsr.methods import get_method
+    from diffsr.methods.base import check_scale
     from diffsr.tiling import TilingOptions
 
+    # Whatever would fail every image is found before the model is loaded.
     try:
         method = get_method(args.method)
+        check_scale(args.scale)
         TilingOptions.from_knobs(_tiling_knobs(args))  # bad tile sizes are a usage error, before any loading
+        limits = {"max_input_pixels": _pixels(args.max_input_megapixels, "--max-input-megapixels"),
+                  "max_output_pixels": _pixels(args.max_output_megapixels, "--max-output-megapixels")}
+        paths = collect_inputs(args.inputs)
+        if not paths:
+            raise UsageError(f"no images found in {', '.join(map(str, args.inputs))}")
+        check_output_folder(args.output)
     except DiffsrError as error:
         _fail(str(error))
         return EXIT_USAGE
-    paths = collect_inputs(args.inputs)
-    if not paths:
-        _fail(f"no images found in {', '.join(map(str, args.inputs))}")
-        return EXIT_USAGE
 
-    # Plan outputs first: never overwrite without --overwrite, never let two inputs share one output.
-    planned, failures, skipped = [], 0, 0
-    seen: dict[Path, Path] = {}
-    for path in paths:
-        target = _output_path(path, args.output, args.format)
-        if target in seen:
-            _fail(f"{path}: its output {target} would overwrite the output of {seen[target]}; rename one input")
-            failures += 1
-        elif target.exists() and not args.overwrite:
-            skipped += 1
-        else:
-            seen[target] = path
-            planned.append((path, target))
-    if skipped:
-        print(f"skipping {skipped} input(s) whose output already exists (use --overwrite to replace)", file=sys.stderr)
-    if not planned:
-        return EXIT_SOME_FAILED if failures else EXIT_OK
+    plan = plan_outputs(paths, args.output, args.format, args.overwrite)
+    for line in plan.refused:
+        _fail(line)
+    if plan.skipped:
+        print(f"skipping {plan.skipped} input(s) whose output already exists (use --overwrite to replace)",
+              file=sys.stderr)
+    if not plan.jobs:
+        return EXIT_SOME_FAILED if plan.refused else EXIT_OK
 
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
                                         dtype=args.dtype, offline=args.offline or None, progress=not args.quiet,
                                         **_load_options(args))
+        # Only the knobs the user gave: the others keep each method's release defaults.
+        knobs = {**_method_knobs(args), **_tiling_knobs(args)}
+        upscaler.check_arguments(args.scale, args.seed, args.color_fix, knobs)
     except (DiffsrError, TypeError) as error:
         _fail(str(error))
         return EXIT_USAGE
@@ -354,40 +354,35 @@ def run_upscale(args) -> int:
 
     from diffsr import tiling
 
-    # Only the knobs the user gave: the others keep each method's release defaults.
-    knobs = {**_method_knobs(args), **_tiling_knobs(args)}
-    try:
-        upscaler.check_knobs(knobs)
-    except DiffsrError as error:
-        _fail(str(error))
-        return EXIT_USAGE
-    written = 0
-    progress = tqdm(planned, desc=f"{method.name} x{args.scale:g}", unit="image", disable=args.quiet, file=sys.stderr)
+    progress = tqdm(plan.jobs, desc=f"{method.name} x{args.scale:g}", unit="image", disable=args.quiet, file=sys.stderr)
     # A second bar counts the denoiser passes of the image in hand (multi-step methods on large images are slow).
     passes = tqdm(desc="denoiser passes", unit="pass", disable=args.quiet, file=sys.stderr, position=1, leave=False)
-    for path, target in progress:
+
+    def upscale(path):
         passes.reset()
-        try:
-            picture = read_image(path)
-            with warnings.catch_warnings(record=True) as caught, tiling.report_passes(passes.update):
-                warnings.simplefilter("always")
-                result = upscaler.upscale(picture, scale=args.scale, seed=args.seed, color_fix=args.color_fix,
-                                          **knobs)
-                write_image(target, result.rgb, result.alpha)
-            written += 1
-            for warning in caught:
-                progress.write(f"diffsr: warning: {warning.message}", file=sys.stderr)
-        except DiffsrError as error:
-            progress.write(f"diffsr: error: {error}", file=sys.stderr)
+        with tiling.report_passes(passes.update):
+            return upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
+                                    **knobs)
+
+    failures = len(plan.refused)
+
+    def report(kind, line):
+        nonlocal failures
+        if kind == "error":
             failures += 1
-        except (RuntimeError, MemoryError) as error:  # e.g. out of memory on the device: keep the batch going
-            first = first_line(error)
-            progress.write(f"diffsr: error: {path}: {first}", file=sys.stderr)
-            failures += 1
+        progress.write(f"diffsr: {kind}: {line}", file=sys.stderr)
+
+    written = upscale_all(progress, upscale, report)
     passes.close()
     if not args.quiet:
         print(f"wrote {written} image(s) to {args.output}" + (f"; {failures} failed" if failures else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _pixels(megapixels: float, option: str) -> int:
+    if not megapixels > 0:
+        raise UsageError(f"{option} must be positive, got {megapixels:g}")
+    return round(megapixels * 1e6)
 
 
 def run_demo(args) -> int:
@@ -422,6 +417,7 @@ def run_evaluate(args) -> int:
 
     from tqdm import tqdm
 
+    from diffsr.images import check_output_folder, write_atomically
     from diffsr.metrics.evaluate import evaluate, evaluate_runs, render
 
     def progress(items):
@@ -429,6 +425,10 @@ def run_evaluate(args) -> int:
 
     device = args.metric_device or args.device
     try:
+        if args.output:  # found before any computing
+            if args.output.is_dir():
+                raise UsageError(f"{args.output}: is a folder; -o names the table's file")
+            check_output_folder(args.output.parent)
         if args.runs or args.seeds:
             if args.lr is None or args.sr:
                 raise UsageError("--runs/--seeds upscale the --lr folder: give --lr and no SR_DIR")
@@ -455,8 +455,11 @@ def run_evaluate(args) -> int:
         return EXIT_USAGE
     text = render(result, args.format)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        try:
+            write_atomically(args.output, lambda file: file.write(text.encode()))
+        except OSError as error:
+            _fail(f"{args.output}: cannot write it ({error.strerror or first_line(error)})")
+            return EXIT_SOME_FAILED
     else:
         print(text, end="")
     data = result.to_dict()

@@ -9,6 +9,10 @@ class ImageError(DiffsrError):
     """An input image is missing, unreadable, truncated or not an image."""
 
 
+class OutputError(DiffsrError):
+    """A result cannot be written (disk full, name too long, folder not writable)."""
+
+
 class WeightsError(DiffsrError):
     """A weights file is missing, corrupt, or belongs to another method."""
 
@@ -17,8 +21,12 @@ class BaseModelError(DiffsrError):
     """The Stable Diffusion base (hub id or folder) is missing or incomplete."""
 
 
-class UsageError(DiffsrError):
+class UsageError(DiffsrError, ValueError):
     """A knob is out of range or a combination of options is invalid."""
+
+
+class ArgumentTypeError(DiffsrError, TypeError):
+    """An argument of the wrong type (a scale given as text, a seed as a float)."""
 
 
 def first_line(error: BaseException) -> str:

@@ -7,22 +7,36 @@ on PIL's bicubic filter and on the uint8 rounding after each resize).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from diffsr.errors import ImageError
+from diffsr.errors import ArgumentTypeError, ImageError, OutputError, UsageError, first_line
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # GIF: read, written as PNG
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "bmp": ".bmp", "tiff": ".tif", "tif": ".tif"}
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS, "nearest": Image.NEAREST}
 
 # Truncated files must fail loudly, never decode as half-grey images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Default pixel limits of an upscale, checked from the file header before anything is decoded. 64 MP
+# (8000 x 8000) is above any camera photo and takes about 0.2 GB as 8-bit RGB and 0.8 GB as the float
+# tensor the methods see; 256 MP (16000 x 16000) of output already takes hours on a GPU with a diffusion
+# method. Beyond them a file is far more likely a mistake or an attack (a 18 KB 1-bit PNG can declare
+# 144 MP) than a wish; both limits can be raised.
+MAX_INPUT_PIXELS = 64_000_000
+MAX_OUTPUT_PIXELS = 256_000_000
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -32,6 +46,8 @@ class Picture:
     rgb: np.ndarray
     alpha: np.ndarray | None = None
     name: str = "image"
+    icc_profile: bytes | None = None  # the source's colour profile, carried to the output
+    exif: bytes | None = None  # the source's EXIF (orientation already applied to the pixels)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -90,35 +106,74 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) read from the file header only, without decoding the pixels; one ImageError line
     (naming the file) for a missing or unreadable file."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the callers' own limits apply
+            with Image.open(path) as image:
+                width, height = image.size
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (or an unsupported format)") from None
+    except Image.DecompressionBombError:
+        raise ImageError(_bomb_message(path)) from None
     except Exception as error:  # any header problem: reported, the file is left out
         raise ImageError(f"{path}: not a readable image ({str(error).strip() or type(error).__name__})") from None
     return height, width
 
 
-def read_image(path: str | Path) -> Picture:
-    """Read any supported image as a Picture; one clear ImageError line for anything unreadable."""
+def _bomb_message(path) -> str:
+    bound = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # where Pillow refuses to decode
+    return f"{path}: over {bound / 1e6:.0f} megapixels, which Pillow refuses to decode (a possible decompression bomb)"
+
+
+def check_pixels(name, width: int, height: int, limit: int | None, what: str = "input") -> None:
+    """One ImageError line when the `what` ('input' or 'output') of width x height is over `limit` pixels
+    (None: no limit)."""
+    if limit is not None and width * height > limit:
+        subject = f"its {width}x{height} output" if what == "output" else f"{width}x{height}"
+        raise ImageError(f"{name}: {subject} is {width * height / 1e6:.1f} megapixels, over the {what} limit of "
+                         f"{limit / 1e6:g} megapixels (raise it with --max-{what}-megapixels or max_{what}_pixels)")
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> Picture:
+    """Read any supported image as a Picture; one clear ImageError line for anything unreadable.
+
+    `max_pixels` is checked from the header, before decoding. EXIF orientation is applied to the pixels
+    (a portrait phone photo comes out upright); the ICC profile and EXIF travel with the Picture. Of an
+    animated image, only the first frame is read (with a warning)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image")
     try:
-        with Image.open(path) as image:
-            image.load()
-            rgb, alpha = _from_pil(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels applies
+            with Image.open(path) as image:
+                check_pixels(path, *image.size, max_pixels)
+                frames = getattr(image, "n_frames", 1)
+                image.seek(0)
+                image.load()
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+                # A profile describes the colours it came with: only an RGB one fits the RGB output.
+                icc_profile = image.info.get("icc_profile") if image.mode in ("RGB", "RGBA", "RGBX") else None
+                exif = _exif_bytes(image) if image.format != "TIFF" else None  # (a TIFF's are its own tags)
+                rgb, alpha = _from_pil(image)
     except PermissionError:
         raise ImageError(f"{path}: cannot read the file (permission denied)") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (or an unsupported format)") from None
+    except Image.DecompressionBombError:
+        raise ImageError(_bomb_message(path)) from None
     except (OSError, SyntaxError, ValueError) as error:
         message = str(error).strip() or type(error).__name__
         if "truncated" in message.lower() or "broken" in message.lower():
             raise ImageError(f"{path}: truncated or damaged image ({message})") from None
         raise ImageError(f"{path}: cannot decode image ({message})") from None
+    if frames > 1:
+        warnings.warn(f"{path}: an animation of {frames} frames; only the first frame is used", stacklevel=2)
     if rgb.dtype == np.uint8 and _may_be_16_bit_colour(path):
         deep = _high_depth(path)
         if deep is not None:
@@ -127,20 +182,62 @@ def read_image(path: str | Path) -> Picture:
             else:
                 rgb = np.ascontiguousarray(deep[:, :, :3])
                 alpha = np.ascontiguousarray(deep[:, :, 3]) if deep.shape[2] == 4 else None
+    if orientation in _ORIENT:
+        rgb = np.ascontiguousarray(_ORIENT[orientation](rgb))
+        alpha = None if alpha is None else np.ascontiguousarray(_ORIENT[orientation](alpha))
     if min(rgb.shape[:2]) < 1:
         raise ImageError(f"{path}: image is empty")
-    return Picture(rgb, alpha, name=path.name)
+    return Picture(rgb, alpha, name=path.name, icc_profile=icc_profile, exif=exif)
 
 
-def as_picture(image) -> Picture:
+# EXIF orientation -> what turns the stored pixels upright, as ImageOps.exif_transpose does; done on the
+# arrays because PIL cannot hold the 16-bit colour images that are read through OpenCV.
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1], 5: lambda a: a.swapaxes(0, 1),
+           6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: np.rot90(a, 1)}
+
+
+def _exif_bytes(image: Image.Image) -> bytes | None:
+    """The image's EXIF with the orientation reset to 1 (the pixels are already upright), or None."""
+    exif = image.getexif()
+    if not exif:
+        return None
+    if EXIF_ORIENTATION in exif:
+        exif[EXIF_ORIENTATION] = 1
+    return exif.tobytes()
+
+
+# Float pixels may overshoot [0, 1] by rounding; by more than one 8-bit step they are in another range.
+_FLOAT_SLACK = 1 / 255
+
+
+def _check_float_range(values: np.ndarray | torch.Tensor, what: str) -> None:
+    low, high = float(values.min()), float(values.max())
+    if np.isnan(low) or np.isnan(high):
+        raise ImageError(f"the {what} holds NaN values")
+    if low < -_FLOAT_SLACK or high > 1 + _FLOAT_SLACK:
+        raise ImageError(f"a float {what} must hold values in [0, 1], this one holds {low:g} to {high:g} "
+                         "(divide 8-bit values by 255)")
+
+
+def as_picture(image, max_pixels: int | None = None) -> Picture:
     """Accept a path, a PIL image, a uint8/uint16 HxW(x3/4) array, or a [0,1] tensor (3,H,W) / (1,3,H,W)."""
     if isinstance(image, Picture):
-        return image
-    if isinstance(image, (str, Path)):
-        return read_image(image)
-    if isinstance(image, Image.Image):
-        rgb, alpha = _from_pil(image)
-        return Picture(rgb, alpha)
+        picture = image
+    elif isinstance(image, (str, Path)):
+        return read_image(image, max_pixels)
+    elif isinstance(image, Image.Image):
+        picture = Picture(*_from_pil(image))
+    elif isinstance(image, (torch.Tensor, np.ndarray)):
+        picture = _from_array(image)
+    else:
+        raise ArgumentTypeError(f"image must be a path, PIL image, numpy array or tensor, not {type(image).__name__}")
+    if min(picture.rgb.shape[:2]) < 1:
+        raise ImageError(f"{picture.name}: image is empty ({picture.size[0]}x{picture.size[1]})")
+    check_pixels(picture.name, *picture.size, max_pixels)
+    return picture
+
+
+def _from_array(image: np.ndarray | torch.Tensor) -> Picture:
     if isinstance(image, torch.Tensor):
         tensor = image.detach().float().cpu()
         if tensor.ndim == 4:
@@ -149,23 +246,24 @@ def as_picture(image) -> Picture:
             tensor = tensor[0]
         if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
             raise ImageError(f"expected a tensor shaped (3, H, W) in [0, 1], got {tuple(image.shape)}")
-        array = (tensor.clamp(0, 1) * 65535).round().to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16)
-        image = array
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.dtype not in (np.uint8, np.uint16):
-            if np.issubdtype(array.dtype, np.floating):
-                array = (np.clip(array, 0, 1) * 65535).round().astype(np.uint16)
-            else:
-                raise ImageError(f"unsupported array dtype {array.dtype} (use uint8, uint16 or float in [0, 1])")
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-            raise ImageError(f"expected an HxWx3 array, got shape {array.shape}")
-        alpha = np.ascontiguousarray(array[:, :, 3]) if array.shape[2] == 4 else None
-        rgb = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else np.ascontiguousarray(array[:, :, :3])
-        return Picture(rgb, alpha)
-    raise ImageError(f"unsupported image type {type(image).__name__}")
+        if tensor.numel():
+            _check_float_range(tensor, "tensor")
+        image = (tensor.clamp(0, 1) * 65535).round().to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16)
+    array = image
+    if array.dtype not in (np.uint8, np.uint16):
+        if np.issubdtype(array.dtype, np.floating):
+            if array.size:
+                _check_float_range(array, "array")
+            array = (np.clip(array, 0, 1) * 65535).round().astype(np.uint16)
+        else:
+            raise ImageError(f"unsupported array dtype {array.dtype} (use uint8, uint16 or float in [0, 1])")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ImageError(f"expected an HxWx3 array, got shape {array.shape}")
+    alpha = np.ascontiguousarray(array[:, :, 3]) if array.shape[2] == 4 else None
+    rgb = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else np.ascontiguousarray(array[:, :, :3])
+    return Picture(rgb, alpha)
 
 
 def resize(plane: np.ndarray, size: tuple[int, int], method: str = "bicubic") -> np.ndarray:
@@ -210,24 +308,88 @@ def to_pil(rgb: np.ndarray, alpha: np.ndarray | None = None) -> Image.Image:
     return Image.fromarray(np.dstack([eight(rgb), eight(alpha)]), "RGBA")
 
 
-def write_image(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None) -> None:
-    """Write rgb (+alpha) to `path`; 16-bit data stays 16-bit in PNG and TIFF, alpha is dropped for JPEG/BMP."""
+def write_image(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None, icc_profile: bytes | None = None,
+                exif: bytes | None = None) -> None:
+    """Write rgb (+alpha) to `path`; 16-bit data stays 16-bit in PNG and TIFF, alpha is dropped for JPEG/BMP.
+    The ICC profile is kept in 8-bit PNG, JPEG, WebP and TIFF, the EXIF in 8-bit PNG, JPEG and WebP.
+    Written through a temporary (see write_atomically); one OutputError line when it cannot be written."""
     suffix = path.suffix.lower()
     if alpha is not None and suffix in (".jpg", ".jpeg", ".bmp"):
         warnings.warn(f"{path.name}: {suffix[1:].upper()} has no alpha channel; the alpha plane is dropped", stacklevel=2)
         alpha = None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial{suffix}")
     if rgb.dtype == np.uint16 and suffix in (".png", ".tif", ".tiff"):
         import cv2
 
         data = rgb[:, :, ::-1] if alpha is None else np.dstack([rgb[:, :, ::-1], alpha])
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(data)):
-            raise ImageError(f"{path}: cannot write image")
+        encoded, buffer = cv2.imencode(suffix, np.ascontiguousarray(data))
+        if not encoded:
+            raise OutputError(f"{path}: cannot encode the image as {suffix}")
+
+        def encode(file):
+            file.write(buffer.tobytes())
     else:
         options = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
-        to_pil(rgb, alpha).save(tmp, **options)
-    tmp.replace(path)  # never leave a half-written output under the real name
+        if icc_profile and suffix != ".bmp":
+            options["icc_profile"] = icc_profile
+        if exif and suffix in (".png", ".jpg", ".jpeg", ".webp"):  # (in a TIFF, EXIF would mix with its own tags)
+            options["exif"] = exif
+
+        def encode(file):
+            to_pil(rgb, alpha).save(file, format=Image.registered_extensions()[suffix], **options)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, encode)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write it ({error.strerror or first_line(error)})") from None
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: reading it means setting it, which races with other threads
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through a temporary created exclusively beside it (a random name opened with O_EXCL: a
+    file or link planted there is never followed), renamed over `path` once complete (a link at `path` is
+    replaced, not written through). On any failure the temporary is removed and `path` is untouched."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem[:32]}.", suffix=f".partial{path.suffix[:16]}",
+                                             dir=path.parent)
+    try:
+        with open(descriptor, "wb") as file:
+            if hasattr(os, "fchmod"):
+                os.fchmod(file.fileno(), 0o666 & ~_UMASK)  # as a plainly created file (mkstemp makes it 0600)
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def check_output_folder(folder: Path) -> None:
+    """Make `folder` if needed and prove a file can be created in it; one UsageError line if not (a file in
+    the way, a read-only folder or mount): found before any work, as it would fail every output."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".diffsr-probe.", dir=folder)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(f"{folder}: cannot write there ({error.strerror or first_line(error)})") from None
+
+
+def is_image_name(path: Path) -> bool:
+    """An image file's name in a folder: a known suffix, and neither hidden (.x: other tools' side files,
+    our own temporaries) nor a partial download or write (*.partial.*)."""
+    name = path.name
+    return path.suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".") and ".partial." not in name
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -236,7 +398,7 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths.extend(sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            paths.extend(sorted(p for p in item.iterdir() if p.is_file() and is_image_name(p)))
         else:
             paths.append(item)  # missing files are reported when read, with the others still processed
     return paths

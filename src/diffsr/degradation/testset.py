@@ -18,8 +18,9 @@ import torch
 
 from diffsr.degradation.config import DegradationConfig, load_config
 from diffsr.degradation.pipeline import apply_degradation, sample_params
-from diffsr.errors import ImageError, UsageError
-from diffsr.images import collect_inputs, image_size, read_image, tensor_to_array, write_image
+from diffsr.errors import ImageError, OutputError, UsageError
+from diffsr.images import (check_output_folder, collect_inputs, image_size, read_image, tensor_to_array,
+                           write_atomically, write_image)
 
 PAIRS_FILE = "pairs.json"
 
@@ -68,6 +69,7 @@ def make_test_set(hr_dir: str | Path, out: str | Path, crop: int = 512, count: i
         raise UsageError(f"--crop {crop} is not a multiple of the scale {config.scale}")
     if count < 1 or batch_size < 1:
         raise UsageError("--count and --batch-size must be at least 1")
+    check_output_folder(out)  # a file in the way or a read-only folder fails every pair: said before any work
 
     report = TestSetReport()
     sources = []
@@ -117,14 +119,16 @@ def make_test_set(hr_dir: str | Path, out: str | Path, crop: int = 512, count: i
             lr, target = apply_degradation(hr, [pair["params"] for pair, _ in batch], config)
         for row, (pair, _) in enumerate(batch):
             # HR first: a pair counts as done only once its LR exists too.
-            write_image(out / "hr" / pair["name"], tensor_to_array(target[row]))
-            write_image(out / "lr" / pair["name"], tensor_to_array(lr[row]))
-            report.written += 1
+            try:
+                write_image(out / "hr" / pair["name"], tensor_to_array(target[row]))
+                write_image(out / "lr" / pair["name"], tensor_to_array(lr[row]))
+                report.written += 1
+            except OutputError as error:  # e.g. a full disk: named, and the other pairs are still tried
+                report.failed.append(str(error))
             progress.update(1)
     progress.close()
-    if not quiet:
-        for line in report.failed:
-            print(f"diffsr: error: {line}", file=sys.stderr)
+    for line in report.failed:  # --quiet silences the progress, never the failures
+        print(f"diffsr: error: {line}", file=sys.stderr)
     return report
 
 
@@ -150,10 +154,11 @@ def _write_record(out: Path, record: dict) -> None:
         settings = ("seed", "crop", "count", "sources", "config")
         if old is None or any(old.get(key) != json.loads(json.dumps(record[key])) for key in settings):
             raise UsageError(f"{out}: holds a test set made with other settings (see {path}); use another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{PAIRS_FILE}.partial")
     # One line per pair: readable, and about 1 kB per pair.
     header = ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in record.items() if key != "pairs")
     pairs = ",\n".join("  " + json.dumps(pair) for pair in record["pairs"])
-    tmp.write_text("{\n" + header + ',\n "pairs": [\n' + pairs + "\n ]\n}\n")
-    tmp.replace(path)
+    text = "{\n" + header + ',\n "pairs": [\n' + pairs + "\n ]\n}\n"
+    try:
+        write_atomically(path, lambda file: file.write(text.encode()))
+    except OSError as error:
+        raise UsageError(f"{path}: cannot write it ({error.strerror or error})") from None

@@ -6,6 +6,7 @@ tensor the network sees, at processing size) and `restore` (that tensor -> resto
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 
 from diffsr.color import COLOR_FIXES, color_fix
-from diffsr.errors import UsageError
-from diffsr.images import Picture, as_picture, resize, tensor_to_array, to_pil
+from diffsr.errors import ArgumentTypeError, UsageError
+from diffsr.images import (MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, Picture, as_picture, check_pixels, image_size, resize,
+                           tensor_to_array, to_pil)
 from diffsr.tiling import TILING_KNOBS, TilingOptions, return_freed_memory
 
 MIN_SCALE, MAX_SCALE = 1, 8
@@ -33,10 +35,44 @@ def output_size(picture: Picture, scale: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def check_scale(scale: float) -> float:
-    if not MIN_SCALE <= scale <= MAX_SCALE:
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ArgumentTypeError(f"scale must be a number, not {type(scale).__name__} {scale!r}")
+    if not MIN_SCALE <= scale <= MAX_SCALE:  # NaN fails this too
         raise UsageError(f"scale {scale} is out of range (choose {MIN_SCALE} to {MAX_SCALE})")
-    return scale
+    return float(scale)
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ArgumentTypeError(f"seed must be an integer, not {type(seed).__name__} {seed!r}")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UsageError(f"seed {seed} is out of range (-2**63 to 2**64 - 1)")
+    return int(seed)
+
+
+def check_pixel_limit(limit, name: str) -> int | None:
+    """A pixel limit: a positive integer, or None for none."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an integer number of pixels or None, not {type(limit).__name__}")
+    if limit < 1:
+        raise UsageError(f"{name} must be at least 1, got {limit}")
+    return int(limit)
+
+
+def read_input(image, scale: float, max_input_pixels: int | None, max_output_pixels: int | None) -> Picture:
+    """The input as a Picture, refused (one ImageError line) when it or its output at `scale` is over the
+    pixel limits; for a file, both are checked from its header before it is decoded."""
+    if isinstance(image, (str, Path)):
+        height, width = image_size(image)
+        check_pixels(image, width, height, max_input_pixels)
+        out_width, out_height = max(1, round(width * scale)), max(1, round(height * scale))
+        check_pixels(image, out_width, out_height, max_output_pixels, "output")
+    picture = as_picture(image, max_input_pixels)
+    check_pixels(picture.name, *output_size(picture, scale), max_output_pixels, "output")
+    return picture
 
 
 class Upscaler:
@@ -83,16 +119,31 @@ class Upscaler:
     def knob_names(self) -> tuple[str, ...]:
         return ("prompt",)
 
-    @torch.no_grad()
-    def upscale(self, image, scale: float = 4, seed: int = 0, color_fix: str | None = None, **knobs) -> Picture:
-        """Upscale and return a Picture in the input's bit depth (alpha upscaled separately)."""
-        picture = as_picture(image)
-        check_scale(scale)
+    def check_arguments(self, scale, seed, color_fix: str | None, knobs: dict) -> tuple[float, int, str]:
+        """Every argument of an upscale call checked once, before any work: (scale, seed, color fix)."""
+        scale, seed = check_scale(scale), check_seed(seed)
         fix = color_fix or self.default_color_fix
-        if fix not in COLOR_FIXES:
+        if not isinstance(fix, str) or fix not in COLOR_FIXES:
             raise UsageError(f"unknown color fix '{fix}' (choose {', '.join(COLOR_FIXES)})")
         self.check_knobs(knobs)
-        knobs = dict(knobs)
+        TilingOptions.from_knobs(dict(knobs))
+        return scale, seed, fix
+
+    def prepare_knobs(self, picture: Picture, knobs: dict) -> dict:
+        """Knobs that depend on the input picture (S3Diff estimates its degradation here)."""
+        return knobs
+
+    @torch.no_grad()
+    def upscale(self, image, scale: float = 4, seed: int = 0, color_fix: str | None = None,
+                max_input_pixels: int | None = MAX_INPUT_PIXELS, max_output_pixels: int | None = MAX_OUTPUT_PIXELS,
+                **knobs) -> Picture:
+        """Upscale and return a Picture in the input's bit depth (alpha upscaled separately), with the input's
+        ICC profile and EXIF. Inputs or outputs over the pixel limits (None: no limit) are refused."""
+        scale, seed, fix = self.check_arguments(scale, seed, color_fix, knobs)
+        limits = check_pixel_limit(max_input_pixels, "max_input_pixels"), check_pixel_limit(max_output_pixels,
+                                                                                             "max_output_pixels")
+        picture = read_input(image, scale, *limits)
+        knobs = self.prepare_knobs(picture, dict(knobs))
         tiling = TilingOptions.from_knobs(knobs)
         if self.device.type == "cpu":
             return_freed_memory()
@@ -105,7 +156,7 @@ class Upscaler:
         rgb = tensor_to_array(restored, np.uint16 if depth == np.uint16 else np.uint8)
         rgb = resize(rgb, prepared.out_size, "bicubic")
         alpha = None if picture.alpha is None else resize(picture.alpha, prepared.out_size, "bicubic")
-        return Picture(rgb, alpha, picture.name)
+        return Picture(rgb, alpha, picture.name, picture.icc_profile, picture.exif)
 
     def __call__(self, image, scale: float = 4, seed: int = 0, **knobs):
         """Upscale one image (path, PIL, uint8/uint16 array or [0,1] tensor); returns a PIL.Image."""

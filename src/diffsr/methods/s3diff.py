@@ -327,17 +327,15 @@ class S3Diff(Upscaler):
             noise = estimated[1] if noise is None else noise
         return blur, noise
 
-    @torch.no_grad()
-    def upscale(self, image, scale: float = 4, seed: int = 0, color_fix: str | None = None, degradation=None,
-                show_degradation: bool = False, **knobs) -> Picture:
-        """As Upscaler.upscale; the degradation is estimated on the input picture before it is resized."""
-        picture = as_picture(image)
+    def prepare_knobs(self, picture: Picture, knobs: dict) -> dict:
+        """The degradation (blur, noise) is estimated on the input picture, before it is resized."""
+        degradation = knobs.pop("degradation", None)
         scores = self.degradation_scores(picture, degradation)
-        if show_degradation:
+        if knobs.pop("show_degradation", False):
             given = check_degradation(degradation)
             labels = ["given" if value is not None else "estimated" for value in given]
             print(f"{picture.name}: degradation blur {scores[0]:.4f} ({labels[0]}), noise {scores[1]:.4f} ({labels[1]})")
-        return super().upscale(picture, scale=scale, seed=seed, color_fix=color_fix, degradation=scores, **knobs)
+        return {**knobs, "degradation": scores}
 
     # -- restoration ------------------------------------------------------------------------------
     def preprocess(self, picture: Picture, scale: float) -> Prepared:

@@ -109,26 +109,46 @@ def column_title(name: str) -> str:
 
 
 def match_images(sr_dir: Path, gt_dir: Path | None) -> tuple[list[tuple[Path, Path | None]], list[str]]:
-    """Pair each SR image with the GT image of the same name (stem); name the ones without a partner."""
+    """Pair each SR image with the GT image of the same name (stem); name the ones without a partner, and
+    the ambiguous ones (two files of one name on either side: none of them is scored, never a silent pick)."""
+    if not sr_dir.is_dir():
+        raise UsageError(f"{sr_dir}: no such result folder")
     sr_paths = collect_inputs([sr_dir])
     if not sr_paths:
         raise UsageError(f"{sr_dir}: no images found")
     if gt_dir is None:
         return [(path, None) for path in sr_paths], []
+    if not gt_dir.is_dir():
+        raise UsageError(f"{gt_dir}: no such ground-truth folder")
     gt_paths = collect_inputs([gt_dir])
     if not gt_paths:
         raise UsageError(f"{gt_dir}: no ground-truth images found")
-    gt_by_stem = {path.stem: path for path in gt_paths}
+    sr_by_stem, gt_by_stem = _by_stem(sr_paths), _by_stem(gt_paths)
     pairs, problems = [], []
-    for path in sr_paths:
-        if path.stem in gt_by_stem:
-            pairs.append((path, gt_by_stem.pop(path.stem)))
+    for stem, results in sr_by_stem.items():
+        truths = gt_by_stem.pop(stem, [])
+        names = ", ".join(path.name for path in results)
+        if len(results) > 1:
+            problems.append(f"{names}: several results of one name in {sr_dir}, none is scored; keep one")
+        elif len(truths) > 1:
+            problems.append(f"{names}: ambiguous ground truth {', '.join(p.name for p in truths)} in {gt_dir}, "
+                            "not scored; keep one")
+        elif truths:
+            pairs.append((results[0], truths[0]))
         else:
-            problems.append(f"{path.name}: no ground truth named {path.stem}.* in {gt_dir}")
-    problems += [f"{path.name}: ground truth without a result in {sr_dir}" for path in gt_by_stem.values()]
-    if not any(gt for _, gt in pairs):
+            problems.append(f"{names}: no ground truth named {stem}.* in {gt_dir}")
+    problems += [f"{path.name}: ground truth without a result in {sr_dir}" for paths in gt_by_stem.values()
+                 for path in paths]
+    if not pairs:
         raise UsageError(f"no image in {sr_dir} has a ground truth of the same name in {gt_dir}")
     return pairs, problems
+
+
+def _by_stem(paths: list[Path]) -> dict[str, list[Path]]:
+    grouped: dict[str, list[Path]] = {}
+    for path in paths:
+        grouped.setdefault(path.stem, []).append(path)
+    return grouped
 
 
 def build_metrics(names, device="cpu", backend="auto", weights_dir=None, download=True, crop_border=0,

@@ -11,11 +11,13 @@ import json
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffsr.errors import DiffsrError, UsageError, first_line
-from diffsr.images import collect_inputs, read_image, resize_picture, write_image
+from diffsr.batch import plan_outputs, upscale_all
+from diffsr.images import MAX_INPUT_PIXELS, check_output_folder, collect_inputs, read_image, resize_picture
 from diffsr.metrics.evaluate import Evaluation, RunsEvaluation, build_metrics, evaluate, evaluate_runs, parse_metric_names
 
 BASELINE = "bicubic"
@@ -90,18 +92,26 @@ def _peak_rss_mb() -> float:
 
 
 def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, failures: list[str]) -> float:
-    """Upscale every LR image into out_dir (PNG, same stem); returns seconds spent upscaling."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Upscale every LR image into out_dir (PNG, same stem) through diffsr.batch; returns seconds spent upscaling."""
+    plan = plan_outputs(lr_paths, out_dir, "png", overwrite=True)
+    failures.extend(plan.refused)
     spent = 0.0
-    for path in lr_paths:
-        try:
-            picture = read_image(path)
-            start = time.perf_counter()
-            result = upscale(picture, seed)
-            spent += time.perf_counter() - start
-            write_image(out_dir / f"{path.stem}.png", result.rgb, result.alpha)
-        except DiffsrError as error:
-            failures.append(str(error))
+
+    def timed(path):
+        nonlocal spent
+        picture = read_image(path, MAX_INPUT_PIXELS)
+        start = time.perf_counter()
+        result = upscale(picture, seed)
+        spent += time.perf_counter() - start
+        return result
+
+    def report(kind, line):
+        if kind == "error":
+            failures.append(line)
+        else:
+            warnings.warn(line, stacklevel=2)
+
+    upscale_all(plan.jobs, timed, report)
     return spent
 
 
@@ -119,6 +129,8 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
     import diffsr
 
     folders = [output / name] if len(seeds) == 1 else [output / name / f"seed{s}" for s in seeds]
+    for folder in folders:  # before the model is loaded
+        check_output_folder(folder)
     cuda = torch.device(device).type == "cuda"
     if name == BASELINE:
         upscale = bicubic(scale)
