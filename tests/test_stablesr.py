@@ -284,11 +284,12 @@ def test_release_padding():
     assert release_padding(128, 192) == (0, 0) and release_padding(100, 70) == (28, 26)
 
 
-@pytest.mark.parametrize("name", ["ddpm_canvas_tile", "ddim_canvas_tile"])
+@pytest.mark.parametrize("name", ["ddpm_canvas_tile", "ddim_canvas_tile", "ddpm_old"])
 def test_whole_run_matches_the_release_script(stablesr, release_runs, name):
-    """The authors' canvas_tile scripts at their settings (tests/fixtures/stablesr/make_release_runs.py): a 32x46
+    """The authors' scripts at their settings (tests/fixtures/stablesr/make_release_runs.py). canvas_tile: a 32x46
     input at x4 (padded to 160x192, the width by another 32), latent tiles of input_size / 8 with the release's
-    Gaussian, the seed's draws in the script's order (DDIM: from pure noise, with the negative prompt and CFG 7)."""
+    Gaussian, the seed's draws in the script's order (DDIM: from pure noise, with the negative prompt and CFG 7).
+    _old: DDPM from pure noise (start="noise"), the third draw, on a 128x128 input taken as it is."""
     from diffsr.images import Picture
     from diffsr.methods.stablesr import NEGATIVE_PROMPT
 
@@ -302,7 +303,10 @@ def test_whole_run_matches_the_release_script(stablesr, release_runs, name):
                  tile_overlap=release_runs["tile_overlap"], release_gaussian=True)
     if case["scale"] is not None:
         knobs["guidance_scale"] = case["scale"]
-    out = method.upscale(Picture(release_runs["lr"].numpy()), scale=case["upscale"], seed=case["seed"], **knobs).rgb
+    if case["script"] == "old":
+        knobs.update(sampler="ddpm", start="noise")
+    lr = case.get("lr", release_runs["lr"]).numpy()
+    out = method.upscale(Picture(lr), scale=case["upscale"], seed=case["seed"], **knobs).rgb
     difference = (torch.from_numpy(out).float() - case["out"].float()).abs()
     print(f"{name}: max {difference.max().item():.3f}, mean {difference.mean().item():.4f} levels of 255")
     assert out.shape == tuple(case["out"].shape)
