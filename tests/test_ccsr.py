@@ -78,7 +78,8 @@ def test_denoises_the_whole_latent_unless_the_budget_forces_tiles(ccsr_v2):
     from diffsr.tiling import TilingOptions
 
     shapes = []
-    hook = ccsr_v2.backbone.unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
+    unet = ccsr_v2.backbone.unet
+    hook = unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
     lr, seed = lr_tensor(128), torch.Generator().manual_seed(0)
     try:
         with warnings.catch_warnings():
