@@ -69,6 +69,31 @@ def test_restore_makes_that_many_evaluations(ccsr_v2, knobs, expected):
     assert ccsr_v2.evaluations == expected
 
 
+@torch.no_grad()
+def test_denoises_the_whole_latent_unless_the_budget_forces_tiles(ccsr_v2):
+    """As the releases (which tile only on request): one pass over the whole 16x16 latent; tiles only under a
+    memory budget too small for it, and then a warning says so."""
+    import warnings
+
+    from diffsr.tiling import TilingOptions
+
+    shapes = []
+    unet = ccsr_v2.backbone.unet
+    hook = unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
+    lr, seed = lr_tensor(128), torch.Generator().manual_seed(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ccsr_v2.restore(lr, seed, tiling=TilingOptions(tile_overlap=0))
+        assert shapes == [(16, 16)]
+        shapes.clear()
+        with pytest.warns(UserWarning, match="a 16x16 latent does not fit the memory budget in one pass") as caught:
+            ccsr_v2.restore(lr, torch.Generator().manual_seed(0), tiling=TilingOptions(tile_overlap=0, max_memory=1e-6))
+        assert len(caught) == 1 and shapes == [(8, 8)] * 4
+    finally:
+        hook.remove()
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("knobs, message", [

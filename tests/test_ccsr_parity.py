@@ -52,3 +52,36 @@ def test_v1_matches_the_release_sampler(ccsr_v1, v1_reference, name):
     case = v1_reference[name]
     method = CCSR(ccsr_v1.backbone, ccsr_v1.controlnet, 1, ccsr_v1.condition_vae, process_size=case["process_size"])
     check_case(method, case, name, "inference_ccsr.py")
+
+
+@pytest.mark.slow  # a 512x704 image through the sampler: about a minute
+@torch.no_grad()
+def test_v1_matches_the_release_script_at_its_settings(ccsr_v1, ccsr_v1_weights):
+    """inference_ccsr.py at its defaults (tests/fixtures/ccsr/make_v1_release_run.py): a 40x56 input at x4 is
+    sampled at 512x704 (a 64x88 latent) in one piece, as the script never tiles, and brought back to 224x160 with
+    the script's truncation to 8 bits and Lanczos filter; 45 steps, t_max 0.6667, t_min 0.3333 (no colour fix: see
+    the fixture script)."""
+    reference = torch.load(FIXTURES / "ccsr_v1_release_run.pt")
+    state = torch.load(ccsr_v1_weights)["state_dict"]
+    fingerprint = sum(v.double().abs().sum() for _, v in sorted(state.items()) if v.is_floating_point())
+    assert float(fingerprint) == float(reference["weights_fingerprint"]), "the tiny CCSR-v1 weights changed"
+    method = CCSR(ccsr_v1.backbone, ccsr_v1.controlnet, 1, ccsr_v1.condition_vae,
+                  process_size=reference["process_size"])
+    assert torch.allclose(method.backbone.encode_prompt([""]), reference["text_empty"], atol=1e-5)
+    picture = Picture(reference["lr"].numpy())
+    prepared = method.preprocess(picture, reference["upscale"])
+    lq = (prepared.lr[0] * 255).round().to(torch.int64).permute(1, 2, 0)
+    assert lq.shape == tuple(reference["lq_size"]) and lq.sum().item() == reference["lq_sum"]
+    shapes = []
+    unet = method.backbone.unet
+    hook = unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
+    try:
+        out = method.upscale(picture, scale=reference["upscale"], seed=reference["seed"],
+                             color_fix=reference["color_fix"]).rgb
+    finally:
+        hook.remove()
+    assert set(shapes) == {tuple(reference["latent_shape"][-2:])}  # the whole latent at every evaluation
+    difference = (torch.from_numpy(out).int() - reference["out"].int()).abs()
+    print(f"v1 release script: max {difference.max().item()}, mean {difference.float().mean().item():.4f} levels")
+    assert out.shape == tuple(reference["out"].shape)
+    assert difference.max().item() <= 1

@@ -264,3 +264,50 @@ def test_bfloat16_runs(files):
     lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     image = method.upscale(lr, scale=4, seed=0, steps=2, sampler="ddim", guidance_scale=2.0)
     assert image.rgb.shape == (64, 64, 3)
+
+
+RELEASE_RUNS = FIXTURE.parent / "stablesr_release_runs.pt"
+
+
+@pytest.fixture(scope="module")
+def release_runs(files, reference):
+    runs = torch.load(RELEASE_RUNS)
+    assert float(runs["weights_fingerprint"]) == float(reference["weights_fingerprint"]), \
+        "the tiny StableSR weights changed since the fixture was made: rerun make_release_runs.py"
+    return runs
+
+
+def test_release_padding():
+    from diffsr.methods.stablesr import release_padding
+
+    assert release_padding(128, 184) == (32, 8)  # 160 x 192, as the scripts pad
+    assert release_padding(128, 192) == (0, 0) and release_padding(100, 70) == (28, 26)
+
+
+@pytest.mark.parametrize("name", ["ddpm_canvas_tile", "ddim_canvas_tile", "ddpm_old"])
+def test_whole_run_matches_the_release_script(stablesr, release_runs, name):
+    """The authors' scripts at their settings (tests/fixtures/stablesr/make_release_runs.py). canvas_tile: a 32x46
+    input at x4 (padded to 160x192, the width by another 32), latent tiles of input_size / 8 with the release's
+    Gaussian, the seed's draws in the script's order (DDIM: from pure noise, with the negative prompt and CFG 7).
+    _old: DDPM from pure noise (start="noise"), the third draw, on a 128x128 input taken as it is."""
+    from diffsr.images import Picture
+    from diffsr.methods.stablesr import NEGATIVE_PROMPT
+
+    case = release_runs[name]
+    method = StableSR(stablesr.backbone, stablesr.unet, stablesr.encoder, stablesr.autoencoder,
+                      process_size=release_runs["input_size"])
+    with torch.no_grad():
+        assert max_diff(method.backbone.encode_prompt([""]), release_runs["text_empty"]) <= 1e-5
+        assert max_diff(method.backbone.encode_prompt([NEGATIVE_PROMPT]), release_runs["text_negative"]) <= 1e-5
+    knobs = dict(steps=case["steps"], sampler=case["script"], fidelity=case["dec_w"], color_fix="none",
+                 tile_overlap=release_runs["tile_overlap"], release_gaussian=True)
+    if case["scale"] is not None:
+        knobs["guidance_scale"] = case["scale"]
+    if case["script"] == "old":
+        knobs.update(sampler="ddpm", start="noise")
+    lr = case.get("lr", release_runs["lr"]).numpy()
+    out = method.upscale(Picture(lr), scale=case["upscale"], seed=case["seed"], **knobs).rgb
+    difference = (torch.from_numpy(out).float() - case["out"].float()).abs()
+    print(f"{name}: max {difference.max().item():.3f}, mean {difference.mean().item():.4f} levels of 255")
+    assert out.shape == tuple(case["out"].shape)
+    assert difference.max().item() <= 1

@@ -81,6 +81,7 @@ class Upscaler:
     name: str = ""
     default_base: str = ""
     default_color_fix: str = "adain"
+    output_resample: str = "bicubic"  # the filter that brings the restored image to the output size
     weights_name: str = ""  # the release's file name, for messages
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
@@ -153,10 +154,14 @@ class Upscaler:
         restored = self.restore(lr, generator, tiling=tiling, **knobs).float()
         restored = color_fix_and_clamp(restored, lr, fix)
         depth = picture.rgb.dtype
-        rgb = tensor_to_array(restored, np.uint16 if depth == np.uint16 else np.uint8)
-        rgb = resize(rgb, prepared.out_size, "bicubic")
+        rgb = self.quantize(restored, np.uint16 if depth == np.uint16 else np.uint8)
+        rgb = resize(rgb, prepared.out_size, self.output_resample)
         alpha = None if picture.alpha is None else resize(picture.alpha, prepared.out_size, "bicubic")
         return Picture(rgb, alpha, picture.name, picture.icc_profile, picture.exif)
+
+    def quantize(self, image: torch.Tensor, dtype) -> np.ndarray:
+        """The restored [0, 1] image as an HxWx3 array of `dtype` (rounded), before the resize to the output size."""
+        return tensor_to_array(image, dtype)
 
     def __call__(self, image, scale: float = 4, seed: int = 0, **knobs):
         """Upscale one image (path, PIL, uint8/uint16 array or [0,1] tensor); returns a PIL.Image."""

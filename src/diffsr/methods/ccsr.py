@@ -14,8 +14,10 @@ import inspect
 import json
 import math
 import numbers
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +30,6 @@ from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 START_T = 999  # both releases start from the LR latent (v2) or noise (v1) at t = 999
 PROCESS_SIZE = 512
-TILE_SIZE = 64  # latent px: the v2 release's 512-px diffusion tiles (overlap 32)
 V2_PROMPT = "clean, high-resolution, 8k"
 V2_NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
 # Release defaults: v2 test_ccsr_tile.py (one step), v1 inference_ccsr.py.
@@ -177,6 +178,8 @@ class CCSR(Upscaler):
         self.sample_posterior = sample_posterior
         self.process_size = process_size
         self.defaults = dict(V2_DEFAULTS if version == 2 else V1_DEFAULTS)
+        # v1's inference_ccsr.py brings the sampled image (truncated to 8 bits) to the output size with Lanczos
+        self.output_resample = "lanczos" if version == 1 else "bicubic"
         # ControlNet + UNet calls since loading (v2 batches a CFG pair into one call, v1 makes two, as released)
         self.evaluations = 0
 
@@ -255,14 +258,32 @@ class CCSR(Upscaler):
             rgb = resize(rgb, (width // 64 * 64, height // 64 * 64), "lanczos")
         return Prepared(Picture(rgb).to_tensor(), output_size(picture, scale))
 
+    def denoiser_tile(self, latent: torch.Tensor, tiling: TilingOptions) -> int:
+        """The latent tile for this image. Both releases denoise the whole latent (their scripts tile only on
+        request), so does diffsr unless `tile_size` is given or the whole latent does not fit the memory budget;
+        that case is said once."""
+        height, width = latent.shape[-2:]
+        whole = -(-max(height, width) // 8) * 8
+        tile = tiling.denoiser_tile(whole, self.backbone.unet, latent.device, self.dtype)
+        if tiling.tile_size is None and height * width > tile * tile:
+            warnings.warn(f"ccsr: a {height}x{width} latent does not fit the memory budget in one pass: denoising in "
+                          f"{tile}x{tile} tiles (the release samples it whole)", stacklevel=2)
+        return tile
+
+    def quantize(self, image: torch.Tensor, dtype) -> np.ndarray:
+        """v1 to 8 bits as inference_ccsr.py, truncating ((x * 255).astype(np.uint8)); its Lanczos resize follows."""
+        if self.version == 1 and dtype == np.uint8:
+            return (image[0].detach().float().cpu().clamp(0, 1) * 255).permute(1, 2, 0).numpy().astype(np.uint8)
+        return super().quantize(image, dtype)
+
     def tiled_denoise(self, latent: torch.Tensor, condition: torch.Tensor, text: torch.Tensor, t: int,
-                      tiling: TilingOptions) -> torch.Tensor:
+                      tiling: TilingOptions, tile: int) -> torch.Tensor:
         """`denoise` over latent tiles (diffsr.tiling), one call when the latent fits in a tile."""
         def denoise(tiles, condition_tiles):
             rows = tiles.shape[0] // text.shape[0]  # tiles come stacked, each with the latent's batch rows
             return self.denoise(tiles, condition_tiles, text.repeat(rows, 1, 1), t)
 
-        return tiling.aggregate(denoise, latent, condition, TILE_SIZE, self.backbone.unet)
+        return tiling.aggregate(denoise, latent, condition, tile, self.backbone.unet)
 
     def denoise(self, latent: torch.Tensor, condition: torch.Tensor, text: torch.Tensor, t: int) -> torch.Tensor:
         """One network evaluation: ControlNet on (latent, condition latent), then the UNet with its
@@ -328,6 +349,7 @@ class CCSR(Upscaler):
             condition = posterior.mean.float().expand(2 if guided else 1, -1, -1, -1)
         condition = condition * vae.config.scaling_factor
         start = q_sample(condition[:1], start_noise, schedule.start_alpha_bar)
+        tile = self.denoiser_tile(start, tiling)
         # The release draws its start timestep, and the first estimate's, with torch.randint(999, 1000)
         # from the same RNG: always 999, but the draws advance the RNG before the re-noising noise.
         for _ in range(1 + (schedule.start_t is not None)):
@@ -335,11 +357,12 @@ class CCSR(Upscaler):
 
         def model(x, t, cfg):
             if not guided:
-                return self.tiled_denoise(x, condition[:1], text, t, tiling)
+                return self.tiled_denoise(x, condition[:1], text, t, tiling, tile)
             if not cfg:
                 # The release's first estimate takes the first half of the CFG batch: the NEGATIVE prompt.
-                return self.tiled_denoise(x, condition[:1], negative, t, tiling)
-            uncond, cond = self.tiled_denoise(torch.cat([x, x]), condition, torch.cat([negative, text]), t, tiling).float().chunk(2)
+                return self.tiled_denoise(x, condition[:1], negative, t, tiling, tile)
+            uncond, cond = self.tiled_denoise(torch.cat([x, x]), condition, torch.cat([negative, text]), t, tiling,
+                                              tile).float().chunk(2)
             return uncond + scale * (cond - uncond)
 
         return truncated_sample(model, start, schedule, renoise=_draws(second), step_noise=_draws(generator))
@@ -353,13 +376,14 @@ class CCSR(Upscaler):
         vae = self.condition_vae
         condition = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling).mode().float() * vae.config.scaling_factor
         start = randn(condition.shape, generator, lr)
+        tile = self.denoiser_tile(start, tiling)
 
         def model(x, t, cfg):
             # v1 guides every evaluation, the first included, with two separate calls.
-            eps = self.tiled_denoise(x, condition, text, t, tiling).float()
+            eps = self.tiled_denoise(x, condition, text, t, tiling, tile).float()
             if not guided:
                 return eps
-            uncond = self.tiled_denoise(x, condition, negative, t, tiling).float()
+            uncond = self.tiled_denoise(x, condition, negative, t, tiling, tile).float()
             return uncond + scale * (eps - uncond)
 
         draw = _draws(generator)

@@ -26,10 +26,10 @@ from diffsr.samplers import PREDICTIONS, Schedule, guided, q_sample, randn, rele
 CFW_NAME = "vqgan_cfw_00011.ckpt"
 SAMPLERS = ("ddpm", "ddim")
 STARTS = ("lr", "noise")
-PAD_MULTIPLE = 32  # the release reflect-pads the upscaled LR to a multiple of 32 px
+PAD_MULTIPLE = 32  # the release reflect-pads the upscaled LR to a multiple of 32 px (see release_padding)
 NEGATIVE_PROMPT = "3d, cartoon, anime, sketches, (worst quality:2), (low quality:2)"  # the DDIM script's
 START_TIMESTEP = 999
-TILE_SIZE = 64  # latent px, the release's default (overlap 32)
+DEFAULT_START = {"ddpm": "lr", "ddim": "noise"}  # as the release's canvas_tile DDPM and DDIM scripts
 
 
 # ------------------------------------------------------------------------------- checkpoint reading
@@ -142,6 +142,14 @@ def save_cfw_checkpoint(out_file: Path, vae: torch.nn.Module, fusion: torch.nn.M
         state.update({f"loss.discriminator.{k}": v for k, v in tensors(discriminator).items()})
     torch.save({"state_dict": state, "global_step": global_step, "epoch": 0}, out_file)
     return Path(out_file)
+
+
+def release_padding(height: int, width: int) -> tuple[int, int]:
+    """(bottom, right) reflect padding of the release's scripts: none when both sides are multiples of 32, else
+    each side up to the next multiple of 32 *above* it, so a side that already is one grows by 32 too."""
+    if height % PAD_MULTIPLE == 0 and width % PAD_MULTIPLE == 0:
+        return 0, 0
+    return PAD_MULTIPLE - height % PAD_MULTIPLE, PAD_MULTIPLE - width % PAD_MULTIPLE
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -301,13 +309,19 @@ class StableSR(Upscaler):
                eta: float = 0.0, start: str = "lr", tiler=None) -> torch.Tensor:
         """Denoise from t=999 to a clean latent, conditioned on the (scaled) LR latent `condition`.
 
+        Random draws in the release's order (after the encoder's posterior sample): the noise for the LR start,
+        drawn even when starting from pure noise (the scripts compute that start and drop it), then the pure
+        noise start, then the sampler's per-step noise.
+
         `tiler(denoise, latent, condition) -> prediction`, when given, runs `denoise(latent_tiles,
         condition_tiles)` over tiles and merges the predictions (diffsr.tiling.aggregate); guidance is
         applied per tile, which is the same as after merging since the merge is linear."""
         alphas_cumprod = self.backbone.alphas_cumprod
         noise = randn(condition.shape, generator, condition, torch.float32)
-        # The arbitrary-size scripts start from the LR latent noised to t=999 on the full schedule.
-        x = q_sample(condition.float(), noise, alphas_cumprod[START_TIMESTEP].item()) if start == "lr" else noise
+        if start == "lr":  # the LR latent noised to t=999 on the full schedule
+            x = q_sample(condition.float(), noise, alphas_cumprod[START_TIMESTEP].item())
+        else:
+            x = randn(condition.shape, generator, condition, torch.float32)
 
         def model(latent, timestep):
             def denoise(tiles, condition_tiles):
@@ -324,17 +338,18 @@ class StableSR(Upscaler):
 
     def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str = "", negative_prompt: str | None = None,
                 steps: int | None = None, sampler: str = "ddpm", guidance_scale: float = 1.0, fidelity: float = 0.5,
-                eta: float = 0.0, start: str = "lr", tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
+                eta: float = 0.0, start: str | None = None, tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
         if not 0 <= fidelity <= 1:
             raise UsageError(f"fidelity {fidelity} is out of range (choose 0 to 1: 0 = realism, 1 = fidelity)")
         if sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler '{sampler}' (choose {', '.join(SAMPLERS)})")
+        start = start or DEFAULT_START.get(sampler)
         if start not in STARTS:
             raise UsageError(f"unknown start '{start}' (choose {', '.join(STARTS)})")
         steps = steps or self.default_steps
         height, width = lr.shape[-2:]
         image = lr * 2 - 1
-        pad_h, pad_w = -height % PAD_MULTIPLE, -width % PAD_MULTIPLE
+        pad_h, pad_w = release_padding(height, width)
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect")
         dist, features = self.autoencoder.encode(image.to(self.dtype), tiling)
@@ -344,8 +359,10 @@ class StableSR(Upscaler):
         negative = None
         if guidance_scale != 1:
             negative = backbone.encode_prompt([NEGATIVE_PROMPT if negative_prompt is None else negative_prompt])
+        tile = self.process_size // 8  # the release's latent tile: --input_size / 8 (64, or 96 for the 768-v model)
+
         def tiler(denoise, latent, condition_latent):
-            return tiling.aggregate(denoise, latent, condition_latent, TILE_SIZE, backbone.unet)
+            return tiling.aggregate(denoise, latent, condition_latent, tile, backbone.unet)
 
         latent = self.sample(condition, text, generator, steps, sampler, negative, guidance_scale, eta, start,
                              tiler=tiler)
