@@ -105,22 +105,35 @@ def _from_pil(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) read from the file header only, without decoding the pixels; one ImageError line
     (naming the file) for a missing or unreadable file."""
+    with opened_image(path) as image:  # the callers' own pixel limits apply
+        width, height = image.size
+    return height, width
+
+
+@contextlib.contextmanager
+def opened_image(path: str | Path):
+    """PIL's Image.open(path), with every way a file can fail to open or decode turned into one ImageError line
+    naming it. Pillow's decompression-bomb warning is off: diffsr checks its own pixel limits."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the callers' own limits apply
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                width, height = image.size
+                yield image
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a folder, not an image") from None
+    except PermissionError:
+        raise ImageError(f"{path}: cannot read the file (permission denied)") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (or an unsupported format)") from None
     except Image.DecompressionBombError:
         raise ImageError(_bomb_message(path)) from None
-    except Exception as error:  # any header problem: reported, the file is left out
-        raise ImageError(f"{path}: not a readable image ({str(error).strip() or type(error).__name__})") from None
-    return height, width
+    except (OSError, SyntaxError, ValueError) as error:
+        message = str(error).strip() or type(error).__name__
+        if "truncated" in message.lower() or "broken" in message.lower():
+            raise ImageError(f"{path}: truncated or damaged image ({message})") from None
+        raise ImageError(f"{path}: cannot decode image ({message})") from None
 
 
 def _bomb_message(path) -> str:
@@ -148,30 +161,16 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> Picture:
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels applies
-            with Image.open(path) as image:
-                check_pixels(path, *image.size, max_pixels)
-                frames = getattr(image, "n_frames", 1)
-                image.seek(0)
-                image.load()
-                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-                # A profile describes the colours it came with: only an RGB one fits the RGB output.
-                icc_profile = image.info.get("icc_profile") if image.mode in ("RGB", "RGBA", "RGBX") else None
-                exif = _exif_bytes(image) if image.format != "TIFF" else None  # (a TIFF's are its own tags)
-                rgb, alpha = _from_pil(image)
-    except PermissionError:
-        raise ImageError(f"{path}: cannot read the file (permission denied)") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (or an unsupported format)") from None
-    except Image.DecompressionBombError:
-        raise ImageError(_bomb_message(path)) from None
-    except (OSError, SyntaxError, ValueError) as error:
-        message = str(error).strip() or type(error).__name__
-        if "truncated" in message.lower() or "broken" in message.lower():
-            raise ImageError(f"{path}: truncated or damaged image ({message})") from None
-        raise ImageError(f"{path}: cannot decode image ({message})") from None
+    with opened_image(path) as image:  # max_pixels applies, checked before decoding
+        check_pixels(path, *image.size, max_pixels)
+        frames = getattr(image, "n_frames", 1)
+        image.seek(0)
+        image.load()
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        # A profile describes the colours it came with: only an RGB one fits the RGB output.
+        icc_profile = image.info.get("icc_profile") if image.mode in ("RGB", "RGBA", "RGBX") else None
+        exif = _exif_bytes(image) if image.format != "TIFF" else None  # (a TIFF's are its own tags)
+        rgb, alpha = _from_pil(image)
     if frames > 1:
         warnings.warn(f"{path}: an animation of {frames} frames; only the first frame is used", stacklevel=2)
     if rgb.dtype == np.uint8 and _may_be_16_bit_colour(path):
