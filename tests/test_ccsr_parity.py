@@ -70,7 +70,7 @@ def test_v1_matches_the_release_script_at_its_settings(ccsr_v1, ccsr_v1_weights)
 @torch.no_grad()
 def test_v1_matches_the_release_script_with_its_default_color_fix(ccsr_v1, ccsr_v1_weights):
     """The same run with the script's default --color_fix_type adain, which it applies to the decoded image
-    before clamping it (on the tiny weights the decoded values reach 1.8: clamping first differs by 12 levels);
+    before clamping it (on the tiny weights the decoded values reach 1.8: clamping first differs by 14 levels);
     diffsr's default colour fix for v1, no colour fix argument."""
     check_release_run(ccsr_v1, ccsr_v1_weights, "ccsr_v1_release_run_adain.pt", None)
 
