@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -227,6 +228,32 @@ def test_v1_checkpoint_loads_into_the_same_modules(ccsr_v1, ccsr_v1_weights):
     ccsr_v1.evaluations = 0
     restore(ccsr_v1, steps=6, t_max=2 / 3, t_min=0.5)
     assert ccsr_v1.evaluations == 2
+
+
+@torch.no_grad()
+def test_v1_colour_fixes_the_decoded_image_before_clamping(ccsr_v1, ccsr_v2):
+    """inference_ccsr.py (v1) applies its colour fix to the decoded image as it comes and clamps after; v2, as
+    the other methods, clamps first. The slow release-script test in test_ccsr_parity.py checks the picture."""
+    from diffsr.images import Picture, resize
+    from diffsr.methods.base import color_fix_and_clamp
+    from diffsr.methods.ccsr import CCSR
+
+    assert ccsr_v2.clamp_before_color_fix and not ccsr_v1.clamp_before_color_fix
+    v2 = restore(ccsr_v2)
+    assert 0 <= v2.min() and v2.max() <= 1
+    small = CCSR(ccsr_v1.backbone, ccsr_v1.controlnet, 1, ccsr_v1.condition_vae, process_size=64)  # fast
+    picture, knobs = Picture(smooth_image(16, 16)), dict(steps=6, t_max=2 / 3, t_min=0.5)
+    prepared = small.preprocess(picture, 4)
+    decoded = small.restore(prepared.lr, torch.Generator().manual_seed(3), **knobs)
+    assert decoded.min() < 0 or decoded.max() > 1  # the tiny decoder overshoots: what the fix sees matters
+
+    def finished(clamp_first):
+        fixed = color_fix_and_clamp(decoded.clone(), prepared.lr, "adain", clamp_first)
+        return resize(small.quantize(fixed, np.uint8), prepared.out_size, small.output_resample)
+
+    out = small.upscale(picture, scale=4, seed=3, **knobs).rgb
+    assert np.array_equal(out, finished(clamp_first=False))
+    assert np.abs(out.astype(int) - finished(clamp_first=True)).max() > 1
 
 
 def test_v1_checkpoint_errors(tiny_base, ccsr_v1_weights, osediff_weights, tmp_path):

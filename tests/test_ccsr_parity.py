@@ -27,6 +27,8 @@ def check_case(method, case, name, script):
     out = method.restore(prepared.lr, torch.Generator().manual_seed(case["seed"]), prompt=case["prompt"],
                          negative_prompt=case["negative_prompt"], steps=case["steps"], t_max=case["t_max"],
                          t_min=case["t_min"], guidance_scale=case["guidance"])
+    # the cases hold the releases' outputs clamped to [0, 1]; v1's restore leaves the clamp to after the colour fix
+    out = out.clamp(0, 1)
     difference = (out[0] - case["out"]).abs().max().item()
     print(f"{name}: max abs difference {difference:.2e}")
     assert difference <= TOLERANCE
@@ -59,14 +61,30 @@ def test_v1_matches_the_release_sampler(ccsr_v1, v1_reference, name):
 def test_v1_matches_the_release_script_at_its_settings(ccsr_v1, ccsr_v1_weights):
     """inference_ccsr.py at its defaults (tests/fixtures/ccsr/make_v1_release_run.py): a 40x56 input at x4 is
     sampled at 512x704 (a 64x88 latent) in one piece, as the script never tiles, and brought back to 224x160 with
-    the script's truncation to 8 bits and Lanczos filter; 45 steps, t_max 0.6667, t_min 0.3333 (no colour fix: see
-    the fixture script)."""
-    reference = torch.load(FIXTURES / "ccsr_v1_release_run.pt")
+    the script's truncation to 8 bits and Lanczos filter; 45 steps, t_max 0.6667, t_min 0.3333 (no colour fix: the
+    next test has the script's default)."""
+    check_release_run(ccsr_v1, ccsr_v1_weights, "ccsr_v1_release_run.pt", "none")
+
+
+@pytest.mark.slow  # a 512x704 image through the sampler: about a minute
+@torch.no_grad()
+def test_v1_matches_the_release_script_with_its_default_color_fix(ccsr_v1, ccsr_v1_weights):
+    """The same run with the script's default --color_fix_type adain, which it applies to the decoded image
+    before clamping it (on the tiny weights the decoded values reach 1.8: clamping first differs by 14 levels);
+    diffsr's default colour fix for v1, no colour fix argument."""
+    check_release_run(ccsr_v1, ccsr_v1_weights, "ccsr_v1_release_run_adain.pt", None)
+
+
+def check_release_run(ccsr_v1, ccsr_v1_weights, fixture: str, color_fix: str | None):
+    """The release script's saved image (`fixture`, same weights, same preprocessing, the whole latent at every
+    evaluation) within 1 level of 8 bits of `upscale` with `color_fix` (None: diffsr's default)."""
+    reference = torch.load(FIXTURES / fixture)
     state = torch.load(ccsr_v1_weights)["state_dict"]
     fingerprint = sum(v.double().abs().sum() for _, v in sorted(state.items()) if v.is_floating_point())
     assert float(fingerprint) == float(reference["weights_fingerprint"]), "the tiny CCSR-v1 weights changed"
     method = CCSR(ccsr_v1.backbone, ccsr_v1.controlnet, 1, ccsr_v1.condition_vae,
                   process_size=reference["process_size"])
+    assert reference["color_fix"] == (color_fix or method.default_color_fix)
     assert torch.allclose(method.backbone.encode_prompt([""]), reference["text_empty"], atol=1e-5)
     picture = Picture(reference["lr"].numpy())
     prepared = method.preprocess(picture, reference["upscale"])
@@ -76,12 +94,12 @@ def test_v1_matches_the_release_script_at_its_settings(ccsr_v1, ccsr_v1_weights)
     unet = method.backbone.unet
     hook = unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
     try:
-        out = method.upscale(picture, scale=reference["upscale"], seed=reference["seed"],
-                             color_fix=reference["color_fix"]).rgb
+        out = method.upscale(picture, scale=reference["upscale"], seed=reference["seed"], color_fix=color_fix).rgb
     finally:
         hook.remove()
     assert set(shapes) == {tuple(reference["latent_shape"][-2:])}  # the whole latent at every evaluation
     difference = (torch.from_numpy(out).int() - reference["out"].int()).abs()
-    print(f"v1 release script: max {difference.max().item()}, mean {difference.float().mean().item():.4f} levels")
+    print(f"v1 release script, colour fix {reference['color_fix']}: max {difference.max().item()}, "
+          f"mean {difference.float().mean().item():.4f} levels")
     assert out.shape == tuple(reference["out"].shape)
     assert difference.max().item() <= 1

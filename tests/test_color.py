@@ -46,3 +46,26 @@ def test_wavelet_in_bands_equals_the_whole_image_computation():
         assert (wavelet(result, source, rows=8) - whole).abs().max().item() > 1e-3
     finally:
         color.WAVELET_REACH = reach
+
+
+@pytest.mark.parametrize("method", ["adain", "wavelet"])
+def test_colour_fix_before_the_clamp_sees_the_values_outside(method):
+    """clamp_first=False (CCSR v1's release order) fixes the unclamped image, in place and, for the wavelet fix,
+    in bands (300 rows: two bands) that give what one whole-image pass over the unclamped values gives."""
+    from diffsr.methods.base import color_fix_and_clamp
+
+    torch.manual_seed(2)
+    result, source = torch.rand(1, 3, 300, 24) * 2 - 0.5, torch.rand(1, 3, 300, 24)
+    if method == "adain":
+        mean, std = result.mean(dim=(2, 3), keepdim=True), (result.var(dim=(2, 3), keepdim=True) + 1e-5).sqrt()
+        s_mean, s_std = source.mean(dim=(2, 3), keepdim=True), (source.var(dim=(2, 3), keepdim=True) + 1e-5).sqrt()
+        expected = ((result - mean) / std * s_std + s_mean).clamp(0, 1)
+    else:
+        expected = wavelet(result, source, rows=1000)
+    given = result.clone()
+    later = color_fix_and_clamp(given, source, method, clamp_first=False)
+    assert torch.equal(given, result)  # nothing clamped before the fix
+    assert (later - expected).abs().max().item() < 1e-5
+    assert 0 <= later.min() and later.max() <= 1
+    first = color_fix_and_clamp(result.clone(), source, method)
+    assert (first - later).abs().max().item() > 0.05  # the order matters on these values

@@ -82,6 +82,9 @@ class Upscaler:
     default_base: str = ""
     default_color_fix: str = "adain"
     output_resample: str = "bicubic"  # the filter that brings the restored image to the output size
+    # True: the colour fix sees the restored image clamped to [0, 1]; False: as `restore` returns it (unclamped,
+    # as CCSR v1's release colour-fixes its decoded image), clamped only after the fix
+    clamp_before_color_fix: bool = True
     weights_name: str = ""  # the release's file name, for messages
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
@@ -105,8 +108,9 @@ class Upscaler:
         raise NotImplementedError
 
     def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions, **knobs) -> torch.Tensor:
-        """`tiling` says how to split work that does not fit (diffsr.tiling); the method passes it on to
-        tiling.vae_encode / aggregate / vae_decode."""
+        """The restored image in [0, 1] (values outside are left for the flow to clamp when
+        `clamp_before_color_fix` is False). `tiling` says how to split work that does not fit (diffsr.tiling);
+        the method passes it on to tiling.vae_encode / aggregate / vae_decode."""
         raise NotImplementedError
 
     # -- the shared flow -------------------------------------------------------------------------
@@ -152,7 +156,7 @@ class Upscaler:
         lr = prepared.lr.to(self.device, torch.float32)
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
         restored = self.restore(lr, generator, tiling=tiling, **knobs).float()
-        restored = color_fix_and_clamp(restored, lr, fix)
+        restored = color_fix_and_clamp(restored, lr, fix, self.clamp_before_color_fix)
         depth = picture.rgb.dtype
         rgb = self.quantize(restored, np.uint16 if depth == np.uint16 else np.uint8)
         rgb = resize(rgb, prepared.out_size, self.output_resample)
@@ -169,6 +173,10 @@ class Upscaler:
         return to_pil(result.rgb, result.alpha)
 
 
-def color_fix_and_clamp(restored: torch.Tensor, lr: torch.Tensor, method: str) -> torch.Tensor:
-    """Clamp, colour-fix and clamp again; works in place on `restored` (large images: no extra copies)."""
-    return color_fix(restored.clamp_(0, 1), lr, method).clamp_(0, 1)
+def color_fix_and_clamp(restored: torch.Tensor, lr: torch.Tensor, method: str,
+                        clamp_first: bool = True) -> torch.Tensor:
+    """Clamp (unless not `clamp_first`), colour-fix and clamp; works in place on `restored` (large images: no
+    extra copies)."""
+    if clamp_first:
+        restored.clamp_(0, 1)
+    return color_fix(restored, lr, method).clamp_(0, 1)

@@ -180,6 +180,8 @@ class CCSR(Upscaler):
         self.defaults = dict(V2_DEFAULTS if version == 2 else V1_DEFAULTS)
         # v1's inference_ccsr.py brings the sampled image (truncated to 8 bits) to the output size with Lanczos
         self.output_resample = "lanczos" if version == 1 else "bicubic"
+        # v1's inference_ccsr.py colour-fixes the decoded image as it is and clamps after the fix
+        self.clamp_before_color_fix = version == 2
         # ControlNet + UNet calls since loading (v2 batches a CFG pair into one call, v1 makes two, as released)
         self.evaluations = 0
 
@@ -308,7 +310,8 @@ class CCSR(Upscaler):
                                     sample_posterior, tiling)
         vae = self.backbone.vae
         image = vae_decode(vae, (latent / vae.config.scaling_factor).to(self.dtype), tiling)
-        return image.float().div_(2).add_(0.5).clamp_(0, 1)
+        image = image.float().div_(2).add_(0.5)
+        return image.clamp_(0, 1) if self.clamp_before_color_fix else image
 
     def sample_latent(self, lr: torch.Tensor, generator: torch.Generator, prompt: str | None = None,
                       negative_prompt: str | None = None, steps: int | None = None, t_max: float | None = None,
