@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from diffsr import weights
 from diffsr.errors import WeightsError
@@ -549,3 +550,29 @@ def test_a_hub_id_base_fetches_configs_and_one_weights_file_per_part(tmp_path, s
     assert out["org/new"] == sorted(new)
     assert out["org/old"] == sorted(old)
     assert out["org/none"].startswith("error: org/none: cannot load the base model (hub id): ")
+
+
+def test_dino_by_hub_id_comes_through_the_weights_module(tmp_path, monkeypatch):
+    """S3Diff training's DINO backbone named by hub id is fetched by diffsr.weights (here: found in the Hugging
+    Face cache, offline), not by transformers on its own; missing offline, one line says how to fetch it."""
+    import huggingface_hub.constants
+    from transformers import ViTConfig, ViTModel
+
+    from diffsr.training.gan import DINO, load_dino
+    from weights_helpers import fill_hf_cache
+
+    tiny = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=8, num_attention_heads=2, intermediate_size=64,
+                              image_size=32, patch_size=16), add_pooling_layer=False)
+    tiny.save_pretrained(tmp_path / "vit")
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match=f"{DINO}: cannot load the DINO backbone .*`hf download {DINO}`"):
+        load_dino()
+    fill_hf_cache(hub, DINO, {name: (tmp_path / "vit" / name).read_bytes()
+                              for name in ("config.json", "model.safetensors")})
+    loaded = load_dino()
+    assert loaded.config.hidden_size == 32
+    assert loaded.config.layer_norm_eps == 1e-6  # DINO's eps, set on load
+    state = tiny.state_dict()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in loaded.state_dict().items())

@@ -47,9 +47,14 @@ def load_dino(name: str | Path = DINO):
 
     from diffsr.backbone import quiet_loading
 
+    from diffsr.weights import hub_folder, looks_like_path
+
+    if isinstance(name, str) and not looks_like_path(name):  # a hub id: diffsr.weights fetches it (or the cache)
+        name = hub_folder(name, ["config.json"], ["model.safetensors"], "the DINO backbone of S3Diff's discriminator")
     try:
         with quiet_loading():
-            model = ViTModel.from_pretrained(str(name), add_pooling_layer=False, layer_norm_eps=DINO_LAYER_NORM_EPS)
+            model = ViTModel.from_pretrained(str(Path(name).expanduser()), add_pooling_layer=False,
+                                             layer_norm_eps=DINO_LAYER_NORM_EPS)
     except (OSError, ValueError) as error:
         raise WeightsError(f"cannot load the DINO backbone {str(name)!r} of S3Diff's discriminator "
                            f"({first_line(error)}); offline, download {DINO} first or pass "

@@ -87,7 +87,8 @@ def status(item: Item) -> Status:
     return Status(item, True, verified, item_root(item, paths))
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
+    """A local path (existing, or written as one), not a registry name or a hub id."""
     return Path(value).expanduser().exists() or value.startswith((".", "/", "~")) or "\\" in value
 
 
@@ -98,7 +99,7 @@ def resolve(value: str | Path | None, kind: str, method: str | None = None, offl
     into the Hugging Face cache. `kind` is "base", "weights" or a load option an extra serves (de_net)."""
     if value is None:
         return None
-    if isinstance(value, Path) or _looks_like_path(str(value)):
+    if isinstance(value, Path) or looks_like_path(str(value)):
         return Path(value).expanduser()
     value = str(value)
     registry = _registry(registry)
@@ -189,23 +190,30 @@ _BASE_WEIGHTS = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pyto
 def hub_base(repo_id: str, offline: bool | None = None) -> Path:
     """A user-named hub base (unchecked: the registry has no hashes for it) as a local folder in the Hugging
     Face cache: configs, tokenizer and one weights file per part (safetensors where the repo has them)."""
+    return hub_folder(repo_id, _BASE_CONFIGS, _BASE_WEIGHTS, "the base model", BaseModelError, offline)
+
+
+def hub_folder(repo_id: str, configs: list[str], weights: list[str], what: str, error_type: type = WeightsError,
+               offline: bool | None = None) -> Path:
+    """Hub repo `repo_id` (unchecked) as a local folder in the Hugging Face cache with `configs` and the
+    `weights` files; where a repo has no such safetensors file, the pickled .bin beside it (read weights_only)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     from diffsr.errors import first_line
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=_BASE_CONFIGS + _BASE_WEIGHTS,
-                                        local_files_only=is_offline(offline)))
-        missing = [p for p in _BASE_WEIGHTS if not (folder / p).is_file()]
-        if missing and not is_offline(offline):  # older repos: pickled .bin weights (read weights_only)
-            bins = [p.rsplit("/", 1)[0] + "/*.bin" for p in missing]
-            folder = Path(snapshot_download(repo_id, allow_patterns=_BASE_CONFIGS + bins,
+        folder = Path(snapshot_download(repo_id, allow_patterns=configs + weights, local_files_only=is_offline(offline)))
+        missing = [p for p in weights if not (folder / p).is_file()]
+        if missing and not is_offline(offline):  # older repos: pickled .bin weights
+            bins = [f"{p.rpartition('/')[0]}/*.bin".lstrip("/") for p in missing]
+            folder = Path(snapshot_download(repo_id, allow_patterns=configs + bins,
                                             ignore_patterns=["*fp16*", "*ema*"]))
     except LocalEntryNotFoundError:
-        raise BaseModelError(f"{repo_id}: cannot load the base model (hub id): not in the Hugging Face cache and "
-                             f"downloads are off (offline); on a connected machine run `diffsr weights fetch "
-                             f"--hub {repo_id}`, or use a registry name (diffsr weights list)") from None
+        fetch = (f"`diffsr weights fetch --hub {repo_id}`, or use a registry name (diffsr weights list)"
+                 if error_type is BaseModelError else f"`hf download {repo_id}`")
+        raise error_type(f"{repo_id}: cannot load {what} (hub id): not in the Hugging Face cache and downloads "
+                         f"are off (offline); on a connected machine run {fetch}") from None
     except (HfHubHTTPError, OSError, ValueError) as error:
-        raise BaseModelError(f"{repo_id}: cannot load the base model (hub id): {first_line(error)}") from None
+        raise error_type(f"{repo_id}: cannot load {what} (hub id): {first_line(error)}") from None
     return folder
