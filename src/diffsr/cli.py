@@ -457,8 +457,8 @@ def run_evaluate(args) -> int:
     if args.output:
         try:
             write_atomically(args.output, lambda file: file.write(text.encode()))
-        except OSError as error:
-            _fail(f"{args.output}: cannot write it ({error.strerror or first_line(error)})")
+        except DiffsrError as error:
+            _fail(str(error))
             return EXIT_SOME_FAILED
     else:
         print(text, end="")

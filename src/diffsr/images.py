@@ -157,10 +157,6 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> Picture:
     (a portrait phone photo comes out upright); the ICC profile and EXIF travel with the Picture. Of an
     animated image, only the first frame is read (with a warning)."""
     path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a folder, not an image")
     with opened_image(path) as image:  # max_pixels applies, checked before decoding
         check_pixels(path, *image.size, max_pixels)
         frames = getattr(image, "n_frames", 1)
@@ -335,11 +331,7 @@ def write_image(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None, ic
 
         def encode(file):
             to_pil(rgb, alpha).save(file, format=Image.registered_extensions()[suffix], **options)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, encode)
-    except OSError as error:
-        raise OutputError(f"{path}: cannot write it ({error.strerror or first_line(error)})") from None
+    write_atomically(path, encode)
 
 
 def _read_umask() -> int:
@@ -352,21 +344,32 @@ _UMASK = _read_umask()  # read once at import: reading it means setting it, whic
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through a temporary created exclusively beside it (a random name opened with O_EXCL: a
-    file or link planted there is never followed), renamed over `path` once complete (a link at `path` is
-    replaced, not written through). On any failure the temporary is removed and `path` is untouched."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem[:32]}.", suffix=f".partial{path.suffix[:16]}",
-                                             dir=path.parent)
+    """Write `path` (making its folder) through a temporary created exclusively beside it (a random name opened
+    with O_EXCL: a file or link planted there is never followed), renamed over `path` once complete (a link at
+    `path` is replaced, not written through). On any failure the temporary is removed and `path` is untouched;
+    a file-system failure (disk full, name too long, read-only) is one OutputError line naming `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem[:32]}.", suffix=f".partial{path.suffix[:16]}",
+                                                 dir=path.parent)
+    except OSError as error:
+        raise OutputError(_cannot_write(path, error)) from None
     try:
         with open(descriptor, "wb") as file:
             if hasattr(os, "fchmod"):
                 os.fchmod(file.fileno(), 0o666 & ~_UMASK)  # as a plainly created file (mkstemp makes it 0600)
             write(file)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise OutputError(_cannot_write(path, error)) from None
         raise
+
+
+def _cannot_write(path: Path, error: OSError) -> str:
+    return f"{path}: cannot write it ({error.strerror or first_line(error)})"
 
 
 def check_output_folder(folder: Path) -> None:

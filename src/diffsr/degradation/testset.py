@@ -158,7 +158,4 @@ def _write_record(out: Path, record: dict) -> None:
     header = ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in record.items() if key != "pairs")
     pairs = ",\n".join("  " + json.dumps(pair) for pair in record["pairs"])
     text = "{\n" + header + ',\n "pairs": [\n' + pairs + "\n ]\n}\n"
-    try:
-        write_atomically(path, lambda file: file.write(text.encode()))
-    except OSError as error:
-        raise UsageError(f"{path}: cannot write it ({error.strerror or error})") from None
+    write_atomically(path, lambda file: file.write(text.encode()))  # a failure is one OutputError line
