@@ -31,7 +31,11 @@ class Prepared:
 
 
 def output_size(picture: Picture, scale: float) -> tuple[int, int]:
-    width, height = picture.size
+    return scaled_size(*picture.size, scale)
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(width, height) of the output of a width x height input at `scale`."""
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -68,8 +72,8 @@ def read_input(image, scale: float, max_input_pixels: int | None, max_output_pix
     if isinstance(image, (str, Path)):
         height, width = image_size(image)
         check_pixels(image, width, height, max_input_pixels)
-        out_width, out_height = max(1, round(width * scale)), max(1, round(height * scale))
-        check_pixels(image, out_width, out_height, max_output_pixels, "output")
+        check_pixels(image, *scaled_size(width, height, scale), max_output_pixels, "output")
+        return as_picture(image)  # both limits checked above
     picture = as_picture(image, max_input_pixels)
     check_pixels(picture.name, *output_size(picture, scale), max_output_pixels, "output")
     return picture
