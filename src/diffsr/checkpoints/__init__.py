@@ -52,6 +52,9 @@ def read_weights(path: str | Path) -> dict:
                 if path.suffix != ".ckpt" or members is None:
                     raise WeightsError(_unpickling_problem(path, error)) from None
                 file.seek(0)
+                # Not full unpickling: weights_only=False only lets torch take our pickle module, whose find_class
+                # is the one door for every class and function the file names (tensors and plain values pass,
+                # anything else becomes an inert placeholder; see restricted_pickle).
                 data = torch.load(file, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
         except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
             reason = first_line(error)
