@@ -3,7 +3,8 @@
 First the plan: every input's output name, refusing (one line each, on every run) two inputs that ask for one
 output and an output that is one of the inputs; outputs that exist already are skipped unless overwriting.
 Then each image is upscaled and written through a temporary; a failure of one image is one line and the
-others go on.
+others go on. In a launched job (torchrun, accelerate launch) or with --shard, `plan_share` gives each
+process its part (diffsr.distributed) and `Tally` gathers what every process did into one summary.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffsr.distributed import Processes, pixel_counts
 from diffsr.errors import DiffsrError, OutputError, first_line
 from diffsr.images import OUTPUT_FORMATS, Picture, write_image
 
@@ -63,6 +65,45 @@ def plan_outputs(paths: list[Path], output: Path, fmt: str | None = None, overwr
         else:
             plan.jobs.append((path, target))
     return plan
+
+
+def plan_share(paths: list[Path], output: Path, fmt: str | None, overwrite: bool, processes: Processes) -> Plan:
+    """This process's part of the plan. The --shard is taken from all the inputs, so shards started apart agree
+    whatever is done already; the main process plans it before anyone writes, and what is left to do is split
+    over the processes by pixel count (a resumed job is balanced again). Refusals and skips are the main
+    process's to report."""
+    if processes.shard:
+        paths = processes.shard_of(paths, pixel_counts(paths))
+
+    def make_plan() -> tuple[Plan, list[int]]:
+        plan = plan_outputs(paths, output, fmt, overwrite)
+        return plan, pixel_counts([source for source, _ in plan.jobs])
+
+    plan, weights = processes.from_main(make_plan)
+    jobs = processes.part(plan.jobs, weights)
+    return Plan(jobs, plan.refused, plan.skipped) if processes.is_main else Plan(jobs)
+
+
+@dataclass
+class Tally:
+    """What one process did."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+def summarize(tallies: list[Tally], what: str = "image(s)") -> list[str]:
+    """One summary of all processes (gathered in rank order): the total, then one line per process."""
+    total = Tally(*(sum(getattr(t, name) for t in tallies) for name in ("written", "skipped", "failed")))
+
+    def line(tally):
+        return f"{tally.written} written, {tally.skipped} skipped (already there), {tally.failed} failed"
+
+    lines = [f"{what}: {line(total)}"]
+    if len(tallies) > 1:
+        lines += [f"  process {rank}: {line(tally)}" for rank, tally in enumerate(tallies)]
+    return lines
 
 
 def upscale_all(jobs: Iterable[tuple[Path, Path]], upscale: Callable[[Path], Picture],

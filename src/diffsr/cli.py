@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     upscale.add_argument("--offline", action="store_true",
                          help="use only cached weights, never download (as HF_HUB_OFFLINE=1 does)")
+    _add_shard_option(upscale)
     _add_weights_command(commands)
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the bundled example image")
@@ -157,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "output_dir/checkpoints.old-TIME/)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from diffsr.distributed import parse_shard
+
+    try:
+        return parse_shard(text)
+    except DiffsrError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_shard_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard", type=_shard, metavar="I/N",
+                        help="do only part I of N (1-based) of the sorted inputs, split by pixel count, e.g. "
+                             "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; under torchrun the processes "
+                             "split that part")
 
 
 def _add_weights_command(commands) -> None:
@@ -308,13 +325,24 @@ def _load_options(args) -> dict:
 
 
 def run_upscale(args) -> int:
-    import diffsr
-    from diffsr.batch import plan_outputs, upscale_all
+    from diffsr.distributed import Processes
+
+    processes = Processes.launched(args.shard)  # one process unless started by torchrun / accelerate launch
+    try:
+        return _upscale(args, processes)
+    finally:
+        processes.close()
+
+
+def _upscale(args, processes) -> int:
+    from diffsr.batch import Tally, plan_share, summarize
     from diffsr.images import check_output_folder
     from diffsr.methods import get_method
     from diffsr.methods.base import check_scale
     from diffsr.tiling import TilingOptions
 
+    # Every process finds the same usage errors: the main process says them.
+    fail = _fail if processes.is_main else (lambda message: None)
     # Whatever would fail every image is found before the model is loaded.
     try:
         method = get_method(args.method)
@@ -327,36 +355,60 @@ def run_upscale(args) -> int:
             raise UsageError(f"no images found in {', '.join(map(str, args.inputs))}")
         check_output_folder(args.output)
     except DiffsrError as error:
-        _fail(str(error))
+        fail(str(error))
         return EXIT_USAGE
 
-    plan = plan_outputs(paths, args.output, args.format, args.overwrite)
+    plan = plan_share(paths, args.output, args.format, args.overwrite, processes)
     for line in plan.refused:
         _fail(line)
     if plan.skipped:
         print(f"skipping {plan.skipped} input(s) whose output already exists (use --overwrite to replace)",
               file=sys.stderr)
-    if not plan.jobs:
-        return EXIT_SOME_FAILED if plan.refused else EXIT_OK
+    tally = Tally(skipped=plan.skipped, failed=len(plan.refused))
+    if plan.jobs:
+        written = _upscale_jobs(args, method, limits, plan.jobs, processes, tally)
+        if written is None:
+            return EXIT_USAGE
+        tally.written = written
+    tallies = processes.gather(tally)  # every process waits here for the others: one summary, one exit code
+    failed = any(t.failed for t in tallies)
+    if processes.is_main and not args.quiet:
+        if processes.parallel or args.shard:
+            print("\n".join(summarize(tallies)), file=sys.stderr)
+        elif tally.written or failed:
+            print(f"wrote {tally.written} image(s) to {args.output}" + (f"; {tally.failed} failed" if failed else ""),
+                  file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
+
+def _upscale_jobs(args, method, limits, jobs, processes, tally) -> int | None:
+    """Load the model once (on this process's device) and upscale this process's jobs; how many were
+    written, or None when the model cannot run (said once)."""
+    import diffsr
+
+    show = not args.quiet and processes.is_main
     try:
-        upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
-                                        dtype=args.dtype, offline=args.offline or None, progress=not args.quiet,
-                                        **_load_options(args))
+        upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights,
+                                        device=processes.device(args.device), dtype=args.dtype,
+                                        offline=args.offline or None, progress=show, **_load_options(args))
         # Only the knobs the user gave: the others keep each method's release defaults.
         knobs = {**_method_knobs(args), **_tiling_knobs(args)}
         upscaler.check_arguments(args.scale, args.seed, args.color_fix, knobs)
     except (DiffsrError, TypeError) as error:
-        _fail(str(error))
-        return EXIT_USAGE
+        if processes.parallel:
+            processes.say(f"diffsr: error: {error}")
+        else:
+            _fail(str(error))
+        return None
 
     from tqdm import tqdm
 
     from diffsr import tiling
+    from diffsr.batch import upscale_all
 
-    progress = tqdm(plan.jobs, desc=f"{method.name} x{args.scale:g}", unit="image", disable=args.quiet, file=sys.stderr)
+    progress = tqdm(jobs, desc=f"{method.name} x{args.scale:g}", unit="image", disable=not show, file=sys.stderr)
     # A second bar counts the denoiser passes of the image in hand (multi-step methods on large images are slow).
-    passes = tqdm(desc="denoiser passes", unit="pass", disable=args.quiet, file=sys.stderr, position=1, leave=False)
+    passes = tqdm(desc="denoiser passes", unit="pass", disable=not show, file=sys.stderr, position=1, leave=False)
 
     def upscale(path):
         passes.reset()
@@ -364,19 +416,16 @@ def run_upscale(args) -> int:
             return upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
                                     **knobs)
 
-    failures = len(plan.refused)
+    rank = f"[rank {processes.rank}] " if processes.parallel else ""
 
     def report(kind, line):
-        nonlocal failures
         if kind == "error":
-            failures += 1
-        progress.write(f"diffsr: {kind}: {line}", file=sys.stderr)
+            tally.failed += 1
+        progress.write(f"{rank}diffsr: {kind}: {line}", file=sys.stderr)
 
     written = upscale_all(progress, upscale, report)
     passes.close()
-    if not args.quiet:
-        print(f"wrote {written} image(s) to {args.output}" + (f"; {failures} failed" if failures else ""), file=sys.stderr)
-    return EXIT_SOME_FAILED if failures else EXIT_OK
+    return written
 
 
 def _pixels(megapixels: float, option: str) -> int:

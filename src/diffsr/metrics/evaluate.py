@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from diffsr.distributed import Processes, pixel_counts
 from diffsr.errors import DiffsrError, UsageError
 from diffsr.images import collect_inputs, read_image
-from diffsr.metrics.registry import DEFAULT_METRICS, DISTRIBUTION, FULL_REFERENCE, create_metric, get_spec
+from diffsr.metrics.registry import (DEFAULT_METRICS, DISTRIBUTION, FULL_REFERENCE, SetFeatures, create_metric,
+                                     get_spec)
 from diffsr.metrics.stability import g_std, l_std
 
 FORMATS = ("md", "csv", "json")
@@ -180,8 +182,11 @@ def parse_metric_names(text: str | list[str] | None) -> list[str]:
 
 
 def evaluate(sr_dir, gt_dir=None, metrics=None, device="cpu", backend="auto", weights_dir=None,
-             download=True, crop_border: int = 0, built: tuple | None = None, progress=None) -> Evaluation:
-    """Score the images of `sr_dir` against `gt_dir` (same names). See the module docstring."""
+             download=True, crop_border: int = 0, built: tuple | None = None, progress=None,
+             processes: Processes | None = None) -> Evaluation:
+    """Score the images of `sr_dir` against `gt_dir` (same names). See the module docstring. In a launched job
+    (`processes`) each process scores its part of the images and every process gets the whole result."""
+    processes = processes or Processes()
     sr_dir, gt_dir = Path(sr_dir), (Path(gt_dir) if gt_dir is not None else None)
     names = parse_metric_names(metrics)
     pairs, problems = match_images(sr_dir, gt_dir)
@@ -189,45 +194,77 @@ def evaluate(sr_dir, gt_dir=None, metrics=None, device="cpu", backend="auto", we
                                                          has_gt=gt_dir is not None)
     result = Evaluation(names, unavailable=dict(unavailable), problems=problems)
     image_metrics = {n: m for n, m in metric_objects.items() if m.kind != DISTRIBUTION}
-    scored_sr, scored_gt = [], []
-    for sr_path, gt_path in (progress(pairs) if progress else pairs):
-        try:
-            sr = read_image(sr_path)
-            gt = read_image(gt_path) if gt_path is not None else None
-        except DiffsrError as error:
-            result.problems.append(str(error))
-            continue
-        sr_tensor, gt_tensor = sr.to_tensor(), (gt.to_tensor() if gt is not None else None)  # once per pair
-        scores = {}
-        for name, metric in image_metrics.items():
-            if metric.kind == FULL_REFERENCE:
-                if gt is None:
-                    continue
-                if gt.size != sr.size:
-                    message = f"{sr_path.name}: size {sr.size[0]}x{sr.size[1]} differs from ground truth " \
-                              f"{gt.size[0]}x{gt.size[1]}; full-reference metrics skipped"
-                    if message not in result.problems:
-                        result.problems.append(message)
-                    continue
-            try:
-                scores[name] = metric(sr_tensor, gt_tensor) if metric.kind == FULL_REFERENCE else metric(sr_tensor)
-            except (DiffsrError, ValueError) as error:  # e.g. an image too small for NIQE's blocks
-                result.problems.append(f"{sr_path.name}: {name}: {error}")
-        result.per_image[sr_path.name] = scores
-        scored_sr.append(sr_path)
-        if gt_path is not None:
-            scored_gt.append(gt_path)
+    mine = processes.part(list(enumerate(pairs)), pixel_counts([sr_path for sr_path, _ in pairs]))
+    scored = [(index, *_score_pair(sr_path, gt_path, image_metrics))
+              for index, (sr_path, gt_path) in (progress(mine) if progress else mine)]
+    scored = sorted(item for share in processes.gather(scored) for item in share)  # in the order of the pairs
+    for index, scores, pair_problems in scored:
+        result.problems += pair_problems
+        if scores is not None:
+            result.per_image[pairs[index][0].name] = scores
+    done = [pairs[index] for index, scores, _ in scored if scores is not None]
+    scored_sr = [sr_path for sr_path, _ in done]
+    scored_gt = [gt_path for _, gt_path in done if gt_path is not None]
     for name, metric in metric_objects.items():
         if metric.kind == DISTRIBUTION:
             try:
-                result.set_scores[name] = metric.score(scored_sr, scored_gt)
+                if isinstance(metric.compute, SetFeatures):  # each process its share of the features
+                    result.set_scores[name] = _gathered_distance(metric.compute, scored_sr, scored_gt, processes)
+                else:  # (pyiqa) the whole set in every process
+                    result.set_scores[name] = metric.score(scored_sr, scored_gt)
             except (DiffsrError, ValueError) as error:
                 result.unavailable[name] = str(error)
     return result
 
 
+def _score_pair(sr_path: Path, gt_path: Path | None, image_metrics: dict) -> tuple[dict | None, list[str]]:
+    """One image's scores (None if it cannot be read) and its problems."""
+    try:
+        sr = read_image(sr_path)
+        gt = read_image(gt_path) if gt_path is not None else None
+    except DiffsrError as error:
+        return None, [str(error)]
+    sr_tensor, gt_tensor = sr.to_tensor(), (gt.to_tensor() if gt is not None else None)  # once per pair
+    scores, problems = {}, []
+    for name, metric in image_metrics.items():
+        if metric.kind == FULL_REFERENCE:
+            if gt is None:
+                continue
+            if gt.size != sr.size:
+                message = f"{sr_path.name}: size {sr.size[0]}x{sr.size[1]} differs from ground truth " \
+                          f"{gt.size[0]}x{gt.size[1]}; full-reference metrics skipped"
+                if message not in problems:
+                    problems.append(message)
+                continue
+        try:
+            scores[name] = metric(sr_tensor, gt_tensor) if metric.kind == FULL_REFERENCE else metric(sr_tensor)
+        except (DiffsrError, ValueError) as error:  # e.g. an image too small for NIQE's blocks
+            problems.append(f"{sr_path.name}: {name}: {error}")
+    return scores, problems
+
+
+def _gathered_distance(metric: SetFeatures, sr_paths: list[Path], gt_paths: list[Path], processes: Processes) -> float:
+    """The distance between the two sets' features, each process extracting its part; the features are put
+    back in the order of the images, so the result is one process's to float precision."""
+    def features(paths):
+        mine = processes.part(list(enumerate(paths)), [1] * len(paths))
+        try:
+            found, error = metric.features([path for _, path in mine]), None
+        except (DiffsrError, ValueError) as raised:  # said by every process alike, after the gathering
+            found, error = None, str(raised)
+        shares = processes.gather(([index for index, _ in mine], found, error))
+        for _, _, error in shares:
+            if error:
+                raise ValueError(error)
+        order = np.argsort(np.concatenate([indices for indices, _, _ in shares]), kind="stable")
+        return np.concatenate([array for _, array, _ in shares])[order]
+
+    return metric.distance(features(sr_paths), features(gt_paths))
+
+
 def evaluate_runs(run_dirs, gt_dir=None, metrics=None, device="cpu", backend="auto", weights_dir=None,
-                  download=True, crop_border: int = 0, built: tuple | None = None, progress=None) -> RunsEvaluation:
+                  download=True, crop_border: int = 0, built: tuple | None = None, progress=None,
+                  processes: Processes | None = None) -> RunsEvaluation:
     """Evaluate N result folders of one method (same image names, different seeds) with stability measures."""
     run_dirs = [Path(d) for d in run_dirs]
     if len(run_dirs) < 2:
@@ -235,7 +272,7 @@ def evaluate_runs(run_dirs, gt_dir=None, metrics=None, device="cpu", backend="au
     names = parse_metric_names(metrics)
     built = built or build_metrics(names, device, backend, weights_dir, download, crop_border,
                                    has_gt=gt_dir is not None)
-    runs = [evaluate(d, gt_dir, names, built=built, progress=progress) for d in run_dirs]
+    runs = [evaluate(d, gt_dir, names, built=built, progress=progress, processes=processes) for d in run_dirs]
     common = sorted(set.intersection(*(set(run.per_image) for run in runs)))
     deviations = {}
     for metric in names:

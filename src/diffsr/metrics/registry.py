@@ -37,6 +37,18 @@ class MetricSpec:
 
 
 @dataclass
+class SetFeatures:
+    """A distribution metric in two steps (the built-in FID): per-image features, then one distance between the
+    two sets' features, so that processes can each extract their share's features and gather them."""
+
+    features: Callable  # list of paths -> (N, d) array
+    distance: Callable  # (sr features, gt features) -> float
+
+    def __call__(self, sr_paths: list[Path], gt_paths: list[Path]) -> float:
+        return self.distance(self.features(sr_paths), self.features(gt_paths))
+
+
+@dataclass
 class Metric:
     """A ready metric. Full-reference: metric(sr, gt); no-reference: metric(sr) on (1, 3, H, W) tensors in
     [0, 1], returning a float. Distribution: metric.score(sr_paths, gt_paths)."""
@@ -110,11 +122,7 @@ def _fid(device, weights_dir, download, batch_size=8):
     from diffsr.metrics.fid import FIDInception, frechet_distance, inception_features
 
     model = FIDInception.from_file(weights_dir, download).to(device)
-
-    def compute(sr_paths, gt_paths):
-        return frechet_distance(inception_features(model, sr_paths, batch_size),
-                                inception_features(model, gt_paths, batch_size))
-    return compute
+    return SetFeatures(lambda paths: inception_features(model, paths, batch_size), frechet_distance)
 
 
 _PAPER_Y = {"test_y_channel": True, "color_space": "ycbcr"}
