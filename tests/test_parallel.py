@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import smooth_image
+from metric_helpers import metric_weights  # noqa: F401  (fixture)
 from diffsr.cli import main
 from diffsr.distributed import Processes, parse_shard, split
 from diffsr.errors import UsageError
@@ -113,6 +114,26 @@ def test_two_processes_write_what_one_writes(inputs, tmp_path, tiny_base, osedif
     assert err.count("image(s): 3 written, 0 skipped (already there), 1 failed") == 1  # said once, by rank 0
     assert err.count("process 0:") == 1 and err.count("process 1:") == 1
     assert err.count("broken.png: not an image") == 1 and "] diffsr: error:" in err  # said by its process
+
+
+def test_two_processes_score_what_one_scores(tmp_path, metric_weights):  # noqa: F811
+    """evaluate under torchrun: per-image scores and problems as one process's, FID to float precision."""
+    import synthetic
+
+    sr_dir, gt_dir = synthetic.write_image_folders(tmp_path)
+    (sr_dir / "extra.png").write_bytes((sr_dir / "a.png").read_bytes())  # no ground truth: a problem line
+    args = ["evaluate", sr_dir, "--gt", gt_dir, "--metrics", "psnr,ssim,lpips,niqe,fid", "--metric-weights",
+            metric_weights, "--offline", "--format", "json", "--quiet", "-o"]
+    assert main([str(a) for a in args] + [str(tmp_path / "one.json")]) == 1  # 1: the problem line
+    done = torchrun(*args, tmp_path / "two.json")
+    assert done.returncode == 1, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["per_image"] == one["per_image"] and list(two["per_image"]) == ["a.png", "b.png", "c.png"]
+    assert two["problems"] == one["problems"] and len(one["problems"]) == 1
+    assert two["unavailable"] == one["unavailable"] == {}
+    assert two["summary"]["fid"] == pytest.approx(one["summary"]["fid"], rel=1e-6, abs=1e-6)
+    assert {k: v for k, v in two["summary"].items() if k != "fid"} == \
+        {k: v for k, v in one["summary"].items() if k != "fid"}
 
 
 @pytest.mark.slow

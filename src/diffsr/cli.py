@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     upscale.add_argument("--offline", action="store_true",
                          help="use only cached weights, never download (as HF_HUB_OFFLINE=1 does)")
-    _add_shard_option(upscale)
+    _add_shard_option(upscale, "sorted inputs, split by pixel count")
     _add_weights_command(commands)
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the bundled example image")
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     degrade.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     degrade.add_argument("--batch-size", type=int, default=16, help="pairs degraded per call (default 16)")
     degrade.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_shard_option(degrade, "pairs")
     _add_evaluation_commands(commands)
 
     convert = commands.add_parser("convert", help="convert released weights to safetensors (loads faster)")
@@ -169,11 +170,10 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _add_shard_option(parser: argparse.ArgumentParser) -> None:
+def _add_shard_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--shard", type=_shard, metavar="I/N",
-                        help="do only part I of N (1-based) of the sorted inputs, split by pixel count, e.g. "
-                             "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; under torchrun the processes "
-                             "split that part")
+                        help=f"do only part I of N (1-based) of the {what}, e.g. --shard "
+                             "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; under torchrun the processes split that part")
 
 
 def _add_weights_command(commands) -> None:
@@ -441,18 +441,27 @@ def run_demo(args) -> int:
 
 
 def run_degrade(args) -> int:
+    from diffsr.batch import summarize
     from diffsr.degradation.testset import make_test_set
+    from diffsr.distributed import Processes
 
+    processes = Processes.launched(args.shard)
     try:
         report = make_test_set(args.hr_dir, args.output, crop=args.crop, count=args.count, seed=args.seed,
-                               config=args.config, scale=args.scale, device=args.device,
-                               batch_size=args.batch_size, quiet=args.quiet)
+                               config=args.config, scale=args.scale, device=processes.device(args.device),
+                               batch_size=args.batch_size, quiet=args.quiet, processes=processes)
     except DiffsrError as error:
-        _fail(str(error))
+        if processes.is_main:  # every process finds it
+            _fail(str(error))
         return EXIT_USAGE
-    if not args.quiet:
-        print(f"wrote {report.written} pair(s) to {args.output}, {report.already_there} already there"
-              + (f"; {len(report.failed)} failed" if report.failed else ""), file=sys.stderr)
+    finally:
+        processes.close()
+    if not args.quiet and processes.is_main:
+        if processes.parallel or args.shard:
+            print("\n".join(summarize(report.tallies, "pairs")), file=sys.stderr)
+        else:
+            print(f"wrote {report.written} pair(s) to {args.output}, {report.already_there} already there"
+                  + (f"; {len(report.failed)} failed" if report.failed else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if report.failed else EXIT_OK
 
 
@@ -462,6 +471,16 @@ def _metric_kwargs(args) -> dict:
 
 
 def run_evaluate(args) -> int:
+    from diffsr.distributed import Processes
+
+    processes = Processes.launched()  # one process unless started by torchrun / accelerate launch
+    try:
+        return _evaluate(args, processes)
+    finally:
+        processes.close()
+
+
+def _evaluate(args, processes) -> int:
     from tempfile import TemporaryDirectory
 
     from tqdm import tqdm
@@ -469,10 +488,15 @@ def run_evaluate(args) -> int:
     from diffsr.images import check_output_folder, write_atomically
     from diffsr.metrics.evaluate import evaluate, evaluate_runs, render
 
-    def progress(items):
-        return tqdm(items, desc="evaluating", unit="image", disable=args.quiet, file=sys.stderr, leave=False)
+    # Every process gets the same result (the scores are gathered): the main process says and writes it.
+    fail = _fail if processes.is_main else (lambda message: None)
 
-    device = args.metric_device or args.device
+    def progress(items):
+        return tqdm(items, desc="evaluating", unit="image", disable=args.quiet or not processes.is_main,
+                    file=sys.stderr, leave=False)
+
+    device = processes.device(args.metric_device or args.device)
+    metric_kwargs = {**_metric_kwargs(args), "processes": processes}
     try:
         if args.output:  # found before any computing
             if args.output.is_dir():
@@ -485,23 +509,29 @@ def run_evaluate(args) -> int:
             with TemporaryDirectory() as scratch:
                 from diffsr.report.benchmark import run_method
 
+                if processes.parallel and args.work_dir is None:
+                    raise UsageError("--runs in a launched job: give --work-dir, a folder every process sees")
                 work = args.work_dir or Path(scratch)
                 failures: list[str] = []
                 method = run_method(args.method, collect_inputs([args.lr]), work, args.scale, seeds, args.device,
-                                    args.dtype, args.base, args.weights, _load_options(args), failures)
+                                    args.dtype, args.base, args.weights, _load_options(args), failures, processes)
                 for failure in failures:
-                    _fail(failure)
+                    fail(failure)
                 result = evaluate_runs(method.folders, args.gt, args.metrics, device=device, progress=progress,
-                                       **_metric_kwargs(args))
+                                       **metric_kwargs)
         elif len(args.sr) > 1:
-            result = evaluate_runs(args.sr, args.gt, args.metrics, device=device, progress=progress, **_metric_kwargs(args))
+            result = evaluate_runs(args.sr, args.gt, args.metrics, device=device, progress=progress, **metric_kwargs)
         elif len(args.sr) == 1:
-            result = evaluate(args.sr[0], args.gt, args.metrics, device=device, progress=progress, **_metric_kwargs(args))
+            result = evaluate(args.sr[0], args.gt, args.metrics, device=device, progress=progress, **metric_kwargs)
         else:
             raise UsageError("give a result folder (SR_DIR), or --lr with --runs")
     except DiffsrError as error:
-        _fail(str(error))
+        fail(str(error))
         return EXIT_USAGE
+    data = result.to_dict()
+    code = EXIT_SOME_FAILED if data["unavailable"] or data["problems"] else EXIT_OK
+    if not processes.is_main:
+        return code
     text = render(result, args.format)
     if args.output:
         try:
@@ -511,17 +541,19 @@ def run_evaluate(args) -> int:
             return EXIT_SOME_FAILED
     else:
         print(text, end="")
-    data = result.to_dict()
     for metric, why in data["unavailable"].items():
         _fail(f"{metric} not computed: {why}")
-    return EXIT_SOME_FAILED if data["unavailable"] or data["problems"] else EXIT_OK
+    return code
 
 
 def run_benchmark(args) -> int:
+    from diffsr.distributed import Processes
     from diffsr.report.benchmark import run_benchmark as benchmark, write_outputs
 
+    processes = Processes.launched()  # one process unless started by torchrun / accelerate launch
+
     def log(message):
-        if not args.quiet:
+        if not args.quiet and processes.is_main:
             print(message, file=sys.stderr)
 
     try:
@@ -530,14 +562,18 @@ def run_benchmark(args) -> int:
                            weights=args.weights, de_nets=args.de_net, results=args.results,
                            metric_device=args.metric_device, metric_backend=args.metric_backend,
                            metric_weights=args.metric_weights, download=not args.offline,
-                           crop_border=args.crop_border, dataset=args.dataset, log=log)
+                           crop_border=args.crop_border, dataset=args.dataset, log=log, processes=processes)
     except DiffsrError as error:
-        _fail(str(error))
+        if processes.is_main:  # every process finds it
+            _fail(str(error))
         return EXIT_USAGE
-    paths = write_outputs(result, args.title)
-    print(paths["md"].read_text(), end="")
-    log(f"report: {paths['html']}")
+    finally:
+        processes.close()
     failed = [m for m in result.methods if m.error] or result.unavailable
+    if processes.is_main:
+        paths = write_outputs(result, args.title)
+        print(paths["md"].read_text(), end="")
+        log(f"report: {paths['html']}")
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 

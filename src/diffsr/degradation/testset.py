@@ -3,7 +3,8 @@
 OUT/hr/00000.png, OUT/lr/00000.png, ... and OUT/pairs.json (the config, and for every pair its source
 image, crop box and degradation parameters: `apply_degradation` on that crop with those parameters
 re-makes the LR). Pair i draws everything from its own generator, seeded from (seed, i), so an
-interrupted run resumes where it stopped and gives the same pairs as an uninterrupted one.
+interrupted run resumes where it stopped and gives the same pairs as an uninterrupted one, and the processes of
+a launched job (torchrun, accelerate launch) or the shards of --shard I/N each write their part of the same set.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffsr.batch import Tally
 from diffsr.degradation.config import DegradationConfig, load_config
+from diffsr.distributed import Processes
 from diffsr.degradation.pipeline import apply_degradation, sample_params
 from diffsr.errors import ImageError, OutputError, UsageError
 from diffsr.images import (check_output_folder, collect_inputs, image_size, read_image, tensor_to_array,
@@ -37,6 +40,7 @@ class TestSetReport:
     too_small: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # "path: reason"
     failed: list[str] = field(default_factory=list)  # pairs not written, "name: reason"
+    tallies: list[Tally] = field(default_factory=list)  # what each process did (one entry outside a launch)
 
 
 def plan_pairs(sources: list[tuple[Path, tuple[int, int]]], config: DegradationConfig, crop: int, count: int,
@@ -55,8 +59,10 @@ def plan_pairs(sources: list[tuple[Path, tuple[int, int]]], config: DegradationC
 
 def make_test_set(hr_dir: str | Path, out: str | Path, crop: int = 512, count: int = 3000, seed: int = 0,
                   config: str | Path | DegradationConfig | None = None, scale: int | None = None, device="cpu",
-                  batch_size: int = 16, quiet: bool = False) -> TestSetReport:
-    """Write `count` LR/HR pairs made from random `crop` x `crop` crops of the images in `hr_dir`."""
+                  batch_size: int = 16, quiet: bool = False, processes: Processes | None = None) -> TestSetReport:
+    """Write `count` LR/HR pairs made from random `crop` x `crop` crops of the images in `hr_dir`. With
+    `processes` (a launched job and/or a --shard), this process writes its part; the report is the job's."""
+    processes = processes or Processes()
     from tqdm import tqdm
 
     hr_dir, out = Path(hr_dir), Path(out)
@@ -83,7 +89,7 @@ def make_test_set(hr_dir: str | Path, out: str | Path, crop: int = 512, count: i
             report.too_small.append(path.name)
         else:
             sources.append((path, size))
-    if not quiet:
+    if not quiet and processes.is_main:
         for line in report.unreadable:
             print(f"diffsr: warning: skipping {line}", file=sys.stderr)
         if report.too_small:
@@ -94,13 +100,18 @@ def make_test_set(hr_dir: str | Path, out: str | Path, crop: int = 512, count: i
     pairs = plan_pairs(sources, config, crop, count, seed)
     record = {"hr_dir": str(hr_dir), "seed": seed, "crop": crop, "count": count,
               "sources": [p.name for p, _ in sources], "config": config.to_dict(), "pairs": pairs}
-    _write_record(out, record)
+    shard = processes.shard_of(pairs, [1] * count)
 
-    pending = [p for p in pairs if not ((out / "hr" / p["name"]).exists() and (out / "lr" / p["name"]).exists())]
-    report.already_there = count - len(pending)
+    def left_to_do() -> list[dict]:  # on the main process, before any process writes
+        _write_record(out, record)
+        return [p for p in shard if not ((out / "hr" / p["name"]).exists() and (out / "lr" / p["name"]).exists())]
+
+    pending = processes.from_main(left_to_do)
+    report.already_there = len(shard) - len(pending) if processes.is_main else 0
+    pending = processes.part(pending, [1] * len(pending))  # every pair costs the same
     by_name = {p.name: p for p, _ in sources}
-    progress = tqdm(total=count, initial=report.already_there, desc="degrade", unit="pair", disable=quiet,
-                    file=sys.stderr)
+    progress = tqdm(total=report.already_there + len(pending), initial=report.already_there, desc="degrade",
+                    unit="pair", disable=quiet or not processes.is_main, file=sys.stderr)
     cache: dict[str, torch.Tensor | ImageError] = {}
     for start in range(0, len(pending), batch_size):
         batch = []
@@ -128,8 +139,16 @@ def make_test_set(hr_dir: str | Path, out: str | Path, crop: int = 512, count: i
             progress.update(1)
     progress.close()
     for line in report.failed:  # --quiet silences the progress, never the failures
-        print(f"diffsr: error: {line}", file=sys.stderr)
-    return report
+        processes.say(f"diffsr: error: {line}")
+    return _gathered(report, processes)
+
+
+def _gathered(report: TestSetReport, processes: Processes) -> TestSetReport:
+    """The job's report on every process: the counts and failures of all processes."""
+    reports = processes.gather(report)
+    return TestSetReport(sum(r.written for r in reports), sum(r.already_there for r in reports), report.too_small,
+                         report.unreadable, [line for r in reports for line in r.failed],
+                         [Tally(r.written, r.already_there, len(r.failed)) for r in reports])
 
 
 def _load(path: Path, cache: dict) -> torch.Tensor | ImageError:

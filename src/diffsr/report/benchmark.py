@@ -15,8 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffsr.batch import plan_share, upscale_all
+from diffsr.distributed import Processes
 from diffsr.errors import DiffsrError, UsageError, first_line
-from diffsr.batch import plan_outputs, upscale_all
 from diffsr.images import MAX_INPUT_PIXELS, check_output_folder, collect_inputs, read_image, resize_picture
 from diffsr.metrics.evaluate import Evaluation, RunsEvaluation, build_metrics, evaluate, evaluate_runs, parse_metric_names
 
@@ -91,10 +92,13 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, failures: list[str]) -> float:
-    """Upscale every LR image into out_dir (PNG, same stem) through diffsr.batch; returns seconds spent upscaling."""
-    plan = plan_outputs(lr_paths, out_dir, "png", overwrite=True)
-    failures.extend(plan.refused)
+def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, failures: list[str],
+                   processes: Processes | None = None) -> float:
+    """Upscale every LR image into out_dir (PNG, same stem) through diffsr.batch, each process its part; returns
+    the seconds all processes spent upscaling, once every process is done (the outputs are all there)."""
+    processes = processes or Processes()
+    plan = plan_share(lr_paths, out_dir, "png", True, processes)
+    mine = list(plan.refused)
     spent = 0.0
 
     def timed(path):
@@ -107,12 +111,14 @@ def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, fail
 
     def report(kind, line):
         if kind == "error":
-            failures.append(line)
+            mine.append(line)
         else:
             warnings.warn(line, stacklevel=2)
 
     upscale_all(plan.jobs, timed, report)
-    return spent
+    done = processes.gather((spent, mine))
+    failures.extend(line for _, lines in done for line in lines)
+    return sum(seconds for seconds, _ in done)
 
 
 def bicubic(scale: float):
@@ -123,11 +129,16 @@ def bicubic(scale: float):
 
 
 def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seeds: list[int], device: str,
-               dtype: str, base: str | None, weights: str | None, options: dict, failures: list[str]) -> MethodResult:
+               dtype: str, base: str | None, weights: str | None, options: dict, failures: list[str],
+               processes: Processes | None = None) -> MethodResult:
+    """Upscale the LR images once per seed; in a launched job each process loads the model once, on its own
+    device, and upscales its part. seconds_per_image is the time of one process per image."""
     import torch
 
     import diffsr
 
+    processes = processes or Processes()
+    device = processes.device(device)
     folders = [output / name] if len(seeds) == 1 else [output / name / f"seed{s}" for s in seeds]
     for folder in folders:  # before the model is loaded
         check_output_folder(folder)
@@ -135,19 +146,31 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
     if name == BASELINE:
         upscale = bicubic(scale)
     else:
-        upscaler = diffsr.load_upscaler(name, base=base, weights=weights, device=device, dtype=dtype, **options)
+        try:
+            upscaler, error = diffsr.load_upscaler(name, base=base, weights=weights, device=device, dtype=dtype,
+                                                   **options), None
+        except (DiffsrError, TypeError, RuntimeError) as raised:
+            upscaler, error = None, raised
+        # All processes go on together or stop together (one that stops alone would leave the others waiting).
+        others = [line for line in processes.gather(first_line(error) if error else None) if line]
+        if error:
+            raise error
+        if others:
+            raise UsageError(f"another process: {others[0]}")
 
         def upscale(picture, seed):
             return upscaler.upscale(picture, scale=scale, seed=seed)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    spent = sum(upscale_folder(upscale, lr_paths, folder, seed, failures) for folder, seed in zip(folders, seeds))
+    spent = sum(upscale_folder(upscale, lr_paths, folder, seed, failures, processes)
+                for folder, seed in zip(folders, seeds))
     done = len(lr_paths) * len(seeds)
     result = MethodResult(name, folders, seconds_per_image=spent / done if done else None)
     if cuda:
-        result.peak_memory_mb, result.memory_kind = torch.cuda.max_memory_allocated() / 2**20, "GPU allocated"
+        peak, result.memory_kind = torch.cuda.max_memory_allocated() / 2**20, "GPU allocated"
     else:
-        result.peak_memory_mb, result.memory_kind = _peak_rss_mb(), "process RSS"
+        peak, result.memory_kind = _peak_rss_mb(), "process RSS"
+    result.peak_memory_mb = max(processes.gather(peak))  # the largest process's
     return result
 
 
@@ -155,7 +178,7 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
                   runs: int = 1, device: str = "cpu", dtype: str = "float32", bases: list[str] = (),
                   weights: list[str] = (), de_nets: list[str] = (), results: list[str] = (), metric_device=None,
                   metric_backend: str = "auto", metric_weights=None, download: bool = True, crop_border: int = 0,
-                  dataset: str | None = None, progress=None, log=print) -> Benchmark:
+                  dataset: str | None = None, progress=None, log=print, processes: Processes | None = None) -> Benchmark:
     lr_dir, output = Path(lr_dir), Path(output)
     gt_dir = Path(gt_dir) if gt_dir else None
     lr_paths = collect_inputs([lr_dir])
@@ -169,7 +192,8 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
     de_net_for, _ = parse_assignments(list(de_nets), "--de-net")
     external, _ = parse_assignments(list(results), "--results")
     seeds = [seed + k for k in range(runs)]
-    built = build_metrics(names, metric_device or device, metric_backend, metric_weights, download, crop_border,
+    processes = processes or Processes()
+    built = build_metrics(names, processes.device(metric_device or device), metric_backend, metric_weights, download, crop_border,
                           has_gt=gt_dir is not None)
     bench = Benchmark([], names, lr_dir, gt_dir, output, scale, runs, device, dataset, unavailable=dict(built[1]))
     for name in [m.strip().lower() for m in methods if m.strip()]:
@@ -178,7 +202,7 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
         try:
             options = {"de_net": de_net_for[name]} if name in de_net_for else {}
             result = run_method(name, lr_paths, output, scale, seeds, device, dtype, base_for.get(name, default_base),
-                                weights_for.get(name), options, failures)
+                                weights_for.get(name), options, failures, processes)
         except (DiffsrError, TypeError, RuntimeError) as error:
             bench.methods.append(MethodResult(name, [], error=first_line(error)))
             log(f"{name}: cannot run: {bench.methods[-1].error}")
@@ -193,9 +217,11 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
             continue
         log(f"{method.name}: evaluating")
         if len(method.folders) > 1:
-            method.evaluation = evaluate_runs(method.folders, gt_dir, names, built=built, progress=progress)
+            method.evaluation = evaluate_runs(method.folders, gt_dir, names, built=built, progress=progress,
+                                              processes=processes)
         else:
-            method.evaluation = evaluate(method.folders[0], gt_dir, names, built=built, progress=progress)
+            method.evaluation = evaluate(method.folders[0], gt_dir, names, built=built, progress=progress,
+                                         processes=processes)
     return bench
 
 
