@@ -180,3 +180,63 @@ def test_shards_under_torchrun_equal_the_whole(inputs, tmp_path, tiny_base, osed
         done = torchrun("upscale", inputs, "-o", two, "--shard", shard, *model_args(tiny_base, osediff_weights))
         assert done.returncode == 0, done.stderr[-3000:]
     assert images(two) == images(one)
+
+
+def _hr_folder(tmp_path):
+    folder = tmp_path / "hr_in"
+    folder.mkdir()
+    for seed, size in enumerate([(80, 96), (72, 72), (64, 70)]):
+        Image.fromarray(smooth_image(*size, seed=seed)).save(folder / f"hr{seed}.png")
+    return folder
+
+
+def _degrade_args(hr, out, *extra):
+    return ["degrade", str(hr), "-o", str(out), "--crop", "64", "--count", "7", "--seed", "3", "--batch-size", "2",
+            "--quiet", *extra]
+
+
+def _test_set(out: Path) -> dict[str, bytes]:
+    return {f"{part}/{name}": data for part in ("hr", "lr") for name, data in images(out / part).items()}
+
+
+def test_degrade_shards_together_equal_the_whole(tmp_path, capsys):
+    hr = _hr_folder(tmp_path)
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert main(_degrade_args(hr, whole)) == 0
+    assert main(_degrade_args(hr, sharded, "--shard", "2/2")) == 0
+    assert len(_test_set(sharded)) == 2 * 3  # pairs 1, 3, 5
+    assert main(_degrade_args(hr, sharded, "--shard", "1/2")) == 0
+    assert _test_set(sharded) == _test_set(whole) and len(_test_set(whole)) == 2 * 7
+    assert (sharded / "pairs.json").read_bytes() == (whole / "pairs.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_degrade_with_two_processes_writes_the_same_pairs(tmp_path):
+    hr = _hr_folder(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_degrade_args(hr, one)) == 0
+    done = torchrun(*_degrade_args(hr, two)[:-1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _test_set(two) == _test_set(one) and (two / "pairs.json").read_bytes() == (one / "pairs.json").read_bytes()
+    assert done.stderr.count("pairs: 7 written, 0 skipped (already there), 0 failed") == 1
+
+
+@pytest.mark.slow
+def test_benchmark_with_two_processes_equals_one(inputs, tmp_path, tiny_base, osediff_weights, metric_weights):  # noqa: F811
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for path in sorted(inputs.iterdir()):
+        width, height = Image.open(path).size
+        Image.fromarray(smooth_image(height * 4, width * 4, seed=7)).save(gt / path.name)
+    args = ["benchmark", "--methods", "bicubic,osediff", "--lr", inputs, "--gt", gt, "--metrics", "psnr,lpips,fid",
+            "--metric-weights", metric_weights, "--offline", "--base", tiny_base,
+            "--weights", f"osediff={osediff_weights}", "--quiet", "-o"]
+    assert main([str(a) for a in args] + [str(tmp_path / "one")]) == 0
+    done = torchrun(*args, tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for method in ("bicubic", "osediff"):
+        assert images(tmp_path / "two" / method) == images(tmp_path / "one" / method) != {}
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    for first, second in zip(one["methods"], two["methods"], strict=True):
+        assert second["evaluation"]["per_image"] == first["evaluation"]["per_image"]
+        assert second["evaluation"]["summary"]["fid"] == pytest.approx(first["evaluation"]["summary"]["fid"], rel=1e-6)
