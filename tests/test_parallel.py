@@ -73,6 +73,18 @@ def test_shard_and_processes_nest():
     assert sorted(Processes(0, 2).part(shard, [5, 4, 1]) + Processes(1, 2).part(shard, [5, 4, 1])) == shard
 
 
+def test_a_left_temporary_is_not_a_done_output(inputs, tmp_path):
+    """A process killed mid-write leaves only its temporary: the rerun's plan still has that image to do."""
+    from diffsr.batch import plan_share
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".im0.k3j9x.partial.png").write_bytes(b"half an image")  # as write_atomically names its temporaries
+    (out / "im1.png").write_bytes(b"done")
+    plan = plan_share(sorted(inputs.iterdir()), out, None, False, Processes())
+    assert [source.name for source, _ in plan.jobs] == ["im0.png", "im2.png"] and plan.skipped == 1
+
+
 @pytest.mark.parametrize("text", ["0/2", "3/2", "1/0", "a/2", "2", "1/2/3", "-1/2"])
 def test_bad_shards_are_one_line_usage_errors(text, capsys):
     with pytest.raises(UsageError, match=r"expected I/N"):

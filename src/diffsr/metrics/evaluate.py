@@ -243,7 +243,8 @@ def _score_pair(sr_path: Path, gt_path: Path | None, image_metrics: dict) -> tup
     return scores, problems
 
 
-def _gathered_distance(metric: SetFeatures, sr_paths: list[Path], gt_paths: list[Path], processes: Processes) -> float:
+def _gathered_distance(metric: SetFeatures, sr_paths: list[Path], gt_paths: list[Path],
+                       processes: Processes) -> float:
     """The distance between the two sets' features, each process extracting its part; the features are put
     back in the order of the images, so the result is one process's to float precision."""
     def features(paths):

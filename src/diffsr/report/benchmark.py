@@ -178,7 +178,8 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
                   runs: int = 1, device: str = "cpu", dtype: str = "float32", bases: list[str] = (),
                   weights: list[str] = (), de_nets: list[str] = (), results: list[str] = (), metric_device=None,
                   metric_backend: str = "auto", metric_weights=None, download: bool = True, crop_border: int = 0,
-                  dataset: str | None = None, progress=None, log=print, processes: Processes | None = None) -> Benchmark:
+                  dataset: str | None = None, progress=None, log=print,
+                  processes: Processes | None = None) -> Benchmark:
     lr_dir, output = Path(lr_dir), Path(output)
     gt_dir = Path(gt_dir) if gt_dir else None
     lr_paths = collect_inputs([lr_dir])
@@ -193,8 +194,8 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
     external, _ = parse_assignments(list(results), "--results")
     seeds = [seed + k for k in range(runs)]
     processes = processes or Processes()
-    built = build_metrics(names, processes.device(metric_device or device), metric_backend, metric_weights, download, crop_border,
-                          has_gt=gt_dir is not None)
+    built = build_metrics(names, processes.device(metric_device or device), metric_backend, metric_weights, download,
+                          crop_border, has_gt=gt_dir is not None)
     bench = Benchmark([], names, lr_dir, gt_dir, output, scale, runs, device, dataset, unavailable=dict(built[1]))
     for name in [m.strip().lower() for m in methods if m.strip()]:
         failures: list[str] = []
