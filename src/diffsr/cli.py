@@ -383,7 +383,7 @@ def _upscale(args, processes) -> int:
 
 def _upscale_jobs(args, method, limits, jobs, processes, tally) -> int | None:
     """Load the model once (on this process's device) and upscale this process's jobs; how many were
-    written, or None when the model cannot run (said once)."""
+    written, or None when the model cannot run (said by this process; torchrun then stops the others)."""
     import diffsr
 
     show = not args.quiet and processes.is_main
