@@ -33,7 +33,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def split(weights: Sequence[float], parts: int) -> list[list[int]]:
     """The indices of each of `parts` parts, balanced by weight: largest first, each into the lightest part
-    (ties: the lower index, the lower part), each part's indices in their original order. Deterministic."""
+    (ties: the lower index, the lower part), each part's indices in their original order. Deterministic.
+    Written here: accelerate's split_between_processes cuts by count, in order, not by weight."""
     loads = [0.0] * parts
     shares: list[list[int]] = [[] for _ in range(parts)]
     for index in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
