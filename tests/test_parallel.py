@@ -252,3 +252,25 @@ def test_benchmark_with_two_processes_equals_one(inputs, tmp_path, tiny_base, os
     for first, second in zip(one["methods"], two["methods"], strict=True):
         assert second["evaluation"]["per_image"] == first["evaluation"]["per_image"]
         assert second["evaluation"]["summary"]["fid"] == pytest.approx(first["evaluation"]["summary"]["fid"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_runs_with_two_processes_equals_one(inputs, tmp_path, tiny_base, osediff_weights, metric_weights):  # noqa: F811
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for path in sorted(inputs.iterdir()):
+        width, height = Image.open(path).size
+        Image.fromarray(smooth_image(height * 4, width * 4, seed=7)).save(gt / path.name)
+    args = ["evaluate", "--lr", inputs, "--gt", gt, "--runs", "2", "--metrics", "psnr,fid", "--metric-weights",
+            metric_weights, "--offline", "--format", "json", "--quiet", *model_args(tiny_base, osediff_weights)[:-1]]
+    assert main([str(a) for a in args] + ["--work-dir", str(tmp_path / "w1"), "-o", str(tmp_path / "one.json")]) == 0
+    refused = torchrun(*args, "-o", tmp_path / "no-work-dir.json")  # every process must see one folder
+    assert refused.returncode != 0 and refused.stderr.count("--runs in a launched job: give --work-dir") == 1
+    done = torchrun(*args, "--work-dir", tmp_path / "w2", "-o", tmp_path / "two.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for seed in ("seed0", "seed1"):
+        assert images(tmp_path / "w2" / "osediff" / seed) == images(tmp_path / "w1" / "osediff" / seed) != {}
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert [r["per_image"] for r in two["per_run"]] == [r["per_image"] for r in one["per_run"]]
+    assert two["g_std"] == one["g_std"] and two["l_std"] == one["l_std"]
+    assert two["summary"]["fid"] == pytest.approx(one["summary"]["fid"], rel=1e-6)
