@@ -85,3 +85,63 @@ def test_demo_runs_offline_and_says_it_is_a_smoke_test(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "SMOKE TEST" in err and "NOT an upscale" in err
     assert Image.open(tmp_path / "demo" / "example.png").size == (512, 384)
+
+
+# -- checks that need no model: before it loads, exit 2, one line naming the flags typed ----------------------
+
+@pytest.fixture()
+def one_image(tmp_path):
+    """A real image, and weights that do not exist: a check made after loading would fail on the weights instead."""
+    Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
+    return ["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--base", str(tmp_path),
+            "--weights", str(tmp_path / "missing.pkl")]
+
+
+def usage_error(args, capsys) -> str:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("diffsr: error: "), err
+    assert "missing.pkl" not in err and "Error" not in err and "unexpected keyword" not in err
+    return err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scale", "9"], "--scale 9.0 is out of range (choose 1 to 8)"),
+    (["--scale", "0.5"], "--scale 0.5 is out of range"),
+    (["--device", "tpu9"], "unknown --device 'tpu9'"),
+    (["--fidelity", "0.5"], "--method osediff does not take --fidelity (a flag of stablesr)"),
+    (["--steps", "4", "--t-max", "0.5"], "does not take --steps (a flag of ccsr, stablesr); --t-max (a flag of ccsr)"),
+    (["--de-net", "d.pth"], "--method osediff does not take --de-net (a flag of s3diff)"),
+    (["--method", "stablesr", "--merge-lora"], "--method stablesr does not take --merge-lora (a flag of osediff, s3diff)"),
+    (["--method", "ccsr", "--degradation-blur", "0.5"],
+     "--method ccsr does not take --degradation-blur/--degradation-noise (a flag of s3diff)"),
+    (["--method", "stablesr", "--sample-posterior"], "does not take --sample-posterior (a flag of ccsr, osediff, s3diff)"),
+    (["--max-memory", "0"], "--max-memory 0.0 GB must be positive"),
+    (["--tile-size", "64", "--tile-overlap", "64"], "--tile-size 64 must be larger than --tile-overlap 64"),
+])
+def test_flag_errors_come_before_loading_and_name_the_flags(one_image, flags, message, capsys, tmp_path):
+    assert message in usage_error(one_image + flags, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unavailable_cuda_is_a_usage_error_before_loading(one_image, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "--device 'cuda' is not available" in usage_error(one_image + ["--device", "cuda"], capsys)
+
+
+def test_bad_dtype_is_refused_by_name(one_image, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(one_image + ["--dtype", "float8"])
+    assert exit_info.value.code == 2 and "--dtype: invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_knob_values_checked_after_loading_name_the_flags(tmp_path, tiny_base, ccsr_v2_weights, capsys):
+    Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
+    err = usage_error(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--method", "ccsr", "--quiet",
+                       "--base", str(tiny_base), "--weights", str(ccsr_v2_weights), "--t-max", "0.4", "--t-min", "0.5"],
+                      capsys)
+    assert "--t-min (0.5) must be smaller than --t-max (0.4)" in err

@@ -318,7 +318,7 @@ def test_cli_rejects_bad_tile_size_before_loading(tmp_path, capsys):
     code = main(["upscale", str(tmp_path), "-o", str(tmp_path / "out"), "--tile-size", "20", "--base", str(tmp_path),
                  "--weights", str(tmp_path / "missing.pkl")])
     err = capsys.readouterr().err
-    assert code == EXIT_USAGE and "tile_size 20 must be a positive multiple of 8" in err
+    assert code == EXIT_USAGE and "--tile-size 20 must be a positive multiple of 8" in err
     assert "missing.pkl" not in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 some inputs failed (the others were written), 2 bad usa
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -101,10 +102,55 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 _OPTIONAL_KNOBS = ("prompt", "negative_prompt", "guidance_scale", "steps", "sampler", "eta", "fidelity", "t_max", "t_min")
 
 
+# The flag of a method knob or load option where it is not --name-with-dashes.
+_FLAG_OF = {"degradation": "--degradation-blur/--degradation-noise"}
+
+
+def _flag(name: str) -> str:
+    return _FLAG_OF.get(name, "--" + name.replace("_", "-"))
+
+
+def _with_flags(message: str, names) -> str:
+    """A library message with the Python names among `names` written as the flags the user typed
+    (max_memory -> --max-memory)."""
+    for name in names:
+        message = re.sub(rf"(?<![-\w]){name}\b", _flag(name), message)
+    return message
+
+
+def _check_flags(args, method) -> None:
+    """What needs no model, before it loads: the scale, the device, flags of other methods, the tile sizes.
+    A UsageError names the flags as typed."""
+    from diffsr.backbone import resolve_device
+    from diffsr.methods import METHODS
+    from diffsr.methods.base import check_scale
+    from diffsr.tiling import TILING_KNOBS, TilingOptions
+
+    try:
+        check_scale(args.scale)
+        resolve_device(args.device)
+    except UsageError as error:
+        raise UsageError(_with_flags(str(error), ("scale", "device"))) from None
+    takes = set(method.knob_names()) | set(method.load_option_names())
+    foreign = [name for name in (*_method_knobs(args), *_load_options(args)) if name not in takes]
+    if foreign:
+        owners = {name: [m.name for m in METHODS.values() if name in m.knob_names() + m.load_option_names()]
+                  for name in foreign}
+        raise UsageError(f"--method {method.name} does not take " + "; ".join(
+            f"{_flag(name)} ({'a flag of ' + ', '.join(sorted(owners[name])) if owners[name] else 'no method takes it'})"
+            for name in foreign))
+    try:
+        TilingOptions.from_knobs(_tiling_knobs(args))
+    except UsageError as error:
+        raise UsageError(_with_flags(str(error), TILING_KNOBS)) from None
+
+
 def _tiling_knobs(args) -> dict:
     from diffsr.tiling import TILING_KNOBS
 
-    return {name: getattr(args, name) for name in TILING_KNOBS if getattr(args, name) not in (None, False)}
+    # `is`, not `in (None, False)`: 0 == False, and --max-memory 0 must reach the check, not vanish
+    return {name: getattr(args, name) for name in TILING_KNOBS if getattr(args, name) is not None
+            and getattr(args, name) is not False}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,14 +358,11 @@ def run_upscale(args) -> int:
     from diffsr.batch import plan_outputs, upscale_all
     from diffsr.images import check_output_folder
     from diffsr.methods import get_method
-    from diffsr.methods.base import check_scale
-    from diffsr.tiling import TilingOptions
 
     # Whatever would fail every image is found before the model is loaded.
     try:
         method = get_method(args.method)
-        check_scale(args.scale)
-        TilingOptions.from_knobs(_tiling_knobs(args))  # bad tile sizes are a usage error, before any loading
+        _check_flags(args, method)
         limits = {"max_input_pixels": _pixels(args.max_input_megapixels, "--max-input-megapixels"),
                   "max_output_pixels": _pixels(args.max_output_megapixels, "--max-output-megapixels")}
         paths = collect_inputs(args.inputs)
@@ -339,15 +382,15 @@ def run_upscale(args) -> int:
     if not plan.jobs:
         return EXIT_SOME_FAILED if plan.refused else EXIT_OK
 
+    # Only the knobs the user gave: the others keep each method's release defaults.
+    knobs = {**_method_knobs(args), **_tiling_knobs(args)}
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights, device=args.device,
                                         dtype=args.dtype, offline=args.offline or None, progress=not args.quiet,
                                         **_load_options(args))
-        # Only the knobs the user gave: the others keep each method's release defaults.
-        knobs = {**_method_knobs(args), **_tiling_knobs(args)}
         upscaler.check_arguments(args.scale, args.seed, args.color_fix, knobs)
     except (DiffsrError, TypeError) as error:
-        _fail(str(error))
+        _fail(_with_flags(str(error), knobs))
         return EXIT_USAGE
 
     from tqdm import tqdm

@@ -231,7 +231,8 @@ class CCSR(Upscaler):
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
             raise UsageError(f"guidance_scale must be a positive number, got {scale!r}")
 
-    def knob_names(self):
+    @classmethod
+    def knob_names(cls):
         return ("prompt", "negative_prompt", "steps", "t_max", "t_min", "guidance_scale", "sample_posterior")
 
     # -- the flow --------------------------------------------------------------------------------
