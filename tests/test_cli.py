@@ -145,3 +145,39 @@ def test_knob_values_checked_after_loading_name_the_flags(tmp_path, tiny_base, c
                        "--base", str(tiny_base), "--weights", str(ccsr_v2_weights), "--t-max", "0.4", "--t-min", "0.5"],
                       capsys)
     assert "--t-min (0.5) must be smaller than --t-max (0.4)" in err
+
+
+def test_version(capsys):
+    import diffsr
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"diffsr {diffsr.__version__}"
+
+
+def test_methods_shows_variants_defaults_and_flags(capsys):
+    from diffsr.weights import Registry
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    blocks = {block.split(":")[0]: block for block in ("\n" + out).split("\n") if block and not block.startswith(" ")}
+    assert sorted(blocks) == ["ccsr", "osediff", "s3diff", "stablesr"]
+    registry = Registry.load()
+    for item in registry.items.values():
+        if item.kind == "weights":  # every released variant is listed under its method, with its base
+            line = next(line for line in out.splitlines() if line.strip().startswith(item.name + " "))
+            assert item.variant in line and line.endswith(f"base {item.base}")
+    assert "stablesr: default weights stablesr on base sd21-base" in out
+    assert "s3diff: default weights s3diff on base sd-turbo" in out
+    stablesr = out.split("stablesr: ")[1]
+    assert "--fidelity" in stablesr and "--merge-lora" not in stablesr
+    assert "--fidelity" not in out.split("osediff: ")[1].split("s3diff: ")[0]
+
+
+def test_float16_on_cpu_warns_and_suggests_bfloat16(tmp_path, capsys):
+    args = ["upscale", str(tmp_path), "-o", str(tmp_path / "out"), "--dtype", "float16"]
+    assert main(args) == 2  # an empty folder: the warning comes before that
+    err = capsys.readouterr().err
+    assert "warning: --dtype float16 on the CPU is very slow" in err and "--dtype bfloat16" in err
+    main(args[:-2] + ["--dtype", "bfloat16"])
+    assert "warning" not in capsys.readouterr().err

@@ -154,7 +154,10 @@ def _tiling_knobs(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffsr import __version__
+
     parser = argparse.ArgumentParser(prog="diffsr", description="Real-world image super-resolution with diffusion priors.")
+    parser.add_argument("--version", action="version", version=f"diffsr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     upscale = commands.add_parser("upscale", help="upscale images or folders of images")
@@ -172,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the tiny test model is written (default: ~/.cache/diffsr/tiny)")
     demo.add_argument("--quiet", action="store_true")
 
-    commands.add_parser("methods", help="list the available methods")
+    commands.add_parser("methods", help="list the methods: their variants, default weights and base, and flags")
 
     degrade = commands.add_parser("degrade", help="make a paired LR/HR test set with the Real-ESRGAN degradation")
     degrade.add_argument("hr_dir", type=Path, metavar="HR_DIR", help="folder of HR images")
@@ -363,6 +366,7 @@ def run_upscale(args) -> int:
     try:
         method = get_method(args.method)
         _check_flags(args, method)
+        _warn_if_slow_dtype(args.device, args.dtype)
         limits = {"max_input_pixels": _pixels(args.max_input_megapixels, "--max-input-megapixels"),
                   "max_output_pixels": _pixels(args.max_output_megapixels, "--max-output-megapixels")}
         paths = collect_inputs(args.inputs)
@@ -420,6 +424,44 @@ def run_upscale(args) -> int:
     if not args.quiet:
         print(f"wrote {written} image(s) to {args.output}" + (f"; {failures} failed" if failures else ""), file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def run_methods() -> int:
+    """Each method with its released variants (from the weights registry), the default, and its own flags."""
+    from diffsr import weights
+    from diffsr.methods import METHODS, list_methods
+
+    upscale_flags = _subparser(build_parser(), "upscale")._option_string_actions
+    registry = weights.Registry.load()
+    for name in list_methods():
+        method = METHODS[name]
+        released = [item for item in registry.items.values() if item.kind == "weights" and item.method == name]
+        default = next((item for item in released if item.default), None)
+        print(f"{name}: default weights {default.name if default else '(none: give --weights)'} on base "
+              f"{default.base if default and default.base else method.default_base}")
+        width = max((len(item.name) for item in released), default=0) + 4  # room for " *"
+        for item in released:
+            print(f"  {(item.name + (' *' if item.default else '')).ljust(width)}{item.variant or '':28}"
+                  f"base {item.base or method.default_base}")
+        flags = [_flag(n) for n in dict.fromkeys(method.knob_names() + method.load_option_names())
+                 if _flag(n).split("/")[0] in upscale_flags]
+        print(f"  flags: {', '.join(flags)}")
+    print("* the default; `diffsr weights list` shows sizes and what is cached", file=sys.stderr)
+    return EXIT_OK
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return commands.choices[command]
+
+
+def _warn_if_slow_dtype(device: str, dtype: str) -> None:
+    """float16 on a CPU runs in emulation (about 12x slower than bfloat16 on the test machine)."""
+    import torch
+
+    if dtype in ("float16", "fp16") and torch.device(device).type == "cpu":
+        print("diffsr: warning: --dtype float16 on the CPU is very slow (emulated); --dtype bfloat16 is much "
+              "faster there, or float32 for the reference numerics", file=sys.stderr)
 
 
 def _pixels(megapixels: float, option: str) -> int:
@@ -592,10 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "weights":
         return run_weights(args)
     if args.command == "methods":
-        from diffsr.methods import list_methods
-
-        print("\n".join(list_methods()))
-        return EXIT_OK
+        return run_methods()
     return EXIT_USAGE
 
 
