@@ -37,6 +37,13 @@ class NoisyUpscaler:
     def __init__(self, strength):
         self.strength = strength
 
+    @staticmethod
+    def knob_names():
+        return ()
+
+    def check_arguments(self, scale, seed, color_fix, knobs):
+        assert not knobs
+
     def upscale(self, picture, scale=4, seed=0):
         width, height = picture.size
         up = resize_picture(picture, (round(width * scale), round(height * scale)))
@@ -169,3 +176,33 @@ def test_benchmark_with_tiny_osediff(tmp_path, dataset, metric_weights):
     assert [m["name"] for m in data["methods"]] == ["osediff", "bicubic"]
     assert data["methods"][0]["seconds_per_image"] > 0
     assert set(data["methods"][0]["evaluation"]["summary"]) == {"psnr", "ssim", "lpips", "niqe"}
+
+
+def test_benchmark_passes_each_method_the_knobs_it_takes(dataset, tmp_path, monkeypatch, capsys):
+    """The upscale knobs on the benchmark command line reach each method that takes them, and only those."""
+    from diffsr.methods import METHODS
+
+    received = {}
+
+    class Recording(NoisyUpscaler):
+        def __init__(self, method):
+            super().__init__(1)
+            self.method = method
+            self.knob_names = METHODS[method].knob_names  # the real method's knobs
+
+        def check_arguments(self, scale, seed, color_fix, knobs):
+            received[self.method] = dict(knobs)
+
+        def upscale(self, picture, scale=4, seed=0, **knobs):
+            assert knobs == received[self.method]
+            return super().upscale(picture, scale, seed)
+
+    monkeypatch.setattr(diffsr, "load_upscaler", lambda method, **options: Recording(method))
+    lr, gt = dataset
+    base = ["benchmark", "--methods", "stablesr,osediff,bicubic", "--lr", str(lr), "--gt", str(gt), "--metrics", "psnr"]
+    code = main(base + ["-o", str(tmp_path / "o"), "--steps", "7", "--fidelity", "0.3", "--tile-size", "32", "--quiet"])
+    assert code == 0
+    assert received == {"stablesr": {"steps": 7, "fidelity": 0.3, "tile_size": 32}, "osediff": {"tile_size": 32}}
+    capsys.readouterr()
+    assert main(base[:2] + ["osediff,bicubic"] + base[3:] + ["-o", str(tmp_path / "p"), "--t-max", "0.5"]) == 2
+    assert capsys.readouterr().err == "diffsr: error: no method of osediff, bicubic takes --t-max\n"

@@ -65,15 +65,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--scale", type=float, default=4, help="upscaling factor, 1 to 8 (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every random draw (default 0)")
-    parser.add_argument("--prompt", help="text prompt (default: the method's; empty for osediff)")
-    parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: the method's)")
-    parser.add_argument("--guidance-scale", type=float,
-                        help="classifier-free guidance scale (default: the method's; s3diff 1.07, stablesr 1; 1 = off)")
-    parser.add_argument("--t-max", type=float, help="CCSR: where the truncated chain starts, in [0, 1]")
-    parser.add_argument("--t-min", type=float, help="CCSR: where the truncated chain stops, in [0, 1), below --t-max")
-    parser.add_argument("--degradation-blur", type=_score, help="s3diff: use this blur score in [0, 1] instead of the estimate")
-    parser.add_argument("--degradation-noise", type=_score, help="s3diff: use this noise score in [0, 1] instead of the estimate")
-    parser.add_argument("--show-degradation", action="store_true", help="s3diff: print each image's degradation scores")
     parser.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction (default: the method's release default)")
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
     parser.add_argument("--overwrite", action="store_true",
@@ -83,7 +74,21 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-output-megapixels", type=float, default=MAX_OUTPUT_PIXELS / 1e6, metavar="MP",
                         help="refuse inputs whose output would be larger (default %(default)g)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    # Multi-step methods (StableSR); left unset, each method uses its release default.
+    _add_knob_options(parser)
+
+
+def _add_knob_options(parser: argparse.ArgumentParser) -> None:
+    """The method knobs and tiling options (upscale and benchmark); _method_knobs and _tiling_knobs collect them."""
+    parser.add_argument("--prompt", help="text prompt (default: the method's; empty for osediff)")
+    parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: the method's)")
+    parser.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance scale (default: the method's; s3diff 1.07, stablesr 1; 1 = off)")
+    parser.add_argument("--t-max", type=float, help="CCSR: where the truncated chain starts, in [0, 1]")
+    parser.add_argument("--t-min", type=float, help="CCSR: where the truncated chain stops, in [0, 1), below --t-max")
+    parser.add_argument("--degradation-blur", type=_score, help="s3diff: use this blur score in [0, 1] instead of the estimate")
+    parser.add_argument("--degradation-noise", type=_score, help="s3diff: use this noise score in [0, 1] instead of the estimate")
+    parser.add_argument("--show-degradation", action="store_true", help="s3diff: print each image's degradation scores")
+    # Multi-step methods (StableSR, CCSR); left unset, each method uses its release default.
     parser.add_argument("--steps", type=int, help="sampling steps (default: the method's; stablesr 200, 4 for turbo)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="StableSR sampler (default ddpm)")
     parser.add_argument("--eta", type=float, help="DDIM noise (default 0: deterministic)")
@@ -347,6 +352,7 @@ def _add_evaluation_commands(commands) -> None:
     benchmark.add_argument("--dataset", help="dataset name for the papers' reference rows (e.g. DIV2K-Val, RealSR)")
     benchmark.add_argument("--title", default="diffsr benchmark")
     benchmark.add_argument("--quiet", action="store_true")
+    _add_knob_options(benchmark)  # each method gets the knobs it takes
 
 
 def _load_options(args) -> dict:
@@ -560,15 +566,17 @@ def run_benchmark(args) -> int:
         if not args.quiet:
             print(message, file=sys.stderr)
 
+    knobs = {**_method_knobs(args), **_tiling_knobs(args)}
+    _warn_if_slow_dtype(args.device, args.dtype)
     try:
         result = benchmark(args.methods.split(","), args.lr, args.gt, args.output, args.metrics, scale=args.scale,
                            seed=args.seed, runs=args.runs, device=args.device, dtype=args.dtype, bases=args.base,
                            weights=args.weights, de_nets=args.de_net, results=args.results,
                            metric_device=args.metric_device, metric_backend=args.metric_backend,
                            metric_weights=args.metric_weights, download=not args.offline,
-                           crop_border=args.crop_border, dataset=args.dataset, log=log)
+                           crop_border=args.crop_border, dataset=args.dataset, knobs=knobs, log=log)
     except DiffsrError as error:
-        _fail(str(error))
+        _fail(_with_flags(str(error), knobs))
         return EXIT_USAGE
     paths = write_outputs(result, args.title)
     print(paths["md"].read_text(), end="")
