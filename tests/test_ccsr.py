@@ -270,7 +270,7 @@ def test_full_size_controlnet_has_the_release_layout():
     tensors: condition_conv_in (320, 4, 3, 3), 12 down zero convs and the mid one, no image-condition encoder."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from diffsr.methods.ccsr import controlnet_class
+    from diffsr.nets.ccsr_controlnet import controlnet_class
 
     sd21 = dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
                 block_out_channels=[320, 640, 1280, 1280], layers_per_block=2)
