@@ -181,3 +181,77 @@ def test_float16_on_cpu_warns_and_suggests_bfloat16(tmp_path, capsys):
     assert "warning: --dtype float16 on the CPU is very slow" in err and "--dtype bfloat16" in err
     main(args[:-2] + ["--dtype", "bfloat16"])
     assert "warning" not in capsys.readouterr().err
+
+
+# -- progress -----------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def small_process_size(monkeypatch):
+    """The methods' load option process_size=64 under the CLI: inputs are not enlarged to 512 px (the CLI's own
+    behaviour is unchanged; the tests run in seconds instead of half a minute each)."""
+    import diffsr
+
+    load = diffsr.load_upscaler
+    monkeypatch.setattr(diffsr, "load_upscaler", lambda *args, **options: load(*args, **options, process_size=64))
+
+
+class Terminal:
+    """stderr as a terminal (capsys's is not one)."""
+
+    def __init__(self):
+        import io
+
+        self.text = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.text.write(text)
+
+    def flush(self):
+        pass
+
+
+def progress_run(args, monkeypatch, capsys, terminal=False):
+    if terminal:
+        stream = Terminal()
+        monkeypatch.setattr("sys.stderr", stream)
+        assert main(args) == 0
+        monkeypatch.undo()
+        return stream.text.getvalue()
+    assert main(args) == 0
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("terminal", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_one_step_methods_show_no_pass_count(tmp_path, tiny_base, osediff_weights, small_process_size, terminal,
+                                             monkeypatch, capsys):
+    Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
+    args = ["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--base", str(tiny_base),
+            "--weights", str(osediff_weights)]
+    monkeypatch.setattr("diffsr.cli._PassProgress.PLAIN_EVERY", 0.0)
+    err = progress_run(args, monkeypatch, capsys, terminal)
+    assert "pass" not in err and "wrote 1 image(s)" in err
+    if terminal:
+        assert "\r" in err and "osediff x2" in err  # the image bar
+    else:  # not a terminal: plain lines only
+        assert "\r" not in err and "\x1b" not in err
+        assert "diffsr: [1/1] x.png: upscaled in " in err
+
+
+@pytest.mark.parametrize("terminal", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_multi_step_progress_counts_passes(tmp_path, tiny_base, ccsr_v2_weights, small_process_size, terminal,
+                                           monkeypatch, capsys):
+    Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
+    args = ["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--method", "ccsr",
+            "--base", str(tiny_base), "--weights", str(ccsr_v2_weights), "--steps", "10", "--t-max", "0.5",
+            "--t-min", "0.2"]  # 4 denoiser passes
+    monkeypatch.setattr("diffsr.cli._PassProgress.PLAIN_EVERY", 0.0)
+    err = progress_run(args, monkeypatch, capsys, terminal)
+    if terminal:
+        assert "denoiser passes" in err
+    else:
+        assert "\r" not in err and "\x1b" not in err
+        lines = [line for line in err.splitlines() if "denoiser passes" in line]
+        assert lines == [f"diffsr: x.png: {n} denoiser passes" for n in (2, 3, 4)]

@@ -403,19 +403,31 @@ def run_upscale(args) -> int:
         _fail(_with_flags(str(error), knobs))
         return EXIT_USAGE
 
+    import time
+
     from tqdm import tqdm
 
     from diffsr import tiling
 
-    progress = tqdm(plan.jobs, desc=f"{method.name} x{args.scale:g}", unit="image", disable=args.quiet, file=sys.stderr)
-    # A second bar counts the denoiser passes of the image in hand (multi-step methods on large images are slow).
-    passes = tqdm(desc="denoiser passes", unit="pass", disable=args.quiet, file=sys.stderr, position=1, leave=False)
+    # On a terminal, bars; otherwise (a log, a pipe) plain lines, no escape codes or carriage returns.
+    plain = not args.quiet and not sys.stderr.isatty()
+    progress = tqdm(plan.jobs, desc=f"{method.name} x{args.scale:g}", unit="image", disable=args.quiet or plain,
+                    file=sys.stderr)
+    passes = _PassProgress(args.quiet, plain)
+    done = 0
 
     def upscale(path):
-        passes.reset()
+        nonlocal done
+        passes.start(path.name)
+        start = time.monotonic()
         with tiling.report_passes(passes.update):
-            return upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
-                                    **knobs)
+            result = upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
+                                      **knobs)
+        done += 1
+        if plain:
+            print(f"diffsr: [{done}/{len(plan.jobs)}] {path.name}: upscaled in {time.monotonic() - start:.1f} s",
+                  file=sys.stderr)
+        return result
 
     failures = len(plan.refused)
 
@@ -468,6 +480,46 @@ def _warn_if_slow_dtype(device: str, dtype: str) -> None:
     if dtype in ("float16", "fp16") and torch.device(device).type == "cpu":
         print("diffsr: warning: --dtype float16 on the CPU is very slow (emulated); --dtype bfloat16 is much "
               "faster there, or float32 for the reference numerics", file=sys.stderr)
+
+
+class _PassProgress:
+    """The denoiser passes of the image in hand (multi-step methods on large images are slow), shown from an
+    image's second pass on, so one-step methods show nothing: a second tqdm bar on a terminal, else a plain
+    line at most every PLAIN_EVERY seconds."""
+
+    PLAIN_EVERY = 10.0
+
+    def __init__(self, quiet: bool, plain: bool):
+        self.quiet, self.plain = quiet, plain
+        self.bar, self.count, self.name, self.last_line = None, 0, "", 0.0
+
+    def start(self, name: str) -> None:
+        import time
+
+        self.count, self.name, self.last_line = 0, name, time.monotonic()
+        if self.bar is not None:
+            self.bar.reset()
+
+    def update(self) -> None:
+        import time
+
+        self.count += 1
+        if self.quiet or self.count < 2:
+            return
+        if self.plain:
+            if time.monotonic() - self.last_line >= self.PLAIN_EVERY:
+                print(f"diffsr: {self.name}: {self.count} denoiser passes", file=sys.stderr)
+                self.last_line = time.monotonic()
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="denoiser passes", unit="pass", file=sys.stderr, position=1, leave=False)
+        self.bar.update(self.count - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _pixels(megapixels: float, option: str) -> int:
