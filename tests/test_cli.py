@@ -20,7 +20,8 @@ def model_args(tiny_base, osediff_weights):
     return ["--method", "osediff", "--base", str(tiny_base), "--weights", str(osediff_weights), "--quiet"]
 
 
-def test_folder_with_a_bad_file_writes_the_others_and_exits_1(inputs, tmp_path, tiny_base, osediff_weights, capsys):
+def test_folder_with_a_bad_file_writes_the_others_and_exits_1(inputs, tmp_path, tiny_base, osediff_weights, capsys,
+                                                              small_process_size):
     out = tmp_path / "out"
     code = main(["upscale", str(inputs), "-o", str(out), "--scale", "8"] + model_args(tiny_base, osediff_weights))
     assert code == 1
@@ -30,7 +31,8 @@ def test_folder_with_a_bad_file_writes_the_others_and_exits_1(inputs, tmp_path, 
     assert "broken.png: not an image" in err and err.count("error:") == 1
 
 
-def test_existing_outputs_are_kept_unless_overwrite(inputs, tmp_path, tiny_base, osediff_weights, capsys):
+def test_existing_outputs_are_kept_unless_overwrite(inputs, tmp_path, tiny_base, osediff_weights, capsys,
+                                                    small_process_size):
     out = tmp_path / "out"
     out.mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(out / "a.webp")
@@ -56,7 +58,8 @@ def test_usage_errors_exit_2(tmp_path, tiny_base, osediff_weights, capsys):
     assert "missing.pkl: weights file not found" in capsys.readouterr().err
 
 
-def test_missing_input_is_reported_and_others_written(tmp_path, tiny_base, osediff_weights, capsys):
+def test_missing_input_is_reported_and_others_written(tmp_path, tiny_base, osediff_weights, capsys,
+                                                      small_process_size):
     Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
     out = tmp_path / "out"
     code = main(["upscale", str(tmp_path / "x.png"), str(tmp_path / "gone.png"), "-o", str(out), "--scale", "8"]
@@ -65,7 +68,8 @@ def test_missing_input_is_reported_and_others_written(tmp_path, tiny_base, osedi
     assert "gone.png: no such file" in capsys.readouterr().err
 
 
-def test_two_inputs_with_one_output_name_are_not_overwritten(tmp_path, tiny_base, osediff_weights, capsys):
+def test_two_inputs_with_one_output_name_are_not_overwritten(tmp_path, tiny_base, osediff_weights, capsys,
+                                                             small_process_size):
     Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
     Image.fromarray(smooth_image(8, 8, seed=3)).save(tmp_path / "x.jpg")
     out = tmp_path / "out"
