@@ -18,13 +18,11 @@ from diffsr.samplers import Schedule, guided, sample_ddim, sample_ddpm, space_ti
 from conftest import parity_fixture
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from diffsr.testing import make_tiny_base, make_tiny_weights
+def files(tiny_base, tmp_path_factory):
+    """conftest's tiny base (the one the fixtures were made on, as parity_fixture checks) and StableSR weights."""
+    from diffsr.testing import make_tiny_weights
 
-    folder = tmp_path_factory.mktemp("stablesr")
-    base = make_tiny_base(folder / "sd21-tiny")
-    weights = make_tiny_weights("stablesr", base, folder / "stablesr_000117.ckpt")
-    return base, weights
+    return tiny_base, make_tiny_weights("stablesr", tiny_base, tmp_path_factory.mktemp("stablesr") / "stablesr_000117.ckpt")
 
 
 @pytest.fixture(scope="module")
