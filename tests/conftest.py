@@ -1,8 +1,26 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def parity_fixture(name: str, *weights):
+    """torch.load of tests/fixtures/<name>, after the one staleness guard every parity test uses: `weights` (the
+    tiny models the test runs on) must be those the fixture was made from, by their weights_digest recorded in
+    fixtures/weights_digests.json. A fixture is never regenerated to make a change pass."""
+    from diffsr.testing import weights_digest
+
+    record = json.loads((FIXTURES / "weights_digests.json").read_text())["fixtures"][name]
+    if weights_digest(*weights) != record["digest"]:
+        pytest.fail(f"the tiny models are not those {name} was made from ({record['weights']}; made by "
+                    f"{record['made_by']}): the change to diffsr.testing is what is wrong, not the fixture")
+    return torch.load(FIXTURES / name)
 
 
 @pytest.fixture(scope="module")

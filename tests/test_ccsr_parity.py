@@ -1,20 +1,19 @@
 """Parity with the authors' CCSR code on tiny random weights (see tests/fixtures/ccsr/README.md)."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from diffsr.images import Picture
 from diffsr.methods.ccsr import CCSR
+from conftest import parity_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ccsr"
 TOLERANCE = 1e-3  # the issue's bound; the measured differences are printed and far smaller
 
 
 @pytest.fixture(scope="module")
-def v2_reference():
-    return torch.load(FIXTURES / "ccsr_v2_parity.pt")
+def v2_reference(tiny_base, ccsr_v2_weights):
+    return parity_fixture("ccsr/ccsr_v2_parity.pt", tiny_base, ccsr_v2_weights)
 
 
 def check_case(method, case, name, script):
@@ -44,8 +43,8 @@ def test_v2_matches_the_release_pipeline(ccsr_v2, v2_reference, name):
 
 
 @pytest.fixture(scope="module")
-def v1_reference():
-    return torch.load(FIXTURES / "ccsr_v1_parity.pt")
+def v1_reference(tiny_base, ccsr_v1_weights):
+    return parity_fixture("ccsr/ccsr_v1_parity.pt", tiny_base, ccsr_v1_weights)
 
 
 @pytest.mark.parametrize("name", ["release_defaults", "paper_two_steps", "enlarge_cfg"])
@@ -58,30 +57,27 @@ def test_v1_matches_the_release_sampler(ccsr_v1, v1_reference, name):
 
 @pytest.mark.slow  # a 512x704 image through the sampler: about a minute
 @torch.no_grad()
-def test_v1_matches_the_release_script_at_its_settings(ccsr_v1, ccsr_v1_weights):
+def test_v1_matches_the_release_script_at_its_settings(tiny_base, ccsr_v1, ccsr_v1_weights):
     """inference_ccsr.py at its defaults (tests/fixtures/ccsr/make_v1_release_run.py): a 40x56 input at x4 is
     sampled at 512x704 (a 64x88 latent) in one piece, as the script never tiles, and brought back to 224x160 with
     the script's truncation to 8 bits and Lanczos filter; 45 steps, t_max 0.6667, t_min 0.3333 (no colour fix: the
     next test has the script's default)."""
-    check_release_run(ccsr_v1, ccsr_v1_weights, "ccsr_v1_release_run.pt", "none")
+    check_release_run(tiny_base, ccsr_v1, ccsr_v1_weights, "ccsr_v1_release_run.pt", "none")
 
 
 @pytest.mark.slow  # a 512x704 image through the sampler: about a minute
 @torch.no_grad()
-def test_v1_matches_the_release_script_with_its_default_color_fix(ccsr_v1, ccsr_v1_weights):
+def test_v1_matches_the_release_script_with_its_default_color_fix(tiny_base, ccsr_v1, ccsr_v1_weights):
     """The same run with the script's default --color_fix_type adain, which it applies to the decoded image
     before clamping it (on the tiny weights the decoded values reach 1.8: clamping first differs by 14 levels);
     diffsr's default colour fix for v1, no colour fix argument."""
-    check_release_run(ccsr_v1, ccsr_v1_weights, "ccsr_v1_release_run_adain.pt", None)
+    check_release_run(tiny_base, ccsr_v1, ccsr_v1_weights, "ccsr_v1_release_run_adain.pt", None)
 
 
-def check_release_run(ccsr_v1, ccsr_v1_weights, fixture: str, color_fix: str | None):
+def check_release_run(tiny_base, ccsr_v1, ccsr_v1_weights, fixture: str, color_fix: str | None):
     """The release script's saved image (`fixture`, same weights, same preprocessing, the whole latent at every
     evaluation) within 1 level of 8 bits of `upscale` with `color_fix` (None: diffsr's default)."""
-    reference = torch.load(FIXTURES / fixture)
-    state = torch.load(ccsr_v1_weights)["state_dict"]
-    fingerprint = sum(v.double().abs().sum() for _, v in sorted(state.items()) if v.is_floating_point())
-    assert float(fingerprint) == float(reference["weights_fingerprint"]), "the tiny CCSR-v1 weights changed"
+    reference = parity_fixture(f"ccsr/{fixture}", tiny_base, ccsr_v1_weights)
     method = CCSR(ccsr_v1.backbone, ccsr_v1.controlnet, 1, ccsr_v1.condition_vae,
                   process_size=reference["process_size"])
     assert reference["color_fix"] == (color_fix or method.default_color_fix)

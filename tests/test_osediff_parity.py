@@ -7,7 +7,6 @@ torch.manual_seed(0)), colour-fixed results and the 8-bit image their script sav
 """
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,14 +15,14 @@ import torch
 from diffsr.color import adain, wavelet
 from diffsr.images import Picture
 from diffsr.methods.osediff import OSEDiff
+from conftest import parity_fixture
 
-FIXTURE = Path(__file__).parent / "fixtures" / "osediff" / "osediff_parity.pt"
 TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return torch.load(FIXTURE)
+def reference(tiny_base, osediff_weights):
+    return parity_fixture("osediff/osediff_parity.pt", tiny_base, osediff_weights)
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@
 
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +9,8 @@ import torch
 
 import diffsr
 from diffsr.errors import UsageError, WeightsError
-from conftest import smooth_image
+from conftest import parity_fixture, smooth_image
 
-FIXTURE = Path(__file__).parent / "fixtures" / "s3diff" / "parity.pt"
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +33,9 @@ def test_matches_the_release_on_the_same_tiny_weights(models, s3diff):
     from diffsr.images import as_picture
     from diffsr.methods.base import color_fix_and_clamp
     from diffsr.methods.s3diff import GUIDANCE_SCALE, NEGATIVE_PROMPT, POSITIVE_PROMPT
-    from diffsr.testing import weights_digest
 
     base, weights = models
-    fixture = torch.load(FIXTURE)
-    if weights_digest(base, weights, weights.parent / "de_net.pth") != fixture["digest"]:
-        pytest.fail("the tiny models changed since parity.pt was made: regenerate it with "
-                    "tests/fixtures/s3diff/make_parity_fixture.py (see its docstring)")
+    fixture = parity_fixture("s3diff/parity.pt", base, weights, weights.parent / "de_net.pth")
     for image, scores in ((fixture["lr"], fixture["scores"]), (fixture["lr_noise"], fixture["scores_noise"])):
         estimated = torch.tensor(s3diff.estimate_degradation(image.numpy()))
         assert (estimated - scores[0]).abs().max() <= 1e-5

@@ -308,10 +308,18 @@ def test_bad_tiling_knobs_are_rejected(upscaler, knobs, message):
         upscaler(np.zeros((16, 16, 3), np.uint8), scale=4, **knobs)
 
 
-def test_cli_rejects_bad_tile_size_before_loading(tmp_path):
+def test_cli_rejects_bad_tile_size_before_loading(tmp_path, capsys):
+    """A real image in the folder and weights that do not exist: only the tile size can stop it, before loading."""
+    from PIL import Image
+
     from diffsr.cli import EXIT_USAGE, main
 
-    assert main(["upscale", str(tmp_path), "-o", str(tmp_path / "out"), "--tile-size", "20"]) == EXIT_USAGE
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / "x.png")
+    code = main(["upscale", str(tmp_path), "-o", str(tmp_path / "out"), "--tile-size", "20", "--base", str(tmp_path),
+                 "--weights", str(tmp_path / "missing.pkl")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE and "--tile-size 20 must be a positive multiple of 8" in err
+    assert "missing.pkl" not in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("method, weights_name, knobs", [

@@ -12,10 +12,9 @@ import diffsr
 from diffsr.errors import BaseModelError, UsageError, WeightsError
 from diffsr.training import trainer_class
 from diffsr.training.base import state_digest
-from conftest import smooth_image
+from conftest import parity_fixture, smooth_image
 from diffsr.training.ccsr import CCSRStage1, eps_loss, resize_back, truncated_losses
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ccsr"
 STEPS = 20
 
 
@@ -143,11 +142,7 @@ def test_resize_back_is_8_bit_at_the_hr_size():
 
 def test_matches_the_release_training_step(tiny_base, ccsr_v2_weights, one_thread):
     """train_ccsr_stage1.py's step on the same tiny models, latents and seed (fixtures/ccsr/README.md)."""
-    from diffsr.testing import weights_digest
-
-    reference = torch.load(FIXTURES / "ccsr_train_parity.pt")
-    assert weights_digest(tiny_base, ccsr_v2_weights / "controlnet") == reference["digest"], \
-        "the tiny models changed: regenerate the fixture with tests/fixtures/ccsr/make_train_parity.py"
+    reference = parity_fixture("ccsr/ccsr_train_parity.pt", tiny_base, ccsr_v2_weights / "controlnet")
     trainer = CCSRStage1(tiny_base, weights=ccsr_v2_weights)
     torch.manual_seed(reference["seed"])
     losses = truncated_losses(trainer.eps_model(reference["condition"]), reference["hr_latent"],

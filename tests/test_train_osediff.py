@@ -1,5 +1,7 @@
 """OSEDiff training: VSD gradient, the regularizer/teacher UNet, loss falling, release round trip."""
 
+import copy
+
 import pytest
 import torch
 
@@ -47,8 +49,8 @@ def test_regularizer_unet_is_the_base_with_all_adapters_active(trainer, tiny_bas
     from diffsr.methods.osediff import UNET_ADAPTERS
     from diffsr.training.osediff import adapters_off
 
-    unet = trainer.regularizer_unet
-    assert sorted(unet.active_adapters()) == sorted(UNET_ADAPTERS)  # the release leaves only the last one on
+    assert sorted(trainer.regularizer_unet.active_adapters()) == sorted(UNET_ADAPTERS)  # the release: only the last on
+    unet = copy.deepcopy(trainer.regularizer_unet)  # given trained-looking LoRA below: the shared trainer stays as it is
     base_unet = load_backbone(tiny_base).unet
     latent, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -59,9 +61,6 @@ def test_regularizer_unet_is_the_base_with_all_adapters_active(trainer, tiny_bas
             frozen = unet(latent, 500, text).sample
         adapted = unet(latent, 500, text).sample
         reference = base_unet(latent, 500, text).sample
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.zero_()
     torch.testing.assert_close(frozen, reference, rtol=0, atol=1e-6)  # the teacher: the base, untouched
     assert (adapted - reference).abs().max() > 1e-3
     assert unet.active_adapters() and all(layer.disable_adapters is False for layer in _lora_layers(unet))
@@ -97,3 +96,42 @@ def test_loss_falls_and_release_loads(tmp_path, tiny_base, metric_weights):
         expected = result["trainer"].upscaler().restore(lr, torch.Generator().manual_seed(0))
         got = loaded.restore(lr, generator)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.fixture()
+def no_metric_weights(tmp_path, monkeypatch):
+    """Nowhere to find LPIPS weights, and no network: an empty weights folder and an empty torch.hub cache."""
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("DIFFSR_METRIC_WEIGHTS", str(tmp_path / "empty"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_missing_lpips_weights_say_how_training_names_them(tiny_base, no_metric_weights):
+    from diffsr.errors import WeightsError
+
+    with pytest.raises(WeightsError) as error:
+        OSEDiffTrainer(tiny_base)
+    message = str(error.value)
+    assert "LPIPS training loss needs its weights" in message and "--set method_args.lpips_weights=DIR" in message
+    assert "lambda_lpips: 0" in message and "--metric-weights" not in message  # `train` has no such flag
+
+
+@pytest.mark.slow  # two training steps: about 10 s
+def test_tiny_config_trains_offline_from_any_folder(tmp_path, tiny_base, no_metric_weights, monkeypatch):
+    """configs/train/tiny/osediff.yaml as its comment says: the base `diffsr demo` writes under ~/.cache, no LPIPS
+    weights anywhere, run from another working directory."""
+    from pathlib import Path
+
+    from diffsr.cli import main
+    from training_helpers import hr_folder
+
+    config = Path(__file__).parents[1] / "configs" / "train" / "tiny" / "osediff.yaml"
+    home = tmp_path / "home"
+    (home / ".cache" / "diffsr" / "tiny").mkdir(parents=True)
+    (home / ".cache" / "diffsr" / "tiny" / "sd21-tiny").symlink_to(tiny_base)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    hr = hr_folder(tmp_path / "hr", count=1)
+    assert main(["train", str(config), "--set", f"data.hr=[{hr}]", "--set", "train.steps=2", "--quiet"]) == 0
+    assert [line["step"] for line in logged(tmp_path / "runs" / "tiny-osediff")] == [1, 2]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import diffsr
-from conftest import smooth_image
+from conftest import parity_fixture, smooth_image
 from metric_helpers import metric_weights  # noqa: F401  (fixture)
 from training_helpers import falls, logged, pair_folders, tiny_config
 from diffsr.errors import UsageError, WeightsError
@@ -186,14 +186,9 @@ def test_training_step_matches_the_release(build, tiny_base, s3diff_weights):
     """The authors' training model (src/s3diff.py) on the same tiny weights, inputs and posterior draw
     (tests/fixtures/s3diff/make_train_parity_fixture.py): output, 2 x MSE with online negative prompting for
     the first sample, and its gradients in conv_in, LoRA A and B, the MLPs and the block embeddings."""
-    from pathlib import Path
-
     from diffsr.methods.s3diff import NEGATIVE_PROMPT, POSITIVE_PROMPT
-    from diffsr.testing import weights_digest
 
-    fixture = torch.load(Path(__file__).parent / "fixtures" / "s3diff" / "train_parity.pt")
-    if weights_digest(tiny_base, s3diff_weights, s3diff_weights.parent / "de_net.pth") != fixture["digest"]:
-        pytest.fail("the tiny models changed since train_parity.pt was made: regenerate it (see its script)")
+    fixture = parity_fixture("s3diff/train_parity.pt", tiny_base, s3diff_weights, s3diff_weights.parent / "de_net.pth")
     trainer = build(weights=s3diff_weights)
     trainer.train()
     batch = {"lr": fixture["lr"], "hr": fixture["hr"]}

@@ -3,7 +3,6 @@ exactly the trained pieces, and save_release writes files that diffsr.load_upsca
 with the trained modules' outputs."""
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 import diffsr
 from diffsr.training.base import state_digest
 from diffsr.training.stablesr import StableSRStage1, StableSRStage2
+from conftest import parity_fixture
 from metric_helpers import metric_weights  # noqa: F401  (fixture)
 
 
@@ -244,18 +244,13 @@ def test_resume_continues_exactly(stage, tiny_base, release_weights, tmp_path, o
     assert whole["step"] == 4
 
 
-TRAIN_STEP = Path(__file__).parent / "fixtures" / "stablesr" / "stablesr_train_step.pt"
-
-
 def test_stage1_training_step_matches_the_release(tiny_base, release_weights, one_thread):
     """The loss and the gradient of every trained tensor against LatentDiffusionSRTextWT.p_losses on the same
     weights and inputs (tests/fixtures/stablesr/make_train_reference.py; gradients compared by their norms)."""
     from diffsr.checkpoints import ldm
 
-    reference = torch.load(TRAIN_STEP)
-    state = torch.load(release_weights)["state_dict"]
-    fingerprint = sum(v.double().abs().sum() for _, v in sorted(state.items()) if v.is_floating_point())
-    assert abs(float(fingerprint) - float(reference["weights_fingerprint"])) < 1e-6 * float(fingerprint)
+    reference = parity_fixture("stablesr/stablesr_train_step.pt", tiny_base, release_weights,
+                               release_weights.parent / "vqgan_cfw_00011.ckpt")
     trainer = StableSRStage1(tiny_base, weights=release_weights)
     loss = trainer.diffusion_loss(reference["latent_hr"], reference["latent_lr"], reference["t"], reference["noise"],
                                   reference["text"])

@@ -53,13 +53,12 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
         if process_size < 8:
             raise UsageError(f"process_size {process_size} must be at least 8 pixels")
     cls = get_method(method)
-    parameters = inspect.signature(cls.load).parameters
-    allowed = [name for name in parameters if name not in ("base", "weights", "device", "dtype")]
+    allowed = cls.load_option_names()
     unknown = sorted(set(options) - set(allowed))
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.load).parameters.values()):
         raise UsageError(f"{cls.name} has no load option {', '.join(unknown)} (options: {', '.join(allowed)})")
     from diffsr.weights import resolve_method
 
     resolved = resolve_method(cls.name, base, weights, options, default_base=cls.default_base, offline=offline,
-                              progress=progress)
+                              progress=progress, convert=cls.convert_weights)
     return cls.load(resolved.base, resolved.weights, device=device, dtype=dtype, **resolved.options)

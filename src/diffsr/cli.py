@@ -6,12 +6,12 @@ Exit codes: 0 success, 1 some inputs failed (the others were written), 2 bad usa
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-import warnings
 from pathlib import Path
 
 from diffsr.color import COLOR_FIXES
-from diffsr.errors import DiffsrError, UsageError, first_line
+from diffsr.errors import DiffsrError, UsageError
 from diffsr.images import MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, OUTPUT_FORMATS, collect_inputs
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -64,15 +64,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--scale", type=float, default=4, help="upscaling factor, 1 to 8 (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every random draw (default 0)")
-    parser.add_argument("--prompt", help="text prompt (default: the method's; empty for osediff)")
-    parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: the method's)")
-    parser.add_argument("--guidance-scale", type=float,
-                        help="classifier-free guidance scale (default: the method's; s3diff 1.07, stablesr 1; 1 = off)")
-    parser.add_argument("--t-max", type=float, help="CCSR: where the truncated chain starts, in [0, 1]")
-    parser.add_argument("--t-min", type=float, help="CCSR: where the truncated chain stops, in [0, 1), below --t-max")
-    parser.add_argument("--degradation-blur", type=_score, help="s3diff: use this blur score in [0, 1] instead of the estimate")
-    parser.add_argument("--degradation-noise", type=_score, help="s3diff: use this noise score in [0, 1] instead of the estimate")
-    parser.add_argument("--show-degradation", action="store_true", help="s3diff: print each image's degradation scores")
     parser.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction (default: the method's release default)")
     parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), help="output type (default: the input's own)")
     parser.add_argument("--overwrite", action="store_true",
@@ -82,7 +73,21 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-output-megapixels", type=float, default=MAX_OUTPUT_PIXELS / 1e6, metavar="MP",
                         help="refuse inputs whose output would be larger (default %(default)g)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    # Multi-step methods (StableSR); left unset, each method uses its release default.
+    _add_knob_options(parser)
+
+
+def _add_knob_options(parser: argparse.ArgumentParser) -> None:
+    """The method knobs and tiling options (upscale and benchmark); _method_knobs and _tiling_knobs collect them."""
+    parser.add_argument("--prompt", help="text prompt (default: the method's; empty for osediff)")
+    parser.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: the method's)")
+    parser.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance scale (default: the method's; s3diff 1.07, stablesr 1; 1 = off)")
+    parser.add_argument("--t-max", type=float, help="CCSR: where the truncated chain starts, in [0, 1]")
+    parser.add_argument("--t-min", type=float, help="CCSR: where the truncated chain stops, in [0, 1), below --t-max")
+    parser.add_argument("--degradation-blur", type=_score, help="s3diff: use this blur score in [0, 1] instead of the estimate")
+    parser.add_argument("--degradation-noise", type=_score, help="s3diff: use this noise score in [0, 1] instead of the estimate")
+    parser.add_argument("--show-degradation", action="store_true", help="s3diff: print each image's degradation scores")
+    # Multi-step methods (StableSR, CCSR); left unset, each method uses its release default.
     parser.add_argument("--steps", type=int, help="sampling steps (default: the method's; stablesr 200, 4 for turbo)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], help="StableSR sampler (default ddpm)")
     parser.add_argument("--eta", type=float, help="DDIM noise (default 0: deterministic)")
@@ -101,14 +106,62 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 _OPTIONAL_KNOBS = ("prompt", "negative_prompt", "guidance_scale", "steps", "sampler", "eta", "fidelity", "t_max", "t_min")
 
 
+# The flag of a method knob or load option where it is not --name-with-dashes.
+_FLAG_OF = {"degradation": "--degradation-blur/--degradation-noise"}
+
+
+def _flag(name: str) -> str:
+    return _FLAG_OF.get(name, "--" + name.replace("_", "-"))
+
+
+def _with_flags(message: str, names) -> str:
+    """A library message with the Python names among `names` written as the flags the user typed
+    (max_memory -> --max-memory)."""
+    for name in names:
+        message = re.sub(rf"(?<![-\w]){name}\b", _flag(name), message)
+    return message
+
+
+def _check_flags(args, method) -> None:
+    """What needs no model, before it loads: the scale, the device, flags of other methods, the tile sizes.
+    A UsageError names the flags as typed."""
+    from diffsr.backbone import resolve_device
+    from diffsr.methods import METHODS
+    from diffsr.methods.base import check_scale
+    from diffsr.tiling import TILING_KNOBS, TilingOptions
+
+    try:
+        check_scale(args.scale)
+        resolve_device(args.device)
+    except UsageError as error:
+        raise UsageError(_with_flags(str(error), ("scale", "device"))) from None
+    takes = set(method.knob_names()) | set(method.load_option_names())
+    foreign = [name for name in (*_method_knobs(args), *_load_options(args)) if name not in takes]
+    if foreign:
+        owners = {name: [m.name for m in METHODS.values() if name in m.knob_names() + m.load_option_names()]
+                  for name in foreign}
+        raise UsageError(f"--method {method.name} does not take " + "; ".join(
+            f"{_flag(name)} ({'a flag of ' + ', '.join(sorted(owners[name])) if owners[name] else 'no method takes it'})"
+            for name in foreign))
+    try:
+        TilingOptions.from_knobs(_tiling_knobs(args))
+    except UsageError as error:
+        raise UsageError(_with_flags(str(error), TILING_KNOBS)) from None
+
+
 def _tiling_knobs(args) -> dict:
     from diffsr.tiling import TILING_KNOBS
 
-    return {name: getattr(args, name) for name in TILING_KNOBS if getattr(args, name) not in (None, False)}
+    # `is`, not `in (None, False)`: 0 == False, and --max-memory 0 must reach the check, not vanish
+    return {name: getattr(args, name) for name in TILING_KNOBS if getattr(args, name) is not None
+            and getattr(args, name) is not False}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffsr import __version__
+
     parser = argparse.ArgumentParser(prog="diffsr", description="Real-world image super-resolution with diffusion priors.")
+    parser.add_argument("--version", action="version", version=f"diffsr {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     upscale = commands.add_parser("upscale", help="upscale images or folders of images")
@@ -127,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the tiny test model is written (default: ~/.cache/diffsr/tiny)")
     demo.add_argument("--quiet", action="store_true")
 
-    commands.add_parser("methods", help="list the available methods")
+    commands.add_parser("methods", help="list the methods: their variants, default weights and base, and flags")
 
     degrade = commands.add_parser("degrade", help="make a paired LR/HR test set with the Real-ESRGAN degradation")
     degrade.add_argument("hr_dir", type=Path, metavar="HR_DIR", help="folder of HR images")
@@ -315,6 +368,7 @@ def _add_evaluation_commands(commands) -> None:
     benchmark.add_argument("--dataset", help="dataset name for the papers' reference rows (e.g. DIV2K-Val, RealSR)")
     benchmark.add_argument("--title", default="diffsr benchmark")
     benchmark.add_argument("--quiet", action="store_true")
+    _add_knob_options(benchmark)  # each method gets the knobs it takes
 
 
 def _load_options(args) -> dict:
@@ -338,16 +392,15 @@ def _upscale(args, processes) -> int:
     from diffsr.batch import Tally, plan_share, summarize
     from diffsr.images import check_output_folder
     from diffsr.methods import get_method
-    from diffsr.methods.base import check_scale
-    from diffsr.tiling import TilingOptions
 
     # Every process finds the same usage errors: the main process says them.
     fail = _fail if processes.is_main else (lambda message: None)
     # Whatever would fail every image is found before the model is loaded.
     try:
         method = get_method(args.method)
-        check_scale(args.scale)
-        TilingOptions.from_knobs(_tiling_knobs(args))  # bad tile sizes are a usage error, before any loading
+        _check_flags(args, method)
+        if processes.is_main:
+            _warn_if_slow_dtype(args.device, args.dtype)
         limits = {"max_input_pixels": _pixels(args.max_input_megapixels, "--max-input-megapixels"),
                   "max_output_pixels": _pixels(args.max_output_megapixels, "--max-output-megapixels")}
         paths = collect_inputs(args.inputs)
@@ -387,34 +440,47 @@ def _upscale_jobs(args, method, limits, jobs, processes, tally) -> int | None:
     import diffsr
 
     show = not args.quiet and processes.is_main
+    # Only the knobs the user gave: the others keep each method's release defaults.
+    knobs = {**_method_knobs(args), **_tiling_knobs(args)}
     try:
         upscaler = diffsr.load_upscaler(method.name, base=args.base, weights=args.weights,
                                         device=processes.device(args.device), dtype=args.dtype,
                                         offline=args.offline or None, progress=show, **_load_options(args))
-        # Only the knobs the user gave: the others keep each method's release defaults.
-        knobs = {**_method_knobs(args), **_tiling_knobs(args)}
         upscaler.check_arguments(args.scale, args.seed, args.color_fix, knobs)
     except (DiffsrError, TypeError) as error:
+        message = _with_flags(str(error), knobs)
         if processes.parallel:
-            processes.say(f"diffsr: error: {error}")
+            processes.say(f"diffsr: error: {message}")
         else:
-            _fail(str(error))
+            _fail(message)
         return None
+
+    import time
 
     from tqdm import tqdm
 
     from diffsr import tiling
     from diffsr.batch import upscale_all
 
-    progress = tqdm(jobs, desc=f"{method.name} x{args.scale:g}", unit="image", disable=not show, file=sys.stderr)
-    # A second bar counts the denoiser passes of the image in hand (multi-step methods on large images are slow).
-    passes = tqdm(desc="denoiser passes", unit="pass", disable=not show, file=sys.stderr, position=1, leave=False)
+    # On a terminal, bars; otherwise (a log, a pipe) plain lines, no escape codes or carriage returns.
+    plain = show and not sys.stderr.isatty()
+    progress = tqdm(jobs, desc=f"{method.name} x{args.scale:g}", unit="image", disable=not show or plain,
+                    file=sys.stderr)
+    passes = _PassProgress(not show, plain)
+    done = 0
 
     def upscale(path):
-        passes.reset()
+        nonlocal done
+        passes.start(path.name)
+        start = time.monotonic()
         with tiling.report_passes(passes.update):
-            return upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
-                                    **knobs)
+            result = upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
+                                      **knobs)
+        done += 1
+        if plain:
+            print(f"diffsr: [{done}/{len(jobs)}] {path.name}: upscaled in {time.monotonic() - start:.1f} s",
+                  file=sys.stderr)
+        return result
 
     rank = f"[rank {processes.rank}] " if processes.parallel else ""
 
@@ -428,6 +494,84 @@ def _upscale_jobs(args, method, limits, jobs, processes, tally) -> int | None:
     return written
 
 
+def run_methods() -> int:
+    """Each method with its released variants (from the weights registry), the default, and its own flags."""
+    from diffsr import weights
+    from diffsr.methods import METHODS, list_methods
+
+    upscale_flags = _subparser(build_parser(), "upscale")._option_string_actions
+    registry = weights.Registry.load()
+    for name in list_methods():
+        method = METHODS[name]
+        released = [item for item in registry.items.values() if item.kind == "weights" and item.method == name]
+        default = next((item for item in released if item.default), None)
+        print(f"{name}: default weights {default.name if default else '(none: give --weights)'} on base "
+              f"{default.base if default and default.base else method.default_base}")
+        width = max((len(item.name) for item in released), default=0) + 4  # room for " *"
+        for item in released:
+            print(f"  {(item.name + (' *' if item.default else '')).ljust(width)}{item.variant or '':28}"
+                  f"base {item.base or method.default_base}")
+        flags = [_flag(n) for n in dict.fromkeys(method.knob_names() + method.load_option_names())
+                 if _flag(n).split("/")[0] in upscale_flags]
+        print(f"  flags: {', '.join(flags)}")
+    print("* the default; `diffsr weights list` shows sizes and what is cached", file=sys.stderr)
+    return EXIT_OK
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return commands.choices[command]
+
+
+def _warn_if_slow_dtype(device: str, dtype: str) -> None:
+    """float16 on a CPU runs in emulation (about 12x slower than bfloat16 on the test machine)."""
+    import torch
+
+    if dtype in ("float16", "fp16") and torch.device(device).type == "cpu":
+        print("diffsr: warning: --dtype float16 on the CPU is very slow (emulated); --dtype bfloat16 is much "
+              "faster there, or float32 for the reference numerics", file=sys.stderr)
+
+
+class _PassProgress:
+    """The denoiser passes of the image in hand (multi-step methods on large images are slow), shown from an
+    image's second pass on, so one-step methods show nothing: a second tqdm bar on a terminal, else a plain
+    line at most every PLAIN_EVERY seconds."""
+
+    PLAIN_EVERY = 10.0
+
+    def __init__(self, quiet: bool, plain: bool):
+        self.quiet, self.plain = quiet, plain
+        self.bar, self.count, self.name, self.last_line = None, 0, "", 0.0
+
+    def start(self, name: str) -> None:
+        import time
+
+        self.count, self.name, self.last_line = 0, name, time.monotonic()
+        if self.bar is not None:
+            self.bar.reset()
+
+    def update(self) -> None:
+        import time
+
+        self.count += 1
+        if self.quiet or self.count < 2:
+            return
+        if self.plain:
+            if time.monotonic() - self.last_line >= self.PLAIN_EVERY:
+                print(f"diffsr: {self.name}: {self.count} denoiser passes", file=sys.stderr)
+                self.last_line = time.monotonic()
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="denoiser passes", unit="pass", file=sys.stderr, position=1, leave=False)
+        self.bar.update(self.count - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _pixels(megapixels: float, option: str) -> int:
     if not megapixels > 0:
         raise UsageError(f"{option} must be positive, got {megapixels:g}")
@@ -435,9 +579,16 @@ def _pixels(megapixels: float, option: str) -> int:
 
 
 def run_demo(args) -> int:
-    from diffsr.demo import run_demo as demo
+    """An upscale of the bundled example with the tiny random model (written once under --models)."""
+    from diffsr.demo import BANNER, EXAMPLE, default_models, ensure_tiny_models, example_path
 
-    return demo(args.output, args.models, quiet=args.quiet)
+    print(BANNER, file=sys.stderr)
+    base, weights = ensure_tiny_models(args.models or default_models())
+    code = main(["upscale", str(example_path()), "-o", str(args.output), "--method", "osediff", "--base", str(base),
+                 "--weights", str(weights), "--scale", "4", "--overwrite"] + (["--quiet"] if args.quiet else []))
+    if code == 0:
+        print(f"smoke test passed: {args.output / EXAMPLE} (random-model output, not an upscale)", file=sys.stderr)
+    return code
 
 
 def run_degrade(args) -> int:
@@ -556,16 +707,19 @@ def run_benchmark(args) -> int:
         if not args.quiet and processes.is_main:
             print(message, file=sys.stderr)
 
+    knobs = {**_method_knobs(args), **_tiling_knobs(args)}
+    _warn_if_slow_dtype(args.device, args.dtype)
     try:
         result = benchmark(args.methods.split(","), args.lr, args.gt, args.output, args.metrics, scale=args.scale,
                            seed=args.seed, runs=args.runs, device=args.device, dtype=args.dtype, bases=args.base,
                            weights=args.weights, de_nets=args.de_net, results=args.results,
                            metric_device=args.metric_device, metric_backend=args.metric_backend,
                            metric_weights=args.metric_weights, download=not args.offline,
-                           crop_border=args.crop_border, dataset=args.dataset, log=log, processes=processes)
+                           crop_border=args.crop_border, dataset=args.dataset, knobs=knobs, log=log,
+                           processes=processes)
     except DiffsrError as error:
         if processes.is_main:  # every process finds it
-            _fail(str(error))
+            _fail(_with_flags(str(error), knobs))
         return EXIT_USAGE
     finally:
         processes.close()
@@ -634,10 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "weights":
         return run_weights(args)
     if args.command == "methods":
-        from diffsr.methods import list_methods
-
-        print("\n".join(list_methods()))
-        return EXIT_OK
+        return run_methods()
     return EXIT_USAGE
 
 

@@ -188,7 +188,7 @@ def weights_digest(*paths: str | Path) -> str:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().contiguous()
             digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")  # 0-d too
         elif isinstance(value, bytes):
             digest.update(value)
         elif isinstance(value, dict):

@@ -6,6 +6,7 @@ tensor the network sees, at processing size) and `restore` (that tensor -> resto
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,17 @@ class Upscaler:
         if unknown:
             raise UsageError(f"{self.name} has no option {', '.join(unknown)} (options: {', '.join(sorted(allowed))})")
 
-    def knob_names(self) -> tuple[str, ...]:
+    @classmethod
+    def knob_names(cls) -> tuple[str, ...]:
+        """The knobs `upscale` takes besides the tiling ones (known without loading, for the command line)."""
         return ("prompt",)
+
+    @classmethod
+    def load_option_names(cls) -> tuple[str, ...]:
+        """The options `load` takes besides base, weights, device and dtype (e.g. merge_lora)."""
+        parameters = inspect.signature(cls.load).parameters.values()
+        return tuple(p.name for p in parameters
+                     if p.name not in ("base", "weights", "device", "dtype") and p.kind != p.VAR_KEYWORD)
 
     def check_arguments(self, scale, seed, color_fix: str | None, knobs: dict) -> tuple[float, int, str]:
         """Every argument of an upscale call checked once, before any work: (scale, seed, color fix)."""

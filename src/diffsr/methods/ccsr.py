@@ -9,8 +9,6 @@ of Diffusion Models for Content Consistent Super-Resolution".
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import math
 import numbers
@@ -25,6 +23,7 @@ from diffsr.backbone import Backbone, load_backbone, quiet_loading, resolve_dtyp
 from diffsr.errors import UsageError, WeightsError, first_line
 from diffsr.images import Picture, resize
 from diffsr.methods.base import Prepared, Upscaler, output_size
+from diffsr.nets.ccsr_controlnet import controlnet_class, controlnet_from_unet
 from diffsr.samplers import TruncatedSchedule, q_sample, randn, space_timesteps, truncated_sample
 from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
@@ -35,53 +34,6 @@ V2_NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over
 # Release defaults: v2 test_ccsr_tile.py (one step), v1 inference_ccsr.py.
 V2_DEFAULTS = dict(steps=1, t_max=0.6666, t_min=0.0, guidance_scale=1.0, prompt=V2_PROMPT, negative_prompt=V2_NEGATIVE_PROMPT)
 V1_DEFAULTS = dict(steps=45, t_max=0.6667, t_min=0.3333, guidance_scale=1.0, prompt="", negative_prompt="")
-
-
-def _controlnet_init(self, use_vae_encode_condition: bool = True, **config):
-    from diffusers import ControlNetModel
-
-    ControlNetModel.__init__(self, **config)
-    # The release replaces the image-space condition encoder by one conv on the LR latent; the
-    # ControlNet adds its output to conv_in(x) exactly where the encoder's output would go.
-    self.controlnet_cond_embedding = nn.Identity()
-    self.condition_conv_in = nn.Conv2d(self.config.in_channels, self.config.block_out_channels[0], 3, padding=1)
-
-
-@functools.cache
-def controlnet_class():
-    """diffusers' ControlNetModel with the release's `use_vae_encode_condition` conv (built on first use
-    so that importing diffsr does not import diffusers)."""
-    from diffusers import ControlNetModel
-    from diffusers.configuration_utils import register_to_config
-
-    # The config keys are ControlNetModel's plus the flag: give __init__ that signature so that
-    # from_pretrained passes every saved key through.
-    signature = inspect.signature(ControlNetModel.__init__)
-    flag = inspect.Parameter("use_vae_encode_condition", inspect.Parameter.KEYWORD_ONLY, default=True)
-    _controlnet_init.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])
-
-    class CCSRControlNet(ControlNetModel):
-        __init__ = register_to_config(_controlnet_init)
-
-        def forward(self, sample, timestep, encoder_hidden_states, condition_latent, **kwargs):
-            """(down residuals, mid residual) for the UNet; `condition_latent` is the scaled LR latent."""
-            return super().forward(sample, timestep, encoder_hidden_states,
-                                   controlnet_cond=self.condition_conv_in(condition_latent), return_dict=False, **kwargs)
-
-    return CCSRControlNet
-
-
-def controlnet_from_unet(unet) -> nn.Module:
-    """A CCSR ControlNet shaped like `unet`'s encoder half (what training starts from)."""
-    from diffusers import ControlNetModel
-
-    plain = ControlNetModel.from_unet(unet)
-    model = controlnet_class()(**{k: v for k, v in plain.config.items() if not k.startswith("_")})
-    model.load_state_dict({k: v for k, v in plain.state_dict().items() if "controlnet_cond_embedding" not in k}, strict=False)
-    # Like the zero convs, the condition conv starts at zero (and the result does not depend on the global RNG).
-    torch.nn.init.zeros_(model.condition_conv_in.weight)
-    torch.nn.init.zeros_(model.condition_conv_in.bias)
-    return model
 
 
 # -- schedules -----------------------------------------------------------------------------------
@@ -231,7 +183,8 @@ class CCSR(Upscaler):
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
             raise UsageError(f"guidance_scale must be a positive number, got {scale!r}")
 
-    def knob_names(self):
+    @classmethod
+    def knob_names(cls):
         return ("prompt", "negative_prompt", "steps", "t_max", "t_min", "guidance_scale", "sample_posterior")
 
     # -- the flow --------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def load_v1(path: Path, backbone: Backbone):
     from diffusers.loaders.single_file_utils import (convert_controlnet_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint)
 
-    from diffsr.methods.ccsr import controlnet_class
+    from diffsr.nets.ccsr_controlnet import controlnet_class
 
     state = _state(read_method_weights(path, "ccsr"))
     for prefix in (UNET, CONTROL, VAE, COND):
@@ -88,7 +88,7 @@ def write_random_v1(base: Path, out_file: Path, seed: int = 0) -> None:
     The OpenCLIP `cond_stage_model.*` tensors of the release are left out: the loader never reads them."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from diffsr.methods.ccsr import controlnet_from_unet
+    from diffsr.nets.ccsr_controlnet import controlnet_from_unet
 
     with quiet_loading():
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")

@@ -148,7 +148,8 @@ class OSEDiff(Upscaler):
                 state[key] = (value + noise).contiguous() if "base_layer" in key else noise
         torch.save(release, out_file)
 
-    def knob_names(self):
+    @classmethod
+    def knob_names(cls):
         return ("prompt", "sample_posterior")
 
     def preprocess(self, picture: Picture, scale: float) -> Prepared:

@@ -307,7 +307,8 @@ class S3Diff(Upscaler):
             value.copy_(torch.randn(value.shape, generator=generator) * (scale if value.dim() > 1 else 0.01))
         torch.save(estimator.state_dict(), Path(out_file).parent / "de_net.pth")
 
-    def knob_names(self):
+    @classmethod
+    def knob_names(cls):
         return ("prompt", "negative_prompt", "guidance_scale", "degradation", "show_degradation", "sample_posterior")
 
     # -- degradation ------------------------------------------------------------------------------

@@ -284,7 +284,8 @@ class StableSR(Upscaler):
         save_cfw_checkpoint(out_file.parent / CFW_NAME, vae, autoencoder.fusion)
 
     # -- running ---------------------------------------------------------------------------------
-    def knob_names(self):
+    @classmethod
+    def knob_names(cls):
         return ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "fidelity", "eta", "start")
 
     def preprocess(self, picture: Picture, scale: float) -> Prepared:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from diffsr.metrics.registry import DISTRIBUTION, FULL_REFERENCE, MetricSpec, MetricUnavailable
+from diffsr.metrics.spec import DISTRIBUTION, FULL_REFERENCE, MetricSpec, MetricUnavailable
 
 
 def _import_pyiqa():

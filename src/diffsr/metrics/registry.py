@@ -8,7 +8,7 @@ diffsr[iqa]`) as the other backend: `backend="auto"` takes the built-in one, els
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,24 +16,9 @@ import torch
 
 from diffsr.errors import DiffsrError, UsageError
 from diffsr.metrics import fidelity
+from diffsr.metrics.spec import DISTRIBUTION, FULL_REFERENCE, NO_REFERENCE, MetricSpec, MetricUnavailable
 
-FULL_REFERENCE, NO_REFERENCE, DISTRIBUTION = "full-reference", "no-reference", "distribution"
 BACKENDS = ("auto", "builtin", "pyiqa")
-
-
-class MetricUnavailable(DiffsrError):
-    """A metric cannot run on this machine (weights or an optional package missing)."""
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    kind: str
-    lower_better: bool
-    description: str
-    pyiqa_name: str  # the name the papers passed to pyiqa.create_metric ...
-    pyiqa_options: dict = field(default_factory=dict)  # ... and its options
-    builtin: Callable | None = None  # (device, weights_dir, download, **options) -> callable on tensors
 
 
 @dataclass

@@ -55,6 +55,10 @@ def search_folders(weights_dir: str | Path | None = None) -> list[Path]:
     return folders
 
 
+# How the metric commands (evaluate, benchmark) name another folder; training names it in its config instead.
+CLI_FOLDER_HINT = " (or pass --metric-weights DIR)"
+
+
 def weights_path(key: str, weights_dir: str | Path | None = None, download: bool = True) -> Path:
     """The local path of weight file `key` (see WEIGHT_FILES), downloading it into torch.hub's cache if allowed."""
     import torch
@@ -75,4 +79,4 @@ def weights_path(key: str, weights_dir: str | Path | None = None, download: bool
     else:
         reason = "downloads are off"
     raise WeightsError(f"missing weights file {file.name} ({file.what}); {reason}. Get it from {file.url} "
-                       f"and put it in {folders[0]} (or pass --metric-weights DIR)")
+                       f"and put it in {folders[0]}{CLI_FOLDER_HINT}")

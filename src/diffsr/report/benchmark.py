@@ -130,12 +130,14 @@ def bicubic(scale: float):
 
 def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seeds: list[int], device: str,
                dtype: str, base: str | None, weights: str | None, options: dict, failures: list[str],
-               processes: Processes | None = None) -> MethodResult:
+               knobs: dict | None = None, processes: Processes | None = None) -> MethodResult:
     """Upscale the LR images once per seed; in a launched job each process loads the model once, on its own
-    device, and upscales its part. seconds_per_image is the time of one process per image."""
+    device, and upscales its part. seconds_per_image is the time of one process per image. `knobs`: upscale
+    knobs (steps, fidelity, tile_size, ...); the method gets those it takes, checked before any image."""
     import torch
 
     import diffsr
+    from diffsr.tiling import TILING_KNOBS
 
     processes = processes or Processes()
     device = processes.device(device)
@@ -149,6 +151,9 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
         try:
             upscaler, error = diffsr.load_upscaler(name, base=base, weights=weights, device=device, dtype=dtype,
                                                    **options), None
+            own = {key: value for key, value in (knobs or {}).items()
+                   if key in upscaler.knob_names() or key in TILING_KNOBS}
+            upscaler.check_arguments(scale, seeds[0], None, own)
         except (DiffsrError, TypeError, RuntimeError) as raised:
             upscaler, error = None, raised
         # All processes go on together or stop together (one that stops alone would leave the others waiting).
@@ -159,7 +164,7 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
             raise UsageError(f"another process: {others[0]}")
 
         def upscale(picture, seed):
-            return upscaler.upscale(picture, scale=scale, seed=seed)
+            return upscaler.upscale(picture, scale=scale, seed=seed, **own)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     spent = sum(upscale_folder(upscale, lr_paths, folder, seed, failures, processes)
@@ -174,12 +179,24 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
     return result
 
 
+def check_knobs_taken(knobs: dict, methods: list[str]) -> None:
+    """Refuse knobs that none of `methods` takes (a typo or a forgotten method must not silently do nothing)."""
+    from diffsr.methods import METHODS
+    from diffsr.tiling import TILING_KNOBS
+
+    takes = set(TILING_KNOBS).union(*(METHODS[m].knob_names() for m in methods if m in METHODS))
+    unused = [name for name in knobs if name not in takes]
+    if unused:
+        raise UsageError(f"no method of {', '.join(methods)} takes {', '.join(unused)}")
+
+
 def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scale: float = 4, seed: int = 0,
                   runs: int = 1, device: str = "cpu", dtype: str = "float32", bases: list[str] = (),
                   weights: list[str] = (), de_nets: list[str] = (), results: list[str] = (), metric_device=None,
                   metric_backend: str = "auto", metric_weights=None, download: bool = True, crop_border: int = 0,
-                  dataset: str | None = None, progress=None, log=print,
+                  dataset: str | None = None, knobs: dict | None = None, progress=None, log=print,
                   processes: Processes | None = None) -> Benchmark:
+    """`knobs`: upscale knobs, each passed to the methods that take it (one no listed method takes is refused)."""
     lr_dir, output = Path(lr_dir), Path(output)
     gt_dir = Path(gt_dir) if gt_dir else None
     lr_paths = collect_inputs([lr_dir])
@@ -193,17 +210,19 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
     de_net_for, _ = parse_assignments(list(de_nets), "--de-net")
     external, _ = parse_assignments(list(results), "--results")
     seeds = [seed + k for k in range(runs)]
+    names_of_methods = [m.strip().lower() for m in methods if m.strip()]
+    check_knobs_taken(knobs or {}, names_of_methods)
     processes = processes or Processes()
     built = build_metrics(names, processes.device(metric_device or device), metric_backend, metric_weights, download,
                           crop_border, has_gt=gt_dir is not None)
     bench = Benchmark([], names, lr_dir, gt_dir, output, scale, runs, device, dataset, unavailable=dict(built[1]))
-    for name in [m.strip().lower() for m in methods if m.strip()]:
+    for name in names_of_methods:
         failures: list[str] = []
         log(f"{name}: upscaling {len(lr_paths)} image(s) x {runs} run(s)")
         try:
             options = {"de_net": de_net_for[name]} if name in de_net_for else {}
             result = run_method(name, lr_paths, output, scale, seeds, device, dtype, base_for.get(name, default_base),
-                                weights_for.get(name), options, failures, processes)
+                                weights_for.get(name), options, failures, knobs, processes)
         except (DiffsrError, TypeError, RuntimeError) as error:
             bench.methods.append(MethodResult(name, [], error=first_line(error)))
             log(f"{name}: cannot run: {bench.methods[-1].error}")

@@ -28,7 +28,8 @@ from torch import nn
 
 from diffsr.backbone import Backbone, load_backbone, quiet_loading
 from diffsr.errors import BaseModelError, UsageError, WeightsError
-from diffsr.methods.ccsr import START_T, CCSR, controlnet_from_unet, load_v2_controlnet, save_v2
+from diffsr.methods.ccsr import START_T, CCSR, load_v2_controlnet, save_v2
+from diffsr.nets.ccsr_controlnet import controlnet_from_unet
 from diffsr.samplers import alpha_bar_at, q_sample, x0_from_eps
 from diffsr.training.base import Trainer, trainable
 

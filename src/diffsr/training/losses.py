@@ -18,11 +18,14 @@ class PerceptualLoss(nn.Module):
     def __init__(self, weights_dir=None):
         super().__init__()
         from diffsr.metrics.perceptual import LPIPS
+        from diffsr.metrics.weights import CLI_FOLDER_HINT
 
         try:
             self.lpips = LPIPS.from_files("vgg", weights_dir, download=False).requires_grad_(False)
         except WeightsError as error:
-            raise WeightsError(f"the LPIPS training loss needs its weights: {error}") from None
+            raise WeightsError(f"the LPIPS training loss needs its weights: {str(error).removesuffix(CLI_FOLDER_HINT)} "
+                               "(or name their folder: method_args.lpips_weights, e.g. --set "
+                               "method_args.lpips_weights=DIR; method_args.lambda_lpips: 0 trains without LPIPS)") from None
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean LPIPS over the batch; gradients flow into `prediction`."""

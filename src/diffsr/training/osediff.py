@@ -85,7 +85,7 @@ class OSEDiffTrainer(Trainer):
             for name, param in module.named_parameters():
                 param.requires_grad_("lora" in name)
         self.unet.conv_in.requires_grad_(True)  # the release trains conv_in's base weight too
-        self.perceptual = PerceptualLoss(lpips_weights)
+        self.perceptual = PerceptualLoss(lpips_weights) if lambda_lpips else None  # no weights needed without it
         self.register_buffer("alphas_cumprod", backbone.alphas_cumprod.float(), persistent=False)
         # The prompt (without tags) and the negative prompt are constant: encoded once.
         self.register_buffer("prompt_text", backbone.encode_prompt([prompt]).float(), persistent=False)
@@ -97,7 +97,8 @@ class OSEDiffTrainer(Trainer):
 
     def frozen_modules(self):
         return {"text_encoder": self.text_encoder, "vae_decoder": self.vae.decoder,
-                "vae_post_quant_conv": self.vae.post_quant_conv, "perceptual": self.perceptual}
+                "vae_post_quant_conv": self.vae.post_quant_conv,
+                **({"perceptual": self.perceptual} if self.perceptual is not None else {})}
 
     def enable_gradient_checkpointing(self):
         for model in (self.unet, self.regularizer_unet, self.vae):
@@ -143,7 +144,7 @@ class OSEDiffTrainer(Trainer):
         text, negative = self.texts(batch["hr"])
         x0, image = self.generate(lr_up.clamp(-1, 1), text)
         mse = F.mse_loss(image.float(), hr.float())
-        lpips = self.perceptual(image, hr)
+        lpips = self.perceptual(image, hr) if self.perceptual is not None else mse.new_zeros(())
         vsd = self.vsd(x0.float(), text, negative)
         batch["latent"], batch["text"] = x0.detach(), text  # the regularizer learns from these next
         loss = self.lambdas["mse"] * mse + self.lambdas["lpips"] * lpips + self.lambdas["vsd"] * vsd

@@ -107,7 +107,7 @@ class S3DiffTrainer(Trainer):
         self.conditioner.requires_grad_(True)
 
         self.discriminator = VisionAidedDiscriminator(load_dino(dino), augment=diff_augment)
-        self.perceptual = PerceptualLoss(lpips_weights)
+        self.perceptual = PerceptualLoss(lpips_weights) if lambda_lpips else None  # no weights needed without it
         self.lambda_l2, self.lambda_lpips, self.lambda_gan = lambda_l2, lambda_lpips, lambda_gan
         self.negative_prob = negative_prob
         # (2, 77, d): positive, negative. Constant, so encoded once (as the other trainers do).
@@ -193,7 +193,7 @@ class S3DiffTrainer(Trainer):
             target = torch.where(negative[:, None, None, None], source, batch["hr"] * 2 - 1)
             output = self.generate(source, scores, text[negative.long()])
             l2 = F.mse_loss(output.float(), target.float()) * self.lambda_l2
-            lpips = self.perceptual(output, target) * self.lambda_lpips
+            lpips = l2.new_zeros(()) if self.perceptual is None else self.perceptual(output, target) * self.lambda_lpips
             logs = {"loss_l2": l2.item(), "loss_lpips": lpips.item(),
                     "negative_fraction": negative.float().mean().item()}
             return l2 + lpips, logs

@@ -131,10 +131,12 @@ class Resolved:
 
 
 def resolve_method(method: str, base=None, weights=None, options: dict | None = None, default_base: str = "",
-                   offline: bool | None = None, progress: bool = True, registry: Registry | None = None) -> Resolved:
+                   offline: bool | None = None, progress: bool = True, registry: Registry | None = None,
+                   convert=None) -> Resolved:
     """What `method` loads: the given base / weights (names, paths or hub ids), and where they are not given,
     the registry's defaults: the default weights of the method, the base those weights were trained on,
-    and the extras they need (S3Diff's de_net, StableSR's CFW autoencoder) unless given in `options`."""
+    and the extras they need (S3Diff's de_net, StableSR's CFW autoencoder) unless given in `options`.
+    `convert`: the method's writer of safetensors copies of its pickled release (Upscaler.convert_weights)."""
     registry = _registry(registry)
     options = dict(options or {})
     item = None
@@ -167,9 +169,9 @@ def resolve_method(method: str, base=None, weights=None, options: dict | None = 
             from diffsr.weights.convert import converted_copy
 
             if option == "weights":
-                weights = converted_copy(entry, weights, base, progress)
+                weights = converted_copy(entry, weights, base, progress, convert)
             else:
-                options[option] = converted_copy(entry, options[option], base, progress)
+                options[option] = converted_copy(entry, options[option], base, progress, convert)
     return Resolved(base, weights, options)
 
 

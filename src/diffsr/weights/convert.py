@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from diffsr.errors import WeightsError
 from diffsr.weights.checks import check_file, diffsr_home, digest
 from diffsr.weights.registry import FileSpec, Item
 
@@ -18,8 +19,10 @@ from diffsr.weights.registry import FileSpec, Item
 CCSR_V1_PREFIXES = ("model.diffusion_model.", "control_model.", "first_stage_model.", "cond_encoder.")
 
 
-def converted_copy(item: Item, release: Path, base: Path, progress: bool = True) -> Path:
-    """The safetensors copy of `release` (item `item`, checked already), written once."""
+def converted_copy(item: Item, release: Path, base: Path, progress: bool = True, convert=None) -> Path:
+    """The safetensors copy of `release` (item `item`, checked already), written once. `convert(release, base,
+    out)`: the method's own writer (StableSR's Upscaler.convert_weights), passed in so that this package, which
+    the methods use, does not import them back; CCSR v1's copy needs none."""
     from filelock import FileLock
 
     target = diffsr_home() / "converted" / item.name / (release.stem + ".safetensors")
@@ -31,7 +34,7 @@ def converted_copy(item: Item, release: Path, base: Path, progress: bool = True)
         if progress:
             print(f"diffsr: converting {release.name} to safetensors once ({target})", file=sys.stderr)
         temporary = target.with_name(target.name + ".tmp")
-        _write(item, release, base, temporary)
+        _write(item, release, base, temporary, convert)
         value = digest(temporary, FileSpec(path=target.name, sha256="-"), progress)
         temporary.replace(target)
         record.write_text(json.dumps({"sha256": value, "from": str(release)}))
@@ -46,11 +49,12 @@ def _intact(target: Path, record: Path) -> bool:
     return check_file(target, FileSpec(path=target.name, sha256=value)) is None
 
 
-def _write(item: Item, release: Path, base: Path, out: Path) -> None:
-    if item.method == "stablesr":
-        from diffsr.methods.stablesr import StableSR
-
-        StableSR.convert_weights(release, base, out)
+def _write(item: Item, release: Path, base: Path, out: Path, convert) -> None:
+    if item.method != "ccsr":
+        if convert is None:
+            raise WeightsError(f"{item.name}: {release.name} is loaded from a converted copy; load it with "
+                               "diffsr.load_upscaler, which passes the method's converter")
+        convert(release, base, out)
         return
     from safetensors.torch import save_file
 
