@@ -665,7 +665,8 @@ def _evaluate(args, processes) -> int:
                 work = args.work_dir or Path(scratch)
                 failures: list[str] = []
                 method = run_method(args.method, collect_inputs([args.lr]), work, args.scale, seeds, args.device,
-                                    args.dtype, args.base, args.weights, _load_options(args), failures, processes)
+                                    args.dtype, args.base, args.weights, _load_options(args), failures,
+                                    processes=processes)
                 for failure in failures:
                     fail(failure)
                 result = evaluate_runs(method.folders, args.gt, args.metrics, device=device, progress=progress,
