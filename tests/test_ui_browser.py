@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from ui_helpers import StandIn
 
 pytest.importorskip("gradio", reason='the web app needs gradio: pip install "diffsr[ui]"')
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test drives Chromium with playwright "
@@ -68,35 +69,6 @@ def images(tmp_path):
     cv2.imwrite(str(folder / "deep.png"), deep[..., ::-1])  # 16-bit RGB PNG
     (folder / "notes.txt").write_text("this is not an image")
     return folder
-
-
-class StandIn:
-    """A model that upscales by nearest neighbour and remembers its calls (and how many ran at once)."""
-
-    def __init__(self):
-        self.calls, self.running, self.most_at_once = [], 0, 0
-        self.lock = threading.Lock()
-
-    def load(self, method, **options):
-        self.calls.append(("load", method, options["weights"]))
-        return self
-
-    def check_arguments(self, scale, seed, color_fix, knobs):
-        return scale, seed, color_fix
-
-    def upscale(self, picture, scale, seed, color_fix=None, **knobs):
-        from diffsr.images import resize_picture
-
-        with self.lock:
-            self.running += 1
-            self.most_at_once = max(self.most_at_once, self.running)
-        time.sleep(0.5)  # long enough for a second request to arrive while this one runs
-        self.calls.append(("upscale", picture.name, scale, knobs))
-        with self.lock:
-            self.running -= 1
-        width, height = picture.size
-        result = resize_picture(picture, (round(width * scale), round(height * scale)), "nearest")
-        return type(picture)(result.rgb, None, picture.name, picture.icc_profile, picture.exif)
 
 
 @pytest.fixture

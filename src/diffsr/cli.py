@@ -557,8 +557,6 @@ def run_ui(args) -> int:
         _fail(INSTALL_HINT)
         return EXIT_USAGE
     from diffsr.report.benchmark import parse_assignments
-    from diffsr.ui.app import launch
-    from diffsr.ui.service import ModelCache
 
     try:
         bases, default_base = parse_assignments(args.base, "--base")
@@ -577,6 +575,9 @@ def run_ui(args) -> int:
     if auth is None and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
         print("diffsr: warning: serving beyond this machine without --auth: anyone who reaches it can run models "
               "and read the results", file=sys.stderr)
+    from diffsr.ui.app import launch
+    from diffsr.ui.service import ModelCache
+
     models = ModelCache(args.device, args.dtype, bases, default_base, offline=args.offline or None,
                         keep=args.keep_models)
     launch(models, local, host=args.host, port=args.port, share=args.share, auth=auth, output=args.output)
