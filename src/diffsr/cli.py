@@ -298,6 +298,12 @@ def _add_evaluation_commands(commands) -> None:
     benchmark.add_argument("--runs", type=int, default=1, help="runs per method with seeds seed..seed+N-1 (adds G-STD, L-STD)")
     benchmark.add_argument("--dataset", help="dataset name for the papers' reference rows (e.g. DIV2K-Val, RealSR)")
     benchmark.add_argument("--title", default="diffsr benchmark")
+    benchmark.add_argument("--show", metavar="NAMES|N|all",
+                           help="which LR images get side-by-side panels: comma-separated names, the first N, or all "
+                                "(default: the first 8)")
+    benchmark.add_argument("--crop", action="append", default=[], metavar="X,Y,SIZE",
+                           help="a 1:1 crop shown from every panel, in ground-truth pixels; repeatable (default: the "
+                                "two most detailed regions of each image)")
     benchmark.add_argument("--quiet", action="store_true")
 
 
@@ -471,12 +477,15 @@ def run_evaluate(args) -> int:
 
 def run_benchmark(args) -> int:
     from diffsr.report.benchmark import run_benchmark as benchmark, write_outputs
+    from diffsr.report.html import chosen_images, parse_crop, parse_show
 
     def log(message):
         if not args.quiet:
             print(message, file=sys.stderr)
 
     try:
+        show, crops = parse_show(args.show), [parse_crop(text) for text in args.crop]
+        chosen_images(collect_inputs([args.lr]) if args.lr.is_dir() else [], show)  # unknown names, before any work
         result = benchmark(args.methods.split(","), args.lr, args.gt, args.output, args.metrics, scale=args.scale,
                            seed=args.seed, runs=args.runs, device=args.device, dtype=args.dtype, bases=args.base,
                            weights=args.weights, de_nets=args.de_net, results=args.results,
@@ -486,7 +495,7 @@ def run_benchmark(args) -> int:
     except DiffsrError as error:
         _fail(str(error))
         return EXIT_USAGE
-    paths = write_outputs(result, args.title)
+    paths = write_outputs(result, args.title, show=show, crops=crops)
     print(paths["md"].read_text(), end="")
     log(f"report: {paths['html']}")
     failed = [m for m in result.methods if m.error] or result.unavailable
