@@ -84,9 +84,9 @@ def test_benchmark_runs_methods_through_the_api(dataset, tmp_path, fake_methods,
     data = json.loads(paths["json"].read_text())
     assert data["methods"][0]["evaluation"]["g_std"]["psnr"] == pytest.approx(bench.methods[0].evaluation.g_std["psnr"])
     page = paths["html"].read_text()
-    # 3 images x (LR, 3 methods, GT), each as a panel and as one automatic 1:1 crop (96 px of a 128 px image)
-    assert page.count("<circle") == 3 and page.count('src="data:image/png;base64,') == 3 * 5 * 2
-    assert page.count('class="crop-row"') == 3
+    # 3 images x (LR, 3 methods, GT), each as a panel and in two automatic 1:1 crops (42 px of a 128 px image)
+    assert page.count("<circle") == 3 and page.count('src="data:image/png;base64,') == 3 * 5 * 3
+    assert page.count('class="crop-row"') == 3 * 2 and page.count('width="42" height="42"') == 3 * 5 * 2
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
 
 
@@ -122,7 +122,7 @@ def test_report_renders_in_a_browser(dataset, tmp_path, fake_methods):
     check = re.search(r'id="self-check">([^<]*)<', dom)
     assert check, "the report's script did not run"
     # 3 images x (LR, 2 methods, GT) as panels and 1:1 crops; 2 methods plotted; each image's panels on one row
-    assert check.group(1) == "images 24/24; plot points 2; panel rows 1; crops 12"
+    assert check.group(1) == "images 36/36; plot points 2; panel rows 1; crops 24"
     assert "<svg" in dom and "perception-distortion plot" in dom
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.std() > 10  # something was drawn, not a blank page
@@ -179,8 +179,8 @@ def test_ground_truth_stays_beside_four_methods_at_any_width(dataset, tmp_path, 
     page = write_outputs(bench, show=["a"])["html"]
     for width in (1400, 700):
         check = re.search(r'id="self-check">([^<]*)<', dump_dom_at(page, tmp_path, width)).group(1)
-        # LR, four methods, GT: six panels and six crops, all panels of the image on one row
-        assert check == "images 12/12; plot points 0; panel rows 1; crops 6", (width, check)
+        # LR, four methods, GT: six panels and two crops of each, all panels of the image on one row
+        assert check == "images 18/18; plot points 0; panel rows 1; crops 12", (width, check)
 
 
 def test_crops_given_or_picked_with_boxes_on_the_images(tmp_path):

@@ -266,14 +266,15 @@ def parse_crop(text: str) -> Crop:
     return Crop(x, y, size)
 
 
-def detailed_regions(picture, count: int = AUTO_CROPS, size: int = AUTO_CROP_SIZE) -> list[Crop]:
+def detailed_regions(picture, count: int = AUTO_CROPS, size: int | None = None) -> list[Crop]:
     """The `count` most detailed square regions (most Laplacian energy), not overlapping: where methods
-    differ most. (cv2 filters; the selection is a few lines of numpy.)"""
+    differ most. Size: AUTO_CROP_SIZE, or a third of a smaller image's short side. (cv2 filters; the
+    selection is a few lines of numpy.)"""
     import cv2
 
     gray = to_pil(picture.rgb).convert("L")
     width, height = gray.size
-    size = max(4, min(size, width, height))
+    size = max(4, min(size or min(AUTO_CROP_SIZE, min(width, height) // 3), width, height))
     energy = np.abs(cv2.Laplacian(np.asarray(gray, dtype=np.float32), cv2.CV_32F))
     summed = cv2.boxFilter(energy, -1, (size, size), normalize=False, anchor=(0, 0),
                            borderType=cv2.BORDER_CONSTANT)[: height - size + 1, : width - size + 1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from diffsr.color import COLOR_FIXES
-from diffsr.errors import DiffsrError
+from diffsr.errors import DiffsrError, first_line
 from diffsr.methods import list_methods
 from diffsr.ui import service
 from diffsr.ui.service import CONTROLS, RELEASE_DEFAULT, TILING_CONTROLS, ModelCache, Settings
@@ -59,7 +59,7 @@ element.addEventListener('click', event => {
 
 def _fail(error: BaseException):
     """One clear line in the browser; the app goes on serving."""
-    return gr.Error(service.one_line(error), print_exception=False)
+    return gr.Error(first_line(error), print_exception=False)
 
 
 def _slider_update(control, **extra):
@@ -102,8 +102,10 @@ def build_app(models: ModelCache, local_weights: dict[str, str], out_root: Path,
                     run = gr.Button("Upscale", variant="primary")
                 with gr.Column(scale=2):
                     status = gr.Markdown(elem_id="status")
-                    slider = gr.ImageSlider(type="pil", format="png", label="before / after", max_height=800,
-                                            buttons=["fullscreen"], elem_classes=["pixelated"], elem_id="result")
+                    # gradio's slider zooms (scroll) and pans (drag) both images together; CSS draws pixels sharp
+                    slider = gr.ImageSlider(type="pil", format="png", label="before / after · scroll to zoom, drag to pan",
+                                            max_height=800, buttons=["fullscreen"], elem_classes=["pixelated"],
+                                            elem_id="result")
                     shown = gr.Dropdown([], label="result shown", visible=False)
                     downloads = gr.File(file_count="multiple", label="download (full resolution, with its settings)",
                                         elem_id="downloads")
@@ -261,6 +263,11 @@ def launch(models: ModelCache, local_weights: dict[str, str], host: str = "127.0
     out_root.mkdir(parents=True, exist_ok=True)
     app = build_app(models, local_weights, out_root)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=port, share=share, auth=auth, allowed_paths=[str(out_root)],
-               prevent_thread_lock=not block, css=CSS, footer_links=[], quiet=False)
+    _, local_url, share_url = app.launch(server_name=host, server_port=port, share=share, auth=auth,
+                                         allowed_paths=[str(out_root)], prevent_thread_lock=True, css=CSS,
+                                         footer_links=[], quiet=True)
+    print(f"diffsr ui: serving on {local_url}" + (f" and {share_url}" if share_url else "")
+          + f" (results in {out_root}); Ctrl+C stops it", flush=True)
+    if block:
+        app.block_thread()
     return app

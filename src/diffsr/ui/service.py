@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import diffsr
-from diffsr.errors import DiffsrError, UsageError, first_line
+from diffsr.errors import UsageError
 from diffsr.images import Picture, read_image, to_pil
 
 RELEASE_DEFAULT = "release default"
@@ -367,11 +367,6 @@ def write_settings(output: Path, settings: Settings, input_name: str) -> Path:
 def preview(picture: Picture):
     """An 8-bit PIL image for the browser (the download keeps the full bit depth)."""
     return to_pil(picture.rgb, picture.alpha)
-
-
-def one_line(error: BaseException) -> str:
-    """The message a failed request shows: a DiffsrError's line, or the first line of anything else."""
-    return str(error).splitlines()[0] if isinstance(error, DiffsrError) and str(error) else first_line(error)
 
 
 def check_method_count(methods: list[str]) -> list[str]:
