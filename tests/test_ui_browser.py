@@ -26,6 +26,9 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test d
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium); the "
                                                          "web app is checked in a real browser only where one is installed")
+# both images of the before/after slider have arrived and decoded
+LOADED = """() => { const shown = [...document.querySelectorAll('#result img')];
+                    return shown.length === 2 && shown.every(i => i.complete && i.naturalWidth > 0); }"""
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"]
 
@@ -87,10 +90,26 @@ def served(tmp_path):
     app.close()
 
 
-def upscale_in(page, url, files, prompt=None, timeout=60_000):
+def open_app(page, url):
     page.goto(url)
-    page.locator("input[type=file]").first.set_input_files([str(f) for f in files])
-    page.get_by_text(files[0].name).first.wait_for(timeout=timeout)  # uploaded
+    page.get_by_role("button", name="Upscale", exact=True).wait_for(timeout=60_000)  # the app has rendered
+
+
+def upload(page, files, tries: int = 3) -> None:
+    """Upload into the image box; tried again when a freshly rendered page dropped it (a busy machine)."""
+    for attempt in range(tries):
+        page.locator("input[type=file]").first.set_input_files([str(f) for f in files])
+        try:
+            page.get_by_text(files[0].name).first.wait_for(timeout=20_000)
+            return
+        except sync_api.TimeoutError:
+            if attempt == tries - 1:
+                raise
+
+
+def upscale_in(page, url, files, prompt=None):
+    open_app(page, url)
+    upload(page, files)
     if prompt is not None:
         page.get_by_label("prompt").fill(prompt)
     page.get_by_role("button", name="Upscale", exact=True).click()
@@ -109,6 +128,7 @@ def test_upscale_download_bad_input_and_two_at_once(browser, served, images):
     page.locator("#status").get_by_text("2 written").wait_for(timeout=60_000)
 
     shown = page.locator("#result img")
+    page.wait_for_function(LOADED)
     assert shown.count() == 2  # before and after, each at the output size (4 x 32x24)
     assert [shown.nth(i).evaluate("i => [i.naturalWidth, i.naturalHeight]") for i in range(2)] == [[128, 96]] * 2
     upscales = [c for c in model.calls if c[0] == "upscale"]
@@ -138,9 +158,8 @@ def test_upscale_download_bad_input_and_two_at_once(browser, served, images):
     other = browser.new_page(viewport={"width": 1400, "height": 1000})
     before = len([c for c in model.calls if c[0] == "upscale"])
     for p in (page, other):
-        p.goto(url)
-        p.locator("input[type=file]").first.set_input_files(str(images / "photo.png"))
-        p.get_by_text("photo.png").first.wait_for()
+        open_app(p, url)
+        upload(p, [images / "photo.png"])
     for p in (page, other):
         p.get_by_role("button", name="Upscale", exact=True).click()
     for p in (page, other):
@@ -164,6 +183,7 @@ def test_diffsr_ui_with_the_tiny_osediff(browser, tmp_path, images, tiny_base, o
         upscale_in(page, url, [images / "photo.png"], prompt="a photo")
         page.locator("#status").get_by_text("1 written").wait_for(timeout=300_000)
         shown = page.locator("#result img")
+        page.wait_for_function(LOADED)
         assert shown.nth(1).evaluate("i => [i.naturalWidth, i.naturalHeight]") == [128, 96]
         link = page.locator("#downloads a").first
         assert Image.open(io.BytesIO(download(page, link))).size == (128, 96)

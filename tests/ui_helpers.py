@@ -3,11 +3,14 @@
 import threading
 import time
 
+import numpy as np
+
 from diffsr.images import resize_picture
 
 
 class StandIn:
-    """A model that upscales by nearest neighbour and remembers its calls (and how many ran at once)."""
+    """A model that upscales by nearest neighbour and inverts the colours (so its output never equals the
+    app's 'before' picture), and remembers its calls (and how many ran at once)."""
 
     def __init__(self, seconds: float = 0.5):
         self.seconds = seconds
@@ -31,4 +34,5 @@ class StandIn:
             self.running -= 1
         width, height = picture.size
         result = resize_picture(picture, (round(width * scale), round(height * scale)), "nearest")
-        return type(picture)(result.rgb, None, picture.name, picture.icc_profile, picture.exif)
+        inverted = np.iinfo(result.rgb.dtype).max - result.rgb
+        return type(picture)(inverted, None, picture.name, picture.icc_profile, picture.exif)

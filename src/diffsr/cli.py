@@ -485,7 +485,8 @@ def run_benchmark(args) -> int:
 
     try:
         show, crops = parse_show(args.show), [parse_crop(text) for text in args.crop]
-        chosen_images(collect_inputs([args.lr]) if args.lr.is_dir() else [], show)  # unknown names, before any work
+        if args.lr.is_dir():
+            chosen_images(collect_inputs([args.lr]), show)  # an unknown name is said before any work
         result = benchmark(args.methods.split(","), args.lr, args.gt, args.output, args.metrics, scale=args.scale,
                            seed=args.seed, runs=args.runs, device=args.device, dtype=args.dtype, bases=args.base,
                            weights=args.weights, de_nets=args.de_net, results=args.results,

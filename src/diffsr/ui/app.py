@@ -154,9 +154,9 @@ def build_app(models: ModelCache, local_weights: dict[str, str], out_root: Path,
                 raise gr.Error("upload an image first", print_exception=False)
             try:
                 upscaler = models.get("s3diff", weights)
-                from diffsr.images import read_image
+                from diffsr.images import MAX_INPUT_PIXELS, read_image
 
-                blur, noise = upscaler.degradation_scores(read_image(_paths(uploaded)[0]))
+                blur, noise = upscaler.degradation_scores(read_image(_paths(uploaded)[0], MAX_INPUT_PIXELS))
             except Exception as error:  # noqa: BLE001 (the app's boundary)
                 raise _fail(error) from None
             return round(blur, 4), round(noise, 4), True

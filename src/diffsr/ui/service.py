@@ -18,7 +18,7 @@ from pathlib import Path
 
 import diffsr
 from diffsr.errors import UsageError
-from diffsr.images import Picture, read_image, to_pil
+from diffsr.images import MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, Picture, read_image, to_pil
 
 RELEASE_DEFAULT = "release default"
 
@@ -289,9 +289,10 @@ class Tracker:
         self.report(done, text + (f" · about {eta:.0f} s left" if eta is not None else ""))
 
 
-def expected_passes(method: str, knobs: dict) -> int:
-    """A first guess of the denoiser passes per image (refined after the first image)."""
-    return int(knobs.get("steps") or {"stablesr": 200}.get(method, 1))
+def expected_passes(knobs: dict) -> int:
+    """A first guess of the denoiser passes per image, from the knobs with the release defaults filled in
+    (refined after the first image)."""
+    return int(knobs.get("steps") or 1)
 
 
 def upscale_files(models: ModelCache, settings: Settings, paths: list[Path], out_dir: Path, tiling: dict,
@@ -308,14 +309,14 @@ def upscale_files(models: ModelCache, settings: Settings, paths: list[Path], out
     upscaler.check_arguments(settings.scale, settings.seed, settings.color_fix, {**knobs, **tiling})
     plan = plan_outputs([Path(p) for p in paths], out_dir, overwrite=True)
     outcome.errors += plan.refused
-    tracker = Tracker(report, len(plan.jobs), expected_passes(settings.method, {**release_defaults(
-        settings.method, settings.weights or ""), **knobs}))
+    tracker = Tracker(report, len(plan.jobs),
+                      expected_passes({**release_defaults(settings.method, settings.weights or ""), **knobs}))
     results: dict[Path, Result] = {}
 
     def upscale(source: Path) -> Picture:
         tracker.next_image()
         tracker.phase(f"image {tracker.index + 1}/{tracker.images}: reading {source.name}")
-        picture = read_image(source)
+        picture = read_image(source, MAX_INPUT_PIXELS)  # the limit checked from the header, before decoding
         used = dict(knobs)
         degradation = None
         if settings.method == "s3diff":  # the scores used are shown and saved (estimated unless given)
@@ -393,8 +394,8 @@ def compare_methods(models: ModelCache, methods: list[str], local: dict[str, str
     from diffsr.metrics.evaluate import build_metrics, evaluate
 
     check_method_count(methods)
-    picture = read_image(image)
-    gt = read_image(reference) if reference is not None else None
+    picture = read_image(image, MAX_INPUT_PIXELS)
+    gt = read_image(reference, MAX_OUTPUT_PIXELS) if reference is not None else None
     panels: list[Panel] = []
     folders = {}
     for index, method in enumerate(methods):
