@@ -65,6 +65,9 @@ def main() -> int:
             page.get_by_text(EXAMPLE.name).first.wait_for(timeout=120_000)
             page.get_by_role("button", name="Upscale", exact=True).click()
             page.locator("#status").get_by_text("1 written").wait_for(timeout=600_000)
+            page.wait_for_function("() => [...document.querySelectorAll('#result img')].filter(i => i.complete && "
+                                   "i.naturalWidth > 0).length === 2")
+            page.wait_for_timeout(3000)  # the result's fade-in
             page.screenshot(path=str(HERE / "ui-upscale.png"), full_page=True)
 
             page.get_by_role("tab", name="Compare").click()

@@ -143,3 +143,8 @@ def test_ui_auth_must_be_user_and_password(capsys):
 def test_the_command_line_does_not_import_gradio():
     code = "import sys, diffsr, diffsr.cli; diffsr.cli.build_parser(); assert 'gradio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_upload_paths_keep_a_folders_images_only():
+    paths = service.upload_paths(["/up/a.png"], ["/up/f/z.jpg", "/up/f/notes.txt", "/up/f/.hidden.png", "/up/f/b.tif"])
+    assert [p.name for p in paths] == ["a.png", "b.tif", "z.jpg"]

@@ -85,6 +85,7 @@ def build_app(models: ModelCache, local_weights: dict[str, str], out_root: Path,
                     variant = gr.Dropdown(options, value=chosen, label="weights (variant · size · downloaded?)")
                     fetch = gr.Button("download the selected weights", size="sm")
                     files = gr.File(file_count="multiple", label="images (one or many)")
+                    folder = gr.File(file_count="directory", label="or a folder of images", height=120)
                     scale = gr.Slider(1, 8, value=4, step=0.5, label="scale")
                     seed = gr.Number(0, precision=0, label="seed")
                     color_fix = gr.Dropdown([RELEASE_DEFAULT, *COLOR_FIXES], value=RELEASE_DEFAULT, label="colour fix")
@@ -167,15 +168,17 @@ def build_app(models: ModelCache, local_weights: dict[str, str], out_root: Path,
 
         def upscale(data, progress=gr.Progress()):
             name, weights = data[method], data[variant]
-            if not data[files]:
-                raise gr.Error("upload one or more images first", print_exception=False)
+            inputs = service.upload_paths(_paths(data[files]) if data[files] else [],
+                                          _paths(data[folder]) if data[folder] else [])
+            if not inputs:
+                raise gr.Error("upload one or more images (or a folder of them) first", print_exception=False)
             values = {knob: data[component] for (m, knob), component in controls.items() if m == name}
             settings = Settings(name, weights, float(data[scale]), int(data[seed] or 0),
                                 None if data[color_fix] == RELEASE_DEFAULT else data[color_fix],
                                 service.method_knobs(name, values, bool(data[edit_scores])))
-            folder = out_root / f"run-{uuid.uuid4().hex[:12]}"
+            run_folder = out_root / f"run-{uuid.uuid4().hex[:12]}"
             try:
-                outcome = service.upscale_files(models, settings, _paths(data[files]), folder,
+                outcome = service.upscale_files(models, settings, inputs, run_folder,
                                                 service.tiling_knobs({k: data[c] for k, c in tiling.items()}),
                                                 lambda fraction, text: progress(fraction, desc=text))
             except Exception as error:  # noqa: BLE001 (the app's boundary: one line to the browser, the app goes on)
@@ -201,7 +204,7 @@ def build_app(models: ModelCache, local_weights: dict[str, str], out_root: Path,
                     status: "\n".join(lines), previews: shown_previews,
                     shown: gr.update(choices=names, value=names[0], visible=len(names) > 1)}
 
-        run.click(upscale, {method, variant, files, scale, seed, color_fix, edit_scores, *knob_components,
+        run.click(upscale, {method, variant, files, folder, scale, seed, color_fix, edit_scores, *knob_components,
                             *tiling.values()}, [slider, downloads, status, previews, shown],
                   concurrency_limit=1, concurrency_id=DEVICE_QUEUE)
         shown.change(lambda name, stored: stored.get(name), [shown, previews], slider)

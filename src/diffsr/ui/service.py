@@ -239,6 +239,14 @@ def tiling_knobs(values: dict) -> dict:
     return knobs
 
 
+def upload_paths(files: list[str], folder: list[str]) -> list[Path]:
+    """The uploaded files, then the images of an uploaded folder (its other files left out, as
+    `diffsr upscale FOLDER` does)."""
+    from diffsr.images import is_image_name
+
+    return [Path(f) for f in files] + sorted((Path(f) for f in folder if is_image_name(Path(f))), key=lambda p: p.name)
+
+
 @dataclass
 class Result:
     source: Path
