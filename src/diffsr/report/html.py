@@ -403,7 +403,8 @@ def comparisons(bench, show=None, crops: list[Crop] | None = None) -> str:
     return "\n".join(blocks)
 
 
-def write_report(bench, path: Path, title: str = "diffsr benchmark", show=None, crops: list[Crop] | None = None) -> Path:
+def write_report(bench, path: Path, title: str = "diffsr benchmark", show=None,
+                 crops: list[Crop] | None = None) -> Path:
     """`show`: which LR images get panels (chosen_images); `crops`: 1:1 regions (default: picked per image)."""
     notes = [f"{metric}: not computed: {why}" for metric, why in bench.unavailable.items()]
     notes += [f"{m.name}: not run: {m.error}" for m in bench.methods if m.error]

@@ -104,9 +104,9 @@ def build_app(models: ModelCache, local_weights: dict[str, str], out_root: Path,
                 with gr.Column(scale=2):
                     status = gr.Markdown(elem_id="status")
                     # gradio's slider zooms (scroll) and pans (drag) both images together; CSS draws pixels sharp
-                    slider = gr.ImageSlider(type="pil", format="png", label="before / after · scroll to zoom, drag to pan",
-                                            max_height=800, buttons=["fullscreen"], elem_classes=["pixelated"],
-                                            elem_id="result")
+                    slider = gr.ImageSlider(type="pil", format="png", max_height=800,
+                                            label="before / after · scroll to zoom, drag to pan",
+                                            buttons=["fullscreen"], elem_classes=["pixelated"], elem_id="result")
                     shown = gr.Dropdown([], label="result shown", visible=False)
                     downloads = gr.File(file_count="multiple", label="download (full resolution, with its settings)",
                                         elem_id="downloads")
@@ -190,7 +190,8 @@ def build_app(models: ModelCache, local_weights: dict[str, str], out_root: Path,
             shown_previews = {r.output.name: (service.preview(r.before), service.preview(r.after))
                               for r in outcome.results}
             first_result = outcome.results[0]
-            lines = [f"**{len(outcome.results)} written**" + (f", {len(outcome.errors)} failed" if outcome.errors else "")]
+            failed = f", {len(outcome.errors)} failed" if outcome.errors else ""
+            lines = [f"**{len(outcome.results)} written**{failed}"]
             for r in outcome.results:
                 width, height = r.after.size
                 line = f"- {r.output.name}: {width}x{height}"
