@@ -90,6 +90,12 @@ def served(tmp_path):
     app.close()
 
 
+def new_page(browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(90_000)  # a busy machine (CI, other tests) can be slow to render and answer
+    return page
+
+
 def open_app(page, url):
     page.goto(url)
     page.get_by_role("button", name="Upscale", exact=True).wait_for(timeout=60_000)  # the app has rendered
@@ -123,7 +129,7 @@ def download(page, link) -> bytes:
 
 def test_upscale_download_bad_input_and_two_at_once(browser, served, images):
     url, model, results = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = new_page(browser)
     upscale_in(page, url, [images / "photo.png", images / "deep.png"], prompt="a sharp photo")
     page.locator("#status").get_by_text("2 written").wait_for(timeout=60_000)
 
@@ -155,7 +161,7 @@ def test_upscale_download_bad_input_and_two_at_once(browser, served, images):
     page.get_by_text("notes.txt: not an image").first.wait_for(timeout=60_000)
 
     # Two requests at once (two users): both complete, one after the other on the one device.
-    other = browser.new_page(viewport={"width": 1400, "height": 1000})
+    other = new_page(browser)
     before = len([c for c in model.calls if c[0] == "upscale"])
     for p in (page, other):
         open_app(p, url)
@@ -179,7 +185,7 @@ def test_diffsr_ui_with_the_tiny_osediff(browser, tmp_path, images, tiny_base, o
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_server(url, process=server)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = new_page(browser)
         upscale_in(page, url, [images / "photo.png"], prompt="a photo")
         page.locator("#status").get_by_text("1 written").wait_for(timeout=300_000)
         shown = page.locator("#result img")
