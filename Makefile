@@ -14,7 +14,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,train]"
+	$(BIN)/python -m pip install -q -e ".[test,train,ui]"
 
 demo: install
 	$(BIN)/diffsr demo -o demo-out

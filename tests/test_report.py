@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,7 +108,9 @@ def test_benchmark_runs_methods_through_the_api(dataset, tmp_path, fake_methods,
     data = json.loads(paths["json"].read_text())
     assert data["methods"][0]["evaluation"]["g_std"]["psnr"] == pytest.approx(bench.methods[0].evaluation.g_std["psnr"])
     page = paths["html"].read_text()
-    assert page.count("<circle") == 3 and page.count('src="data:image/png;base64,') == 3 * 5
+    # 3 images x (LR, 3 methods, GT), each as a panel and in two automatic 1:1 crops (42 px of a 128 px image)
+    assert page.count("<circle") == 3 and page.count('src="data:image/png;base64,') == 3 * 5 * 3
+    assert page.count('class="crop-row"') == 3 * 2 and page.count('width="42" height="42"') == 3 * 5 * 2
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
 
 
@@ -142,7 +145,8 @@ def test_report_renders_in_a_browser(dataset, tmp_path, fake_methods):
     dom, shot = render_in_chromium(page, tmp_path)
     check = re.search(r'id="self-check">([^<]*)<', dom)
     assert check, "the report's script did not run"
-    assert check.group(1) == "images 12/12; plot points 2"  # 3 images x (LR, 2 methods, GT); 2 methods plotted
+    # 3 images x (LR, 2 methods, GT) as panels and 1:1 crops; 2 methods plotted; each image's panels on one row
+    assert check.group(1) == "images 36/36; plot points 2; panel rows 1; crops 24"
     assert "<svg" in dom and "perception-distortion plot" in dom
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.std() > 10  # something was drawn, not a blank page
@@ -206,3 +210,122 @@ def test_benchmark_passes_each_method_the_knobs_it_takes(dataset, tmp_path, monk
     capsys.readouterr()
     assert main(base[:2] + ["osediff,bicubic"] + base[3:] + ["-o", str(tmp_path / "p"), "--t-max", "0.5"]) == 2
     assert capsys.readouterr().err == "diffsr: error: no method of osediff, bicubic takes --t-max\n"
+
+
+# -- the report's layout, crops, --show, per-method memory and plot ---------------------------------------
+
+
+def dump_dom_at(page, tmp_path, width):
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+              f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--window-size={width},1000"]
+    return subprocess.run(common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium)")
+def test_ground_truth_stays_beside_four_methods_at_any_width(dataset, tmp_path, fake_methods):
+    lr, gt = dataset
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for path in lr.iterdir():  # finished results from another tool: a fourth method
+        Image.open(path).resize((128, 128), Image.NEAREST).save(extra / path.name)
+    bench = run_benchmark(["osediff", "s3diff", "bicubic"], lr, gt, tmp_path / "out", "psnr,ssim",
+                          results=[f"nearest={extra}"], log=lambda m: None)
+    page = write_outputs(bench, show=["a"])["html"]
+    for width in (1400, 700):
+        check = re.search(r'id="self-check">([^<]*)<', dump_dom_at(page, tmp_path, width)).group(1)
+        # LR, four methods, GT: six panels and two crops of each, all panels of the image on one row
+        assert check == "images 18/18; plot points 0; panel rows 1; crops 12", (width, check)
+
+
+def test_crops_given_or_picked_with_boxes_on_the_images(tmp_path):
+    from diffsr.images import Picture
+    from diffsr.report.html import CROP_COLORS, Crop, _boxed, _crop_of, detailed_regions, parse_crop
+
+    rng = np.random.RandomState(0)
+    flat = np.full((120, 160, 3), 128, np.uint8)
+    flat[70:102, 20:52] = rng.randint(0, 256, (32, 32, 3))  # the one detailed region
+    picked = detailed_regions(Picture(flat), count=2, size=32)
+    assert picked[0] == Crop(20, 70, 32)
+    assert len(picked) == 2 and abs(picked[1].x - 20) >= 32 or abs(picked[1].y - 70) >= 32  # no overlap
+
+    boxed = np.asarray(_boxed(Picture(flat), [Crop(20, 70, 32)], (160, 120)))
+    red = tuple(int(CROP_COLORS[0][i:i + 2], 16) for i in (1, 3, 5))
+    assert tuple(boxed[70, 30]) == red and tuple(boxed[101, 30]) == red and tuple(boxed[60, 30]) == (128,) * 3
+    lr = Picture(flat[::4, ::4].copy())  # a quarter-size input: its crop is enlarged to the reference's scale
+    crop = np.asarray(_crop_of(lr, Crop(20, 68, 32), (160, 120)))
+    assert crop.shape == (32, 32, 3) and (crop == np.repeat(np.repeat(flat[::4, ::4][17:25, 5:13], 4, 0), 4, 1)).all()
+    assert np.array_equal(np.asarray(_crop_of(Picture(flat), Crop(20, 70, 32), (160, 120))), flat[70:102, 20:52])
+    assert parse_crop("20,70,32") == Crop(20, 70, 32)
+    with pytest.raises(diffsr.UsageError, match="X,Y,SIZE"):
+        parse_crop("20,70")
+
+
+def test_cli_benchmark_show_and_crop(dataset, tmp_path, fake_methods, capsys):
+    lr, gt = dataset
+    out = tmp_path / "o"
+    code = main(["benchmark", "--methods", "osediff,bicubic", "--lr", str(lr), "--gt", str(gt), "-o", str(out),
+                 "--metrics", "psnr", "--show", "c.png,b", "--crop", "8,16,40", "--crop", "60,60,24", "--quiet"])
+    assert code == 0
+    page = (out / "report.html").read_text()
+    assert re.findall(r"<h3>([^<]*)</h3>", page) == ["c.png", "b.png"]  # the images asked for, in that order
+    assert page.count('class="crop-row"') == 2 * 2 and page.count('width="40" height="40"') == 2 * 4
+    assert "1:1 crops (given;" in page
+    capsys.readouterr()
+    assert main(["benchmark", "--methods", "bicubic", "--lr", str(lr), "-o", str(out), "--show", "zzz"]) == 2
+    assert "--show: no LR image named zzz" in capsys.readouterr().err
+
+
+def test_show_chooses_the_images(tmp_path):
+    from diffsr.report.html import chosen_images, parse_show
+
+    paths = [tmp_path / f"{i:02d}.png" for i in range(12)]
+    assert chosen_images(paths, parse_show(None)) == paths[:8]
+    assert chosen_images(paths, parse_show("all")) == paths
+    assert chosen_images(paths, parse_show("3")) == paths[:3]
+    assert chosen_images(paths, parse_show("11.png, 02")) == [paths[11], paths[2]]
+
+
+class HungryUpscaler(NoisyUpscaler):
+    """Touches `megabytes` of memory while upscaling (then frees it)."""
+
+    def __init__(self, strength, megabytes):
+        super().__init__(strength)
+        self.megabytes = megabytes
+
+    def upscale(self, picture, scale=4, seed=0):
+        block = np.ones(self.megabytes * 2**20 // 8)
+        block.sum()
+        del block
+        return super().upscale(picture, scale, seed)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-method RSS peaks need Linux's clear_refs")
+def test_peak_memory_is_measured_per_method(dataset, tmp_path, monkeypatch):
+    from diffsr.report.benchmark import RSS_PEAK
+
+    hungry = {"osediff": 400, "s3diff": 0}
+    monkeypatch.setattr(diffsr, "load_upscaler", lambda method, **kw: HungryUpscaler(3, hungry[method]))
+    lr, gt = dataset
+    bench = run_benchmark(["osediff", "s3diff"], lr, gt, tmp_path / "out", "psnr", log=lambda m: None)
+    first, second = bench.methods
+    assert first.memory_kind == second.memory_kind == RSS_PEAK
+    # the second method's figure is its own, not the first's peak carried over
+    assert first.peak_memory_mb > second.peak_memory_mb + 300
+
+
+def test_plot_names_its_metrics_and_has_round_ticks():
+    from types import SimpleNamespace
+
+    from diffsr.report.html import nice_ticks, scatter_plot
+
+    assert nice_ticks(21.37, 24.91) == [21.0, 22.0, 23.0, 24.0, 25.0]
+    assert nice_ticks(0.1234, 0.3456) == [0.1, 0.2, 0.3, 0.4]
+    assert nice_ticks(0.231, 0.289) == [0.22, 0.24, 0.26, 0.28, 0.3]
+    methods = [SimpleNamespace(name=n, summary=lambda s=s: s) for n, s in
+               (("a", {"psnr": 23.712, "lpips": 0.2813}), ("b", {"psnr": 22.104, "lpips": 0.2377}))]
+    svg = scatter_plot(SimpleNamespace(methods=methods))
+    ticks = re.findall(r'class="tick"[^>]*>([^<]*)<', svg)
+    assert ticks and all(len(t) <= 5 for t in ticks)  # no 0.23770000001-style labels
+    assert "PSNR" in svg and "LPIPS" in svg
+    caption = re.search(r'id="pd-caption">(.*?)</p>', svg).group(1)
+    assert "<b>PSNR ↑</b> (x, a distortion metric)" in caption and "<b>LPIPS ↓</b> (y, a perception metric)" in caption

@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="use only cached weights, never download (as HF_HUB_OFFLINE=1 does)")
     _add_shard_option(upscale, "sorted inputs, split by pixel count")
     _add_weights_command(commands)
+    _add_ui_command(commands)
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the bundled example image")
     demo.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
@@ -367,6 +368,12 @@ def _add_evaluation_commands(commands) -> None:
     benchmark.add_argument("--runs", type=int, default=1, help="runs per method with seeds seed..seed+N-1 (adds G-STD, L-STD)")
     benchmark.add_argument("--dataset", help="dataset name for the papers' reference rows (e.g. DIV2K-Val, RealSR)")
     benchmark.add_argument("--title", default="diffsr benchmark")
+    benchmark.add_argument("--show", metavar="NAMES|N|all",
+                           help="which LR images get side-by-side panels: comma-separated names, the first N, or all "
+                                "(default: the first 8)")
+    benchmark.add_argument("--crop", action="append", default=[], metavar="X,Y,SIZE",
+                           help="a 1:1 crop shown from every panel, in ground-truth pixels; repeatable (default: the "
+                                "two most detailed regions of each image)")
     benchmark.add_argument("--quiet", action="store_true")
     _add_knob_options(benchmark)  # each method gets the knobs it takes
 
@@ -701,6 +708,7 @@ def _evaluate(args, processes) -> int:
 def run_benchmark(args) -> int:
     from diffsr.distributed import Processes
     from diffsr.report.benchmark import run_benchmark as benchmark, write_outputs
+    from diffsr.report.html import chosen_images, parse_crop, parse_show
 
     processes = Processes.launched()  # one process unless started by torchrun / accelerate launch
 
@@ -709,8 +717,12 @@ def run_benchmark(args) -> int:
             print(message, file=sys.stderr)
 
     knobs = {**_method_knobs(args), **_tiling_knobs(args)}
-    _warn_if_slow_dtype(args.device, args.dtype)
+    if processes.is_main:
+        _warn_if_slow_dtype(args.device, args.dtype)
     try:
+        show, crops = parse_show(args.show), [parse_crop(text) for text in args.crop]
+        if args.lr.is_dir():
+            chosen_images(collect_inputs([args.lr]), show)  # an unknown name is said before any work
         result = benchmark(args.methods.split(","), args.lr, args.gt, args.output, args.metrics, scale=args.scale,
                            seed=args.seed, runs=args.runs, device=args.device, dtype=args.dtype, bases=args.base,
                            weights=args.weights, de_nets=args.de_net, results=args.results,
@@ -726,7 +738,7 @@ def run_benchmark(args) -> int:
         processes.close()
     failed = [m for m in result.methods if m.error] or result.unavailable
     if processes.is_main:
-        paths = write_outputs(result, args.title)
+        paths = write_outputs(result, args.title, show=show, crops=crops)
         print(paths["md"].read_text(), end="")
         log(f"report: {paths['html']}")
     return EXIT_SOME_FAILED if failed else EXIT_OK
@@ -770,6 +782,59 @@ def run_train(args) -> int:
     return EXIT_OK
 
 
+def _add_ui_command(commands) -> None:
+    ui = commands.add_parser("ui", help='a local web app (needs pip install "diffsr[ui]")')
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
+    ui.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
+    ui.add_argument("--share", action="store_true", help="also serve through a public gradio.live link (off by default)")
+    ui.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this user and password (use it beyond localhost)")
+    ui.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu); requests queue on it")
+    ui.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ui.add_argument("--base", action="append", default=[], metavar="[METHOD=]DIR",
+                    help="Stable Diffusion base for local --weights (all methods, or per method)")
+    ui.add_argument("--weights", action="append", default=[], metavar="METHOD=FILE",
+                    help="local weights offered first for METHOD (besides the registry's variants); repeatable")
+    ui.add_argument("--offline", action="store_true", help="use only cached weights, never download")
+    ui.add_argument("--keep-models", type=int, default=2, metavar="N",
+                    help="loaded models kept in memory between requests (default 2)")
+    ui.add_argument("-o", "--output", type=Path, help="where results are written (default: a temporary folder)")
+
+
+def run_ui(args) -> int:
+    from diffsr.ui import INSTALL_HINT, gradio_available
+
+    if not gradio_available():
+        _fail(INSTALL_HINT)
+        return EXIT_USAGE
+    from diffsr.report.benchmark import parse_assignments
+
+    try:
+        bases, default_base = parse_assignments(args.base, "--base")
+        local, bare = parse_assignments(args.weights, "--weights")
+        if bare is not None:
+            raise UsageError(f"--weights {bare}: say which method it is for (METHOD=FILE)")
+        auth = None
+        if args.auth is not None:
+            user, sep, password = args.auth.partition(":")
+            if not sep or not user or not password:
+                raise UsageError("--auth must be USER:PASSWORD")
+            auth = (user, password)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    if auth is None and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
+        print("diffsr: warning: serving beyond this machine without --auth: anyone who reaches it can run models "
+              "and read the results", file=sys.stderr)
+    from diffsr.ui.app import launch
+    from diffsr.ui.service import ModelCache
+
+    models = ModelCache(args.device, args.dtype, bases, default_base, offline=args.offline or None,
+                        keep=args.keep_models)
+    launch(models, local, host=args.host, port=args.port, share=args.share, auth=auth, output=args.output)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "upscale":
@@ -788,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_train(args)
     if args.command == "weights":
         return run_weights(args)
+    if args.command == "ui":
+        return run_ui(args)
     if args.command == "methods":
         return run_methods()
     return EXIT_USAGE

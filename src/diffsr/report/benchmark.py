@@ -30,7 +30,7 @@ class MethodResult:
     folders: list[Path]  # one per run
     seconds_per_image: float | None = None
     peak_memory_mb: float | None = None
-    memory_kind: str = ""  # "GPU allocated" or "process RSS"
+    memory_kind: str = ""  # what peak_memory_mb measured (GPU_PEAK, RSS_PEAK or RSS_SO_FAR)
     evaluation: Evaluation | RunsEvaluation | None = None
     error: str | None = None  # why the method could not run
 
@@ -92,6 +92,46 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+GPU_PEAK = "GPU allocated, peak while upscaling"
+RSS_PEAK = "process RSS, peak while upscaling (reset per method)"
+RSS_SO_FAR = "process RSS, process-wide peak so far (not resettable here: only grows across methods)"
+
+
+def start_peak_memory(device) -> str:
+    """Reset the peak-memory counter before a method upscales; returns what peak_memory_mb will measure.
+    CUDA: torch's peak allocation. CPU on Linux: the process's peak resident size (VmHWM), reset through
+    /proc/self/clear_refs after freed memory is returned to the system, so each method's figure is its own
+    (the loaded model and the process's baseline included); elsewhere the process-wide peak."""
+    import gc
+
+    import torch
+
+    from diffsr.tiling import return_freed_memory
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return GPU_PEAK
+    return_freed_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return RSS_SO_FAR
+    return RSS_PEAK
+
+
+def peak_memory_mb(device, kind: str) -> float:
+    import torch
+
+    if kind == GPU_PEAK:
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if kind == RSS_PEAK:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return _peak_rss_mb()
+
+
 def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, failures: list[str],
                    processes: Processes | None = None) -> float:
     """Upscale every LR image into out_dir (PNG, same stem) through diffsr.batch, each process its part; returns
@@ -134,7 +174,6 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
     """Upscale the LR images once per seed; in a launched job each process loads the model once, on its own
     device, and upscales its part. seconds_per_image is the time of one process per image. `knobs`: upscale
     knobs (steps, fidelity, tile_size, ...); the method gets those it takes, checked before any image."""
-    import torch
 
     import diffsr
     from diffsr.tiling import TILING_KNOBS
@@ -144,7 +183,6 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
     folders = [output / name] if len(seeds) == 1 else [output / name / f"seed{s}" for s in seeds]
     for folder in folders:  # before the model is loaded
         check_output_folder(folder)
-    cuda = torch.device(device).type == "cuda"
     if name == BASELINE:
         upscale = bicubic(scale)
     else:
@@ -165,17 +203,13 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
 
         def upscale(picture, seed):
             return upscaler.upscale(picture, scale=scale, seed=seed, **own)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    memory_kind = start_peak_memory(device)
     spent = sum(upscale_folder(upscale, lr_paths, folder, seed, failures, processes)
                 for folder, seed in zip(folders, seeds))
     done = len(lr_paths) * len(seeds)
     result = MethodResult(name, folders, seconds_per_image=spent / done if done else None)
-    if cuda:
-        peak, result.memory_kind = torch.cuda.max_memory_allocated() / 2**20, "GPU allocated"
-    else:
-        peak, result.memory_kind = _peak_rss_mb(), "process RSS"
-    result.peak_memory_mb = max(processes.gather(peak))  # the largest process's
+    result.memory_kind = memory_kind
+    result.peak_memory_mb = max(processes.gather(peak_memory_mb(device, memory_kind)))  # the largest process's
     return result
 
 
@@ -245,8 +279,9 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
     return bench
 
 
-def write_outputs(bench: Benchmark, title: str = "diffsr benchmark") -> dict[str, Path]:
-    """results.md, results.csv, results.json and report.html in the benchmark's output folder."""
+def write_outputs(bench: Benchmark, title: str = "diffsr benchmark", show=None, crops=None) -> dict[str, Path]:
+    """results.md, results.csv, results.json and report.html in the benchmark's output folder (`show` and
+    `crops`: see report.html.write_report)."""
     from diffsr.report.html import write_report
     from diffsr.report.tables import benchmark_csv, benchmark_markdown
 
@@ -256,6 +291,6 @@ def write_outputs(bench: Benchmark, title: str = "diffsr benchmark") -> dict[str
     paths["md"].write_text(f"# {title}\n\n" + benchmark_markdown(bench))
     paths["csv"].write_text(benchmark_csv(bench))
     paths["json"].write_text(json.dumps(bench.to_dict(), indent=1, default=float) + "\n")
-    write_report(bench, paths["html"], title)
+    write_report(bench, paths["html"], title, show=show, crops=crops)
     return paths
 
