@@ -174,7 +174,6 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
     """Upscale the LR images once per seed; in a launched job each process loads the model once, on its own
     device, and upscales its part. seconds_per_image is the time of one process per image. `knobs`: upscale
     knobs (steps, fidelity, tile_size, ...); the method gets those it takes, checked before any image."""
-
     import diffsr
     from diffsr.tiling import TILING_KNOBS
 
