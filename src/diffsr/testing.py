@@ -167,6 +167,8 @@ def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
+    if method == "osediff":  # its default tagger's files, found beside the weights as the real ones would be
+        make_tiny_tagger(out_file.parent, seed)
     return out_file
 
 
