@@ -91,3 +91,89 @@ def test_half_precision_tags_like_float32(tiny_tagger_files, parity):
     logits = tagger.logits(parity["images"])
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), parity["dape_logits"], atol=0.1, rtol=0)
+
+
+# -- OSEDiff with its default tagger, the CLI --------------------------------------------------------------------
+def _lr():
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+
+def test_osediff_tags_with_dape_by_default(tiny_base, osediff_weights, osediff):
+    import diffsr
+    from diffsr.prompts import compose_prompt
+
+    tagged = diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights)
+    dape = taggers.load("dape", beside=osediff_weights)
+    assert dape(_lr())[0]  # the tiny tagger tags this image
+    assert tagged.prompt_for(_lr(), "sharp") == compose_prompt("sharp", dape(_lr())[0]) == f"{dape(_lr())[0]}, sharp,"
+    seen = []
+    generator = torch.Generator().manual_seed(0)
+    out = tagged.restore(_lr(), generator, prompt="sharp", on_prompt=seen.append)
+    assert seen == [tagged.prompt_for(_lr(), "sharp")]  # the tagger ran on the whole image, once
+    untagged = osediff.restore(_lr(), torch.Generator().manual_seed(0), prompt="sharp")
+    assert (out - untagged).abs().max() > 1e-4
+    plain = diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, tagger="ram", tagger_device="cpu")
+    assert plain.prompt_for(_lr(), "") == compose_prompt("", taggers.load("ram", beside=osediff_weights)(_lr())[0])
+
+
+def test_osediff_names_a_missing_tagger_file(tmp_path, tiny_base, osediff_weights, monkeypatch):
+    import shutil
+
+    import diffsr
+
+    monkeypatch.setenv("DIFFSR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    alone = shutil.copy(osediff_weights, tmp_path / "osediff.pkl")
+    with pytest.raises(WeightsError, match=r"ram_swin_large_14m\.pth.*diffsr weights fetch ram-swin-large.*--tagger none"):
+        diffsr.load_upscaler("osediff", base=tiny_base, weights=alone)
+    shutil.copy(osediff_weights.parent / "ram_swin_large_14m.pth", tmp_path)
+    with pytest.raises(WeightsError, match=r"DAPE\.pth.*diffsr weights fetch dape"):
+        diffsr.load_upscaler("osediff", base=tiny_base, weights=alone)
+    assert diffsr.load_upscaler("osediff", base=tiny_base, weights=alone, tagger="ram").tagger is not None
+    assert diffsr.load_upscaler("osediff", base=tiny_base, weights=alone, tagger="none").tagger is None
+
+
+def test_cli_shows_and_saves_the_prompts(tmp_path, tiny_base, osediff_weights, capsys):
+    from PIL import Image
+
+    from conftest import smooth_image
+    from diffsr.cli import main
+
+    Image.fromarray(smooth_image(12, 14)).save(tmp_path / "a.png")
+    model = ["--method", "osediff", "--base", str(tiny_base), "--weights", str(osediff_weights), "--quiet"]
+    out = tmp_path / "out"
+    assert main(["upscale", str(tmp_path / "a.png"), "-o", str(out), "--prompt", "clean", "--show-prompt",
+                 "--save-prompts"] + model) == 0
+    saved = (out / "txt" / "a.txt").read_text()
+    assert f"a.png: prompt: {saved}" in capsys.readouterr().out
+    import diffsr
+    from diffsr.images import as_picture
+
+    upscaler = diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights)
+    assert saved == upscaler.prompt_for(upscaler.preprocess(as_picture(tmp_path / "a.png"), 4).lr, "clean")
+    assert main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "none"), "--tagger", "none",
+                 "--prompt", "clean", "--show-prompt"] + model) == 0
+    assert "a.png: prompt: clean\n" in capsys.readouterr().out
+    assert main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "s"), "--method", "s3diff",
+                 "--show-prompt"]) == 2
+    assert "--show-prompt: only osediff" in capsys.readouterr().err
+
+
+def test_cli_tag_prints_the_tags(tmp_path, tiny_tagger_files, capsys):
+    from PIL import Image
+
+    from conftest import smooth_image
+    from diffsr.cli import main
+    from diffsr.images import as_picture
+
+    Image.fromarray(smooth_image(30, 20)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_text("no")
+    files = ["--ram-weights", str(tiny_tagger_files[0]), "--dape-weights", str(tiny_tagger_files[1])]
+    assert main(["tag", str(tmp_path / "a.png"), str(tmp_path / "bad.png")] + files) == 1
+    captured = capsys.readouterr()
+    expected = taggers.load("dape", ram_weights=tiny_tagger_files[0], dape_weights=tiny_tagger_files[1])(
+        as_picture(tmp_path / "a.png").to_tensor())[0]
+    assert captured.out == f"{tmp_path / 'a.png'}: {expected}\n"
+    assert "bad.png" in captured.err and captured.err.count("error:") == 1
+    assert main(["tag", str(tmp_path / "a.png"), "--ram-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
