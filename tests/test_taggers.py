@@ -177,3 +177,23 @@ def test_cli_tag_prints_the_tags(tmp_path, tiny_tagger_files, capsys):
     assert "bad.png" in captured.err and captured.err.count("error:") == 1
     assert main(["tag", str(tmp_path / "a.png"), "--ram-weights", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["enlarge_x4", "odd_x4_prompt", "x2"])
+def test_osediff_prompt_equals_the_release_script(osediff, osediff_weights, tiny_tagger_files, parity, name):
+    """test_osediff.py's prompt (their DAPE on their preprocessed input, then f"{tags}, {prompt},") for OSEDiff's
+    parity cases; given the prompt, tests/test_osediff_parity.py shows the outputs equal theirs."""
+    import json
+
+    from diffsr.images import Picture
+    from diffsr.methods.osediff import OSEDiff
+
+    expected = json.loads((FIXTURE.parent / "osediff_tagged_prompts.json").read_text())[name]
+    case = torch.load(FIXTURE.parent.parent / "osediff" / "osediff_parity.pt")["cases"][name]
+    assert weights_digest(osediff_weights.parent / "ram_swin_large_14m.pth", osediff_weights.parent / "DAPE.pth") == \
+        parity["digest"]
+    method = OSEDiff(osediff.backbone, tagger=taggers.load("dape", beside=osediff_weights),
+                     process_size=case["process_size"])
+    lr = method.preprocess(Picture(case["lr"].numpy()), case["upscale"]).lr
+    assert torch.equal(lr[0], case["lq"])
+    assert method.prompt_for(lr, case["prompt"]) == expected
