@@ -197,3 +197,13 @@ def test_osediff_prompt_equals_the_release_script(osediff, osediff_weights, tiny
     lr = method.preprocess(Picture(case["lr"].numpy()), case["upscale"]).lr
     assert torch.equal(lr[0], case["lq"])
     assert method.prompt_for(lr, case["prompt"]) == expected
+
+
+def test_a_ram_file_whose_windows_do_not_tile_384_px_is_one_line(tmp_path):
+    ram_file, _ = make_tiny_tagger(tmp_path)
+    checkpoint = torch.load(ram_file)
+    for key in [k for k in checkpoint["model"] if k.startswith("visual_encoder.layers.0.") and k.endswith("bias_table")]:
+        checkpoint["model"][key] = torch.zeros(13 ** 2, 1)  # 7 px windows (a 224 px Swin)
+    torch.save(checkpoint, ram_file)
+    with pytest.raises(WeightsError, match="7 px windows, which do not tile its 96 px grid"):
+        taggers.load("ram", ram_weights=ram_file)

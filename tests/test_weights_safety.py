@@ -282,7 +282,7 @@ def test_upscale_cli_with_a_poisoned_ckpt_writes_the_image(tmp_path, tiny_base, 
     weights = copy_poisoned(osediff_weights, tmp_path / "osediff.ckpt", marker)
     Image.new("RGB", (10, 12), (120, 90, 60)).save(tmp_path / "a.png")
     code = main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--method", "osediff",
-                 "--base", str(tiny_base), "--weights", str(weights), "--quiet"])
+                 "--base", str(tiny_base), "--weights", str(weights), "--tagger", "none", "--quiet"])
     assert code == 0 and (tmp_path / "out" / "a.png").is_file()
     assert not marker.exists()
 

@@ -289,6 +289,11 @@ def build_model(state: dict, name: str) -> RamModel:
     tables = [state[f"visual_encoder.layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(stages)]
     windows = [(math.isqrt(t.shape[0]) + 1) // 2 for t in tables]
     dim = patch.shape[0]
+    for stage, window in enumerate(windows):
+        resolution = IMAGE_SIZE // patch.shape[-1] // 2 ** stage
+        if resolution > window and resolution % window:
+            raise WeightsError(f"{name}: Swin stage {stage} has relative-position tables for {window} px windows, "
+                               f"which do not tile its {resolution} px grid at {IMAGE_SIZE} px input")
     swin = dict(dim=dim, patch=patch.shape[-1], depths=depths, heads=[t.shape[1] for t in tables], windows=windows,
                 hidden_ratio=state["visual_encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / dim)
     fc = state["fc.weight"]
