@@ -207,3 +207,16 @@ def test_a_ram_file_whose_windows_do_not_tile_384_px_is_one_line(tmp_path):
     torch.save(checkpoint, ram_file)
     with pytest.raises(WeightsError, match="7 px windows, which do not tile its 96 px grid"):
         taggers.load("ram", ram_weights=ram_file)
+
+
+@pytest.mark.parametrize("which", ["ram_swin_large_14m.pth", "DAPE.pth"])
+def test_a_pickled_payload_in_a_tagger_file_never_runs(tmp_path, tiny_tagger_files, which):
+    from test_weights_safety import poison
+
+    marker = tmp_path / "ran"
+    for source in tiny_tagger_files:
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    poison(tmp_path / which, marker)
+    with pytest.raises(WeightsError, match=which.replace(".", r"\.")):
+        taggers.load("dape", beside=tmp_path / "osediff.pkl")
+    assert not marker.exists()
