@@ -220,3 +220,27 @@ def test_a_pickled_payload_in_a_tagger_file_never_runs(tmp_path, tiny_tagger_fil
     with pytest.raises(WeightsError, match=which.replace(".", r"\.")):
         taggers.load("dape", beside=tmp_path / "osediff.pkl")
     assert not marker.exists()
+
+
+def test_the_registry_fetches_the_tagger_files_with_osediff_unless_unused(tmp_path, tiny_base, osediff_weights):
+    import shutil
+
+    import diffsr
+    from diffsr import weights
+    from diffsr.methods.osediff import OSEDiff
+
+    assert {"ram-swin-large", "dape"} <= set(weights.needed_by("osediff"))
+    assert weights.Registry.load().get("osediff-face").extras == {"ram_weights": "ram-swin-large",
+                                                                   "dape_weights": "dape"}
+    assert OSEDiff.unused_extras({}) == frozenset()
+    assert OSEDiff.unused_extras({"tagger": "ram"}) == {"dape_weights"}
+    for off in (None, "none", lambda images: ["x"]):
+        assert OSEDiff.unused_extras({"tagger": off}) == {"ram_weights", "dape_weights"}
+    files = tmp_path / "elsewhere"
+    files.mkdir()
+    for name in ("ram_swin_large_14m.pth", "DAPE.pth"):
+        shutil.copy(osediff_weights.parent / name, files / f"my_{name}")
+    alone = shutil.copy(osediff_weights, tmp_path / "osediff.pkl")
+    up = diffsr.load_upscaler("osediff", base=tiny_base, weights=alone, ram_weights=files / "my_ram_swin_large_14m.pth",
+                              dape_weights=files / "my_DAPE.pth")
+    assert up.prompt_for(_lr(), "") == f"{taggers.load('dape', beside=osediff_weights)(_lr())[0]}, ,"

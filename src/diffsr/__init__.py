@@ -61,5 +61,5 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
     from diffsr.weights import resolve_method
 
     resolved = resolve_method(cls.name, base, weights, options, default_base=cls.default_base, offline=offline,
-                              progress=progress)
+                              progress=progress, unused_extras=cls.unused_extras(options))
     return cls.load(resolved.base, resolved.weights, device=device, dtype=dtype, **resolved.options)

@@ -17,7 +17,7 @@ class Tagger(Protocol):
 
 
 def load_tagger(name_or_callable: str | Callable | None, device="cpu", dtype="float32",
-                beside: str | Path | None = None) -> Tagger | None:
+                beside: str | Path | None = None, ram_weights=None, dape_weights=None) -> Tagger | None:
     """None or "none": no tagger; a callable: itself; "dape" / "ram": diffsr.taggers.load (the release's files
     beside the file `beside` or in the weights cache)."""
     if name_or_callable is None or callable(name_or_callable):
@@ -31,7 +31,8 @@ def load_tagger(name_or_callable: str | Callable | None, device="cpu", dtype="fl
     if name_or_callable not in taggers.NAMES:
         raise UsageError(f"no tagger named '{name_or_callable}' (choose {', '.join(taggers.NAMES)} or none, or pass "
                          "a callable from Python: images -> list of tag strings)")
-    return taggers.load(name_or_callable, device=device, dtype=dtype, beside=beside)
+    return taggers.load(name_or_callable, device=device, dtype=dtype, beside=beside, ram_weights=ram_weights,
+                        dape_weights=dape_weights)
 
 
 def compose_prompt(user_prompt: str, tags: str | None) -> str:

@@ -119,10 +119,11 @@ class OSEDiff(Upscaler):
 
     @classmethod
     def load(cls, base, weights, device="cpu", dtype="float32", merge_lora: bool = False, tagger="dape",
-             tagger_device=None, sample_posterior: bool = False, process_size: int = PROCESS_SIZE) -> "OSEDiff":
-        """`tagger`: "dape" (the release's: RAM + DAPE, from ram_swin_large_14m.pth and DAPE.pth beside `weights`
-        or in the weights cache), "ram", "none"/None, or a callable images -> tag strings. It runs on
-        `tagger_device` (default `device`) in `dtype`, once per image."""
+             tagger_device=None, ram_weights=None, dape_weights=None, sample_posterior: bool = False,
+             process_size: int = PROCESS_SIZE) -> "OSEDiff":
+        """`tagger`: "dape" (the release's: RAM + DAPE from `ram_weights` and `dape_weights`, by default
+        ram_swin_large_14m.pth and DAPE.pth beside `weights` or in the weights cache), "ram", "none"/None, or a
+        callable images -> tag strings. It runs on `tagger_device` (default `device`) in `dtype`, once per image."""
         if weights is None:
             raise UsageError("osediff needs its weights: pass weights='osediff.pkl' (--weights)")
         state = read_method_weights(weights, cls.name)
@@ -134,8 +135,16 @@ class OSEDiff(Upscaler):
         if merge_lora:
             lora.merge_lora(backbone.unet)
             lora.merge_lora(backbone.vae)
-        tagger = load_tagger(tagger, device if tagger_device is None else tagger_device, dtype, beside=weights)
+        tagger = load_tagger(tagger, device if tagger_device is None else tagger_device, dtype, beside=weights,
+                             ram_weights=ram_weights, dape_weights=dape_weights)
         return cls(backbone, tagger=tagger, sample_posterior=sample_posterior, process_size=process_size)
+
+    @classmethod
+    def unused_extras(cls, options: dict) -> frozenset:
+        tagger = options.get("tagger", "dape")
+        if tagger == "ram":
+            return frozenset({"dape_weights"})
+        return frozenset() if tagger == "dape" else frozenset({"ram_weights", "dape_weights"})
 
     @classmethod
     def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
