@@ -155,8 +155,17 @@ def test_cli_shows_and_saves_the_prompts(tmp_path, tiny_base, osediff_weights, c
                  "--prompt", "clean", "--show-prompt"] + model) == 0
     assert "a.png: prompt: clean\n" in capsys.readouterr().out
     assert main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "s"), "--method", "s3diff",
-                 "--show-prompt"]) == 2
-    assert "--show-prompt: only osediff" in capsys.readouterr().err
+                 "--show-prompt", "--dape-weights", "x.pth"]) == 2
+    assert "--dape-weights, --show-prompt: only osediff" in capsys.readouterr().err
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "osediff.pkl").write_bytes(osediff_weights.read_bytes())
+    files = ["--ram-weights", str(osediff_weights.parent / "ram_swin_large_14m.pth"),
+             "--dape-weights", str(osediff_weights.parent / "DAPE.pth")]
+    model[model.index("--weights") + 1] = str(alone / "osediff.pkl")
+    assert main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "named"), "--prompt", "clean",
+                 "--save-prompts"] + model + files) == 0
+    assert (tmp_path / "named" / "txt" / "a.txt").read_text() == saved
 
 
 def test_cli_tag_prints_the_tags(tmp_path, tiny_tagger_files, capsys):

@@ -305,7 +305,7 @@ def _add_evaluation_commands(commands) -> None:
 def _load_options(args) -> dict:
     """The model-loading options given on the command line (_add_model_options), for load_upscaler."""
     given = {"merge_lora": args.merge_lora, "sample_posterior": args.sample_posterior, "tagger": args.tagger,
-             "tagger_device": args.tagger_device,
+             "tagger_device": args.tagger_device, "ram_weights": args.ram_weights, "dape_weights": args.dape_weights,
              "de_net": args.de_net, "cfw_weights": args.cfw_weights}
     return {name: value for name, value in given.items() if value}
 
@@ -390,6 +390,10 @@ def _add_tagger_options(parser: argparse.ArgumentParser) -> None:
                              "prompt alone); needs ram_swin_large_14m.pth (and DAPE.pth) beside --weights or fetched "
                              "with `diffsr weights fetch ram-swin-large dape`")
     parser.add_argument("--tagger-device", help="run the tagger here, e.g. cpu to save GPU memory (default --device)")
+    parser.add_argument("--ram-weights", help="osediff tagger: RAM Swin-L, a file or registry name (default: "
+                                              "ram-swin-large, or ram_swin_large_14m.pth beside a --weights file)")
+    parser.add_argument("--dape-weights", help="osediff tagger: DAPE's LoRA, a file or registry name (default: dape, "
+                                               "or DAPE.pth beside a --weights file)")
 
 
 def _add_prompt_report_options(parser: argparse.ArgumentParser) -> None:
@@ -400,6 +404,7 @@ def _add_prompt_report_options(parser: argparse.ArgumentParser) -> None:
 
 def _check_tagger_options(args, method: str) -> None:
     given = [option for option, value in (("--tagger", args.tagger), ("--tagger-device", args.tagger_device),
+                                          ("--ram-weights", args.ram_weights), ("--dape-weights", args.dape_weights),
                                           ("--show-prompt", args.show_prompt), ("--save-prompts", args.save_prompts))
              if value]
     if given and method != "osediff":
