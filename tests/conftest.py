@@ -50,7 +50,8 @@ def osediff_weights(tiny_base):
 def osediff(tiny_base, osediff_weights):
     import diffsr
 
-    return diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights)
+    # No tagger: the tests that use this fixture are about the untagged network (tagged runs: test_taggers.py).
+    return diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, tagger=None)
 
 
 def smooth_image(height, width, seed=0, channels=3):

@@ -89,7 +89,7 @@ def test_loss_falls_and_release_loads(tmp_path, tiny_base, metric_weights):
     assert last < first
     # The release file loads in diffsr's own upscaler and gives the trained model's output.
     (weights,) = result["release"]
-    loaded = diffsr.load_upscaler("osediff", base=tiny_base, weights=weights)
+    loaded = diffsr.load_upscaler("osediff", base=tiny_base, weights=weights, tagger=None)  # as the trainer's
     lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -125,6 +125,8 @@ def test_a_payload_never_runs(role, tmp_path, tiny_base, stablesr_files, ccsr_v1
         method, options = "ccsr", {"weights": copy_poisoned(ccsr_v1_weights, folder / "real-world_ccsr.ckpt", marker)}
     elif role == "osediff .ckpt --weights":
         method, options = "osediff", {"weights": copy_poisoned(osediff_weights, folder / "osediff.ckpt", marker)}
+        for tagger_file in ("ram_swin_large_14m.pth", "DAPE.pth"):  # its default tagger's, found beside it
+            shutil.copyfile(osediff_weights.parent / tagger_file, folder / tagger_file)
     else:
         de_net = copy_poisoned(s3diff_weights.parent / "de_net.pth", folder / "de_net.ckpt", marker)
         method, options = "s3diff", {"weights": s3diff_weights, "de_net": de_net}
@@ -282,7 +284,7 @@ def test_upscale_cli_with_a_poisoned_ckpt_writes_the_image(tmp_path, tiny_base, 
     weights = copy_poisoned(osediff_weights, tmp_path / "osediff.ckpt", marker)
     Image.new("RGB", (10, 12), (120, 90, 60)).save(tmp_path / "a.png")
     code = main(["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--method", "osediff",
-                 "--base", str(tiny_base), "--weights", str(weights), "--quiet"])
+                 "--base", str(tiny_base), "--weights", str(weights), "--tagger", "none", "--quiet"])
     assert code == 0 and (tmp_path / "out" / "a.png").is_file()
     assert not marker.exists()
 

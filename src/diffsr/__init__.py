@@ -60,5 +60,6 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
     from diffsr.weights import resolve_method
 
     resolved = resolve_method(cls.name, base, weights, options, default_base=cls.default_base, offline=offline,
-                              progress=progress, convert=cls.convert_weights)
+                              progress=progress, convert=cls.convert_weights,
+                              unused_extras=cls.unused_extras(options))
     return cls.load(resolved.base, resolved.weights, device=device, dtype=dtype, **resolved.options)

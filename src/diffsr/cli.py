@@ -33,7 +33,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")
-    parser.add_argument("--tagger", help="image tagger whose tags are prepended to the prompt (none is bundled)")
+    _add_tagger_options(parser)
     parser.add_argument("--sample-posterior", action="store_true",
                         help="sample the VAE posterior with --seed as the release does (default: its mean)")
     parser.add_argument("--de-net", help="s3diff: degradation estimator weights, a file or registry name "
@@ -168,12 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files or folders")
     _add_model_options(upscale)
     _add_run_options(upscale)
+    _add_prompt_report_options(upscale)
 
     upscale.add_argument("--offline", action="store_true",
                          help="use only cached weights, never download (as HF_HUB_OFFLINE=1 does)")
     _add_shard_option(upscale, "sorted inputs, split by pixel count")
     _add_weights_command(commands)
     _add_ui_command(commands)
+    _add_tag_command(commands)
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the bundled example image")
     demo.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
@@ -381,6 +383,7 @@ def _add_evaluation_commands(commands) -> None:
 def _load_options(args) -> dict:
     """The model-loading options given on the command line (_add_model_options), for load_upscaler."""
     given = {"merge_lora": args.merge_lora, "sample_posterior": args.sample_posterior, "tagger": args.tagger,
+             "tagger_device": args.tagger_device, "ram_weights": args.ram_weights, "dape_weights": args.dape_weights,
              "de_net": args.de_net, "cfw_weights": args.cfw_weights}
     return {name: value for name, value in given.items() if value}
 
@@ -414,6 +417,7 @@ def _upscale(args, processes) -> int:
         if not paths:
             raise UsageError(f"no images found in {', '.join(map(str, args.inputs))}")
         check_output_folder(args.output)
+        _check_tagger_options(args, method.name)
     except DiffsrError as error:
         fail(str(error))
         return EXIT_USAGE
@@ -482,7 +486,7 @@ def _upscale_jobs(args, method, limits, jobs, processes, tally) -> int | None:
         start = time.monotonic()
         with tiling.report_passes(passes.update):
             result = upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
-                                      **knobs)
+                                      **knobs, **_prompt_report_knobs(args, path, progress.write))
         done += 1
         if plain:
             print(f"diffsr: [{done}/{len(jobs)}] {path.name}: upscaled in {time.monotonic() - start:.1f} s",
@@ -577,6 +581,83 @@ class _PassProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# -- tags and prompts (OSEDiff's DAPE tagger) ------------------------------------------------------------------
+def _add_tagger_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tagger", choices=["dape", "ram", "none"],
+                        help="osediff: the tagger whose tags lead the prompt (default dape, as released; none: the "
+                             "prompt alone); needs ram_swin_large_14m.pth (and DAPE.pth) beside --weights or fetched "
+                             "with `diffsr weights fetch ram-swin-large dape`")
+    parser.add_argument("--tagger-device", help="run the tagger here, e.g. cpu to save GPU memory (default --device)")
+    parser.add_argument("--ram-weights", help="osediff tagger: RAM Swin-L, a file or registry name (default: "
+                                              "ram-swin-large, or ram_swin_large_14m.pth beside a --weights file)")
+    parser.add_argument("--dape-weights", help="osediff tagger: DAPE's LoRA, a file or registry name (default: dape, "
+                                               "or DAPE.pth beside a --weights file)")
+
+
+def _add_prompt_report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--show-prompt", action="store_true", help="osediff: print the prompt used for each image")
+    parser.add_argument("--save-prompts", action="store_true",
+                        help="osediff: write each image's prompt to OUTPUT/txt/NAME.txt, as the release does")
+
+
+def _check_tagger_options(args, method: str) -> None:
+    given = [option for option, value in (("--tagger", args.tagger), ("--tagger-device", args.tagger_device),
+                                          ("--ram-weights", args.ram_weights), ("--dape-weights", args.dape_weights),
+                                          ("--show-prompt", args.show_prompt), ("--save-prompts", args.save_prompts))
+             if value]
+    if given and method != "osediff":
+        raise UsageError(f"{', '.join(given)}: only osediff prompts its network with image tags")
+
+
+def _prompt_report_knobs(args, path: Path, show) -> dict:
+    """The on_prompt knob that prints (--show-prompt) and/or saves (--save-prompts) the prompt of `path`."""
+    if not (args.show_prompt or args.save_prompts):
+        return {}
+    from diffsr.images import write_atomically
+
+    def on_prompt(prompt: str) -> None:
+        if args.show_prompt:
+            show(f"{path}: prompt: {prompt}")
+        if args.save_prompts:
+            write_atomically(args.output / "txt" / f"{path.stem}.txt", lambda file: file.write(prompt.encode("utf-8")))
+
+    return {"on_prompt": on_prompt}
+
+
+def _add_tag_command(commands) -> None:
+    tag = commands.add_parser("tag", help="print the tags the RAM / DAPE tagger reads from images")
+    tag.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="image files or folders")
+    tag.add_argument("--tagger", choices=["dape", "ram"], default="dape", help="dape (OSEDiff's, default) or ram")
+    tag.add_argument("--ram-weights", type=Path, help="ram_swin_large_14m.pth (default: the cached registry copy)")
+    tag.add_argument("--dape-weights", type=Path, help="DAPE.pth (default: the cached registry copy)")
+    tag.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    tag.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def run_tag(args) -> int:
+    """One line per image: 'IMAGE: tags'. An image that fails is one error line; the others go on."""
+    from diffsr import taggers
+    from diffsr.images import MAX_INPUT_PIXELS, as_picture
+
+    try:
+        paths = collect_inputs(args.inputs)
+        if not paths:
+            raise UsageError(f"no images found in {', '.join(map(str, args.inputs))}")
+        tagger = taggers.load(args.tagger, device=args.device, dtype=args.dtype, ram_weights=args.ram_weights,
+                              dape_weights=args.dape_weights)
+    except DiffsrError as error:
+        _fail(str(error))
+        return EXIT_USAGE
+    failures = 0
+    for path in paths:
+        try:
+            print(f"{path}: {tagger(as_picture(path, MAX_INPUT_PIXELS).to_tensor())[0]}")
+        except DiffsrError as error:
+            _fail(str(error))
+            failures += 1
+    return EXIT_SOME_FAILED if failures else EXIT_OK
 
 
 def _pixels(megapixels: float, option: str) -> int:
@@ -855,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_weights(args)
     if args.command == "ui":
         return run_ui(args)
+    if args.command == "tag":
+        return run_tag(args)
     if args.command == "methods":
         return run_methods()
     return EXIT_USAGE

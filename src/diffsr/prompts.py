@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 
-from diffsr.errors import UsageError
+from diffsr.errors import ArgumentTypeError, UsageError
 
 
 class Tagger(Protocol):
@@ -15,11 +16,23 @@ class Tagger(Protocol):
     def __call__(self, images: torch.Tensor) -> list[str]: ...
 
 
-def load_tagger(name_or_callable: str | Callable | None) -> Tagger | None:
+def load_tagger(name_or_callable: str | Callable | None, device="cpu", dtype="float32",
+                beside: str | Path | None = None, ram_weights=None, dape_weights=None) -> Tagger | None:
+    """None or "none": no tagger; a callable: itself; "dape" / "ram": diffsr.taggers.load (the release's files
+    beside the file `beside` or in the weights cache)."""
     if name_or_callable is None or callable(name_or_callable):
         return name_or_callable
-    raise UsageError(f"no tagger named '{name_or_callable}' is installed: diffsr does not bundle RAM/DAPE; "
-                     "pass a callable tagger from Python (images -> list of tag strings) or use --prompt")
+    if not isinstance(name_or_callable, str):
+        raise ArgumentTypeError(f"tagger must be a name or a callable, not {type(name_or_callable).__name__}")
+    if name_or_callable == "none":
+        return None
+    from diffsr import taggers
+
+    if name_or_callable not in taggers.NAMES:
+        raise UsageError(f"no tagger named '{name_or_callable}' (choose {', '.join(taggers.NAMES)} or none, or pass "
+                         "a callable from Python: images -> list of tag strings)")
+    return taggers.load(name_or_callable, device=device, dtype=dtype, beside=beside, ram_weights=ram_weights,
+                        dape_weights=dape_weights)
 
 
 def compose_prompt(user_prompt: str, tags: str | None) -> str:

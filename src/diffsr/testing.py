@@ -8,6 +8,7 @@ The loaders treat them exactly like the real files; only the sizes differ.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -166,6 +167,8 @@ def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
+    if method == "osediff":  # its default tagger's files, found beside the weights as the real ones would be
+        make_tiny_tagger(out_file.parent, seed)
     return out_file
 
 
@@ -211,3 +214,56 @@ def weights_digest(*paths: str | Path) -> str:
             elif file.name in ("vocab.json", "merges.txt"):
                 add(name, file.read_bytes())
     return digest.hexdigest()
+
+
+# Tiny RAM: the release's layout and its full 4585-class label set, with a small Swin and tagging head.
+TINY_RAM_SWIN = dict(dim=8, patch=4, depths=[2, 2, 2, 2], heads=[1, 1, 2, 2], windows=[12, 12, 12, 12], hidden_ratio=4.0)
+TINY_RAM_HEAD = dict(layers=2, hidden=16, inner=32)
+TINY_DAPE_RANK = 8  # the release's r
+
+
+def make_tiny_tagger(folder: str | Path, seed: int = 0, fc_bias: float = -0.8) -> tuple[Path, Path]:
+    """Write ram_swin_large_14m.pth ({"model": state dict}, with the buffers and the captioning parts' keys the
+    release's file also holds) and DAPE.pth (LoRA pairs under the release's names) into `folder`; random,
+    shaped like RAM Swin-L but tiny. `fc_bias` sets how many of the 4585 tags fire."""
+    from diffsr.taggers import tag_list
+    from diffsr.taggers.ram import RamModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(*shape, std=1.0):
+        return torch.randn(shape, generator=generator) * std
+
+    model = RamModel(TINY_RAM_SWIN, TINY_RAM_HEAD, len(tag_list()), 512, TINY_RAM_SWIN["dim"] * 8)
+    state = {}
+    for key, value in sorted(model.state_dict().items()):
+        if "norm" in key.lower() and key.endswith("weight"):
+            state[key] = 1 + noise(*value.shape, std=0.1)
+        elif key.endswith("bias") or "relative_position_bias_table" in key:
+            state[key] = noise(*value.shape, std=0.5 if "table" in key else 0.02)
+        else:
+            state[key] = noise(*value.shape, std=1 / max(1, value[0].numel()) ** 0.5 if value.ndim > 1 else 1.0)
+    state["fc.bias"] = torch.full((1,), fc_bias)
+    for name, buffer in model.named_buffers():  # the release's file keeps these; its loader drops them
+        state[name] = buffer.clone()
+    state["tag_encoder.encoder.layer.0.attention.self.query.weight"] = noise(16, 16)  # captioning parts: unused
+    ram_file = folder / "ram_swin_large_14m.pth"
+    torch.save({"model": state}, ram_file)
+
+    rank = TINY_DAPE_RANK
+    dape = {}
+    for key, value in sorted(state.items()):
+        if key.endswith("attn.qkv.weight"):
+            dim = value.shape[1]
+            dape[key.replace(".weight", ".lora_A")] = noise(2 * rank, dim, std=0.5)
+            dape[key.replace(".weight", ".lora_B")] = noise(2 * dim, rank, std=0.5)
+        elif re.search(r"crossattention\.self\.(query|key)\.weight$", key):
+            dape[key.replace(".weight", ".lora_A")] = noise(rank, value.shape[1], std=0.5)
+            dape[key.replace(".weight", ".lora_B")] = noise(value.shape[0], rank, std=0.5)
+    dape["tag_encoder.encoder.layer.0.attention.self.query.lora_A"] = noise(rank, 16)  # unused by tagging
+    dape["tag_encoder.encoder.layer.0.attention.self.query.lora_B"] = noise(16, rank)
+    dape_file = folder / "DAPE.pth"
+    torch.save(dape, dape_file)
+    return ram_file, dape_file

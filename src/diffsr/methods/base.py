@@ -102,6 +102,11 @@ class Upscaler:
         raise NotImplementedError
 
     @classmethod
+    def unused_extras(cls, options: dict) -> frozenset:
+        """Load options naming registry extras that `options` leave unused (not fetched for them)."""
+        return frozenset()
+
+    @classmethod
     def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
         raise NotImplementedError(f"random release-format weights for {cls.name} are not available yet")
 

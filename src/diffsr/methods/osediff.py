@@ -118,8 +118,12 @@ class OSEDiff(Upscaler):
         self.alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
 
     @classmethod
-    def load(cls, base, weights, device="cpu", dtype="float32", merge_lora: bool = False, tagger=None,
-             sample_posterior: bool = False, process_size: int = PROCESS_SIZE) -> "OSEDiff":
+    def load(cls, base, weights, device="cpu", dtype="float32", merge_lora: bool = False, tagger="dape",
+             tagger_device=None, ram_weights=None, dape_weights=None, sample_posterior: bool = False,
+             process_size: int = PROCESS_SIZE) -> "OSEDiff":
+        """`tagger`: "dape" (the release's: RAM + DAPE from `ram_weights` and `dape_weights`, by default
+        ram_swin_large_14m.pth and DAPE.pth beside `weights` or in the weights cache), "ram", "none"/None, or a
+        callable images -> tag strings. It runs on `tagger_device` (default `device`) in `dtype`, once per image."""
         if weights is None:
             raise UsageError("osediff needs its weights: pass weights='osediff.pkl' (--weights)")
         state = read_method_weights(weights, cls.name)
@@ -131,7 +135,16 @@ class OSEDiff(Upscaler):
         if merge_lora:
             lora.merge_lora(backbone.unet)
             lora.merge_lora(backbone.vae)
-        return cls(backbone, tagger=load_tagger(tagger), sample_posterior=sample_posterior, process_size=process_size)
+        tagger = load_tagger(tagger, device if tagger_device is None else tagger_device, dtype, beside=weights,
+                             ram_weights=ram_weights, dape_weights=dape_weights)
+        return cls(backbone, tagger=tagger, sample_posterior=sample_posterior, process_size=process_size)
+
+    @classmethod
+    def unused_extras(cls, options: dict) -> frozenset:
+        tagger = options.get("tagger", "dape")
+        if tagger == "ram":
+            return frozenset({"dape_weights"})
+        return frozenset() if tagger == "dape" else frozenset({"ram_weights", "dape_weights"})
 
     @classmethod
     def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
@@ -150,7 +163,7 @@ class OSEDiff(Upscaler):
 
     @classmethod
     def knob_names(cls):
-        return ("prompt", "sample_posterior")
+        return ("prompt", "sample_posterior", "on_prompt")
 
     def preprocess(self, picture: Picture, scale: float) -> Prepared:
         """As test_osediff.py: enlarge small inputs, resize by `scale` (bicubic), then to a multiple of 8
@@ -174,11 +187,15 @@ class OSEDiff(Upscaler):
         return compose_prompt(prompt, tags)
 
     def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
-                prompt: str = "", sample_posterior: bool | None = None) -> torch.Tensor:
+                prompt: str = "", sample_posterior: bool | None = None, on_prompt=None) -> torch.Tensor:
+        """`on_prompt`, if given, is called with the prompt used (tags and `prompt`), e.g. to show or save it."""
         backbone = self.backbone
         vae, unet = backbone.vae, backbone.unet
         sample = self.sample_posterior if sample_posterior is None else sample_posterior
-        text = backbone.encode_prompt([self.prompt_for(lr, prompt)])
+        full_prompt = self.prompt_for(lr, prompt)
+        if on_prompt is not None:
+            on_prompt(full_prompt)
+        text = backbone.encode_prompt([full_prompt])
         posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling)
         latent = (posterior.sample(generator) if sample else posterior.mode()) * vae.config.scaling_factor
 

@@ -132,10 +132,11 @@ class Resolved:
 
 def resolve_method(method: str, base=None, weights=None, options: dict | None = None, default_base: str = "",
                    offline: bool | None = None, progress: bool = True, registry: Registry | None = None,
-                   convert=None) -> Resolved:
+                   convert=None, unused_extras: frozenset = frozenset()) -> Resolved:
     """What `method` loads: the given base / weights (names, paths or hub ids), and where they are not given,
     the registry's defaults: the default weights of the method, the base those weights were trained on,
-    and the extras they need (S3Diff's de_net, StableSR's CFW autoencoder) unless given in `options`.
+    and the extras they need (S3Diff's de_net, StableSR's CFW autoencoder) unless given in `options` or named
+    in `unused_extras` (load options the given `options` leave unused).
     `convert`: the method's writer of safetensors copies of its pickled release (Upscaler.convert_weights)."""
     registry = _registry(registry)
     options = dict(options or {})
@@ -150,7 +151,7 @@ def resolve_method(method: str, base=None, weights=None, options: dict | None = 
         weights = fetch_item(item, offline=offline, progress=progress)
         from_registry["weights"] = item
         for option, extra in item.extras.items():
-            if options.get(option) is None:
+            if options.get(option) is None and option not in unused_extras:
                 options[option] = resolve(extra, option, method, offline, progress, registry)
                 from_registry[option] = registry.get(extra)
     else:
