@@ -34,12 +34,22 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")
     _add_tagger_options(parser)
+    parser.add_argument("--process-size", type=_process_size, metavar="PX",
+                        help="osediff, ccsr, stablesr: the size small inputs are enlarged to before upscaling (the "
+                             "release's --process_size / --input_size; default the method's: 512, 768 for 768-v)")
     parser.add_argument("--sample-posterior", action="store_true",
                         help="sample the VAE posterior with --seed as the release does (default: its mean)")
     parser.add_argument("--de-net", help="s3diff: degradation estimator weights, a file or registry name "
                                          "(default: s3diff-de-net, or de_net.pth beside a --weights file)")
     parser.add_argument("--cfw-weights", help="StableSR: the CFW autoencoder, a file or registry name (default: "
                                               "stablesr-cfw, or vqgan_cfw_00011.ckpt beside a --weights file)")
+
+
+def _process_size(text: str) -> int:
+    value = int(text)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 8")
+    return value
 
 
 def _score(text: str) -> float:
@@ -107,7 +117,7 @@ _OPTIONAL_KNOBS = ("prompt", "negative_prompt", "guidance_scale", "steps", "samp
 
 
 # The flag of a method knob or load option where it is not --name-with-dashes.
-_FLAG_OF = {"degradation": "--degradation-blur/--degradation-noise"}
+_FLAG_OF = {"degradation": "--degradation-blur/--degradation-noise", "on_prompt": "--show-prompt/--save-prompts"}
 
 
 def _flag(name: str) -> str:
@@ -136,7 +146,9 @@ def _check_flags(args, method) -> None:
     except UsageError as error:
         raise UsageError(_with_flags(str(error), ("scale", "device"))) from None
     takes = set(method.knob_names()) | set(method.load_option_names())
-    foreign = [name for name in (*_method_knobs(args), *_load_options(args)) if name not in takes]
+    # --show-prompt / --save-prompts report through the on_prompt knob: only methods with prompts from a tagger take it
+    reports = ["on_prompt"] if args.show_prompt or args.save_prompts else []
+    foreign = [name for name in (*_method_knobs(args), *_load_options(args), *reports) if name not in takes]
     if foreign:
         owners = {name: [m.name for m in METHODS.values() if name in m.knob_names() + m.load_option_names()]
                   for name in foreign}
@@ -384,7 +396,7 @@ def _load_options(args) -> dict:
     """The model-loading options given on the command line (_add_model_options), for load_upscaler."""
     given = {"merge_lora": args.merge_lora, "sample_posterior": args.sample_posterior, "tagger": args.tagger,
              "tagger_device": args.tagger_device, "ram_weights": args.ram_weights, "dape_weights": args.dape_weights,
-             "de_net": args.de_net, "cfw_weights": args.cfw_weights}
+             "de_net": args.de_net, "cfw_weights": args.cfw_weights, "process_size": args.process_size}
     return {name: value for name, value in given.items() if value}
 
 
@@ -417,7 +429,6 @@ def _upscale(args, processes) -> int:
         if not paths:
             raise UsageError(f"no images found in {', '.join(map(str, args.inputs))}")
         check_output_folder(args.output)
-        _check_tagger_options(args, method.name)
     except DiffsrError as error:
         fail(str(error))
         return EXIT_USAGE
@@ -600,15 +611,6 @@ def _add_prompt_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-prompt", action="store_true", help="osediff: print the prompt used for each image")
     parser.add_argument("--save-prompts", action="store_true",
                         help="osediff: write each image's prompt to OUTPUT/txt/NAME.txt, as the release does")
-
-
-def _check_tagger_options(args, method: str) -> None:
-    given = [option for option, value in (("--tagger", args.tagger), ("--tagger-device", args.tagger_device),
-                                          ("--ram-weights", args.ram_weights), ("--dape-weights", args.dape_weights),
-                                          ("--show-prompt", args.show_prompt), ("--save-prompts", args.save_prompts))
-             if value]
-    if given and method != "osediff":
-        raise UsageError(f"{', '.join(given)}: only osediff prompts its network with image tags")
 
 
 def _prompt_report_knobs(args, path: Path, show) -> dict:
