@@ -192,7 +192,7 @@ def test_cli_passes_the_ccsr_knobs(tiny_base, ccsr_v2_weights, tmp_path, capsys)
                           "--guidance-scale", "1", "--negative-prompt", "blurry"]) == 0
     assert Image.open(tmp_path / "out" / "in.png").size == (40, 32)
     assert main(common + ["-o", str(tmp_path / "bad"), "--t-min", "0.9"]) == 2
-    assert "t_min (0.9) must be smaller than t_max (0.6666)" in capsys.readouterr().err
+    assert "--t-min (0.9) must be smaller than --t-max (0.6666)" in capsys.readouterr().err
 
 
 # -- v1 checkpoints ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 
 from diffsr import taggers
 from diffsr.errors import DiffsrError, ImageError, UsageError, WeightsError
+from conftest import parity_fixture
 from diffsr.testing import make_tiny_tagger, weights_digest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "taggers" / "ram_parity.pt"
@@ -18,8 +19,8 @@ def tiny_tagger_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def parity():
-    return torch.load(FIXTURE)
+def parity(tiny_tagger_files):
+    return parity_fixture("taggers/ram_parity.pt", *tiny_tagger_files)  # the one staleness guard
 
 
 def test_tiny_files_are_those_the_fixture_was_made_from(tiny_tagger_files, parity):

@@ -470,7 +470,10 @@ def _upscale_jobs(args, method, limits, jobs, processes, tally) -> int | None:
                                         offline=args.offline or None, progress=show, **_load_options(args))
         upscaler.check_arguments(args.scale, args.seed, args.color_fix, knobs)
     except (DiffsrError, TypeError) as error:
-        message = _with_flags(str(error), knobs)
+        from diffsr.tiling import TILING_KNOBS
+
+        # every knob's name, not only those given: "--t-min (0.9) must be smaller than --t-max"
+        message = _with_flags(str(error), (*method.knob_names(), *TILING_KNOBS))
         if processes.parallel:
             processes.say(f"diffsr: error: {message}")
         else:
