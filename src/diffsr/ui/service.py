@@ -61,7 +61,7 @@ CONTROLS: dict[str, tuple[Control, ...]] = {
                 "estimated per image unless 'edit the scores' is on"),
     ),
     "osediff": (
-        Control("prompt", "prompt", "", info="text prompt (the release uses none without its DAPE tagger)"),
+        Control("prompt", "prompt", "", info="your text, after the tags the DAPE tagger reads from the image (as released)"),
     ),
 }
 
