@@ -180,6 +180,7 @@ def test_unavailable_device_and_dtype_are_named(tiny_base, osediff_weights):
         diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, dtype="float8")
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_hub_ids_resolve_through_the_huggingface_cache(tmp_path, tiny_base, osediff_weights):
     """A hub id loads like any diffusers model: here from a populated offline cache (no network).
     In a subprocess, because the libraries read the cache location when they are imported."""

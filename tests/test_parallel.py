@@ -132,6 +132,7 @@ def test_two_processes_write_what_one_writes(inputs, tmp_path, tiny_base, osedif
     assert err.count("broken.png: not an image") == 1 and "] diffsr: error:" in err  # said by its process
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_two_processes_score_what_one_scores(tmp_path, metric_weights):  # noqa: F811
     """evaluate under torchrun: per-image scores and problems as one process's, FID to float precision."""
     import synthetic

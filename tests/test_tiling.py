@@ -265,6 +265,7 @@ def test_stablesr_upscales_through_the_bounded_vae_without_seams(cfw, base):
     assert ratio < 1.1
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_denoiser_passes_are_reported(upscaler, base):
     """One report per whole-latent denoiser pass, however many tiles it takes: 1 for OSEDiff, one per step
     for StableSR (the CLI's second progress bar counts these)."""

@@ -18,6 +18,7 @@ def crops(count=2, seed=0):
     return {"hr": hr, "lr": F.interpolate(hr, scale_factor=0.25, mode="area")}
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_decoder_trains_with_the_adaptive_gan_weight(tiny_base, ccsr_v2_weights, metric_weights, one_thread):  # noqa: F811
     torch.manual_seed(0)
     trainer = CCSRStage2(tiny_base, ccsr_v2_weights, lpips_weights=metric_weights)

@@ -72,6 +72,7 @@ def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_loss_falls_and_release_loads(tmp_path, tiny_base, metric_weights):
     lr_dir, hr_dir = pair_folders(tmp_path / "pairs", count=1)
     config = tiny_config(tmp_path / "run", "osediff", tiny_base,

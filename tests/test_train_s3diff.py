@@ -87,6 +87,7 @@ def pairs(tmp_path_factory):
     return pair_folders(tmp_path_factory.mktemp("s3diff-pairs"), count=2)
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_loss_falls_through_the_loop_and_the_release_holds_the_result(
         tmp_path, tiny_base, pairs, s3diff_weights, tiny_dino, metric_weights, one_thread):  # noqa: F811
     from diffsr.training.loop import train
@@ -111,6 +112,7 @@ def test_loss_falls_through_the_loop_and_the_release_holds_the_result(
     diffsr.load_upscaler("s3diff", base=tiny_base, weights=weights)(smooth_image(16, 16), scale=4)
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_resume_continues_exactly(tmp_path, tiny_base, pairs, s3diff_weights, tiny_dino, metric_weights,
                                   one_thread):  # noqa: F811
     from diffsr.training.loop import train
@@ -384,6 +386,7 @@ def test_diff_augment_is_differentiable_and_seeded():
 
 # -- release files ----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_save_release_loads_and_reproduces_the_trainer(build, tiny_base, tmp_path):
     trainer = build()
     optimizers, groups = optimisers(trainer, lr=1e-3)

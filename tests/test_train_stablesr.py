@@ -50,6 +50,7 @@ def digests(trainer):
     return {name: state_digest(module) for name, module in trainer.frozen_modules().items()}
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_stage1_trains_encoder_and_sft_only(tiny_base, one_thread):
     torch.manual_seed(0)
     trainer = StableSRStage1(tiny_base, encoder_channels=32)
@@ -134,6 +135,7 @@ def test_stage1_save_release_loads_with_the_trained_outputs(tiny_base, tmp_path,
         assert (again.upscaler().network(latent, condition, t, trainer.text) - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_stage2_trains_fusion_layers_on_stage1_latents(tiny_base, release_weights, metric_weights, one_thread):  # noqa: F811
     torch.manual_seed(0)
     trainer = StableSRStage2(tiny_base, release_weights, latent_steps=1, lpips_weights=metric_weights, disc_start=6)
@@ -212,6 +214,7 @@ def loop_config(folder, base, stage=1, weights=None, steps=4, **sections):
     return config
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_stage1_loss_falls_through_the_loop(tiny_base, tmp_path, one_thread):
     from diffsr.training.loop import train
     from training_helpers import falls
@@ -224,6 +227,7 @@ def test_stage1_loss_falls_through_the_loop(tiny_base, tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_resume_continues_exactly(stage, tiny_base, release_weights, tmp_path, one_thread):
     """4 steps in one go == 2 steps, then 2 more resumed from the checkpoint (stage 2: the discriminator starts
     at step 2, so the resumed half runs the GAN, and the loop's step reaches the trainer)."""

@@ -42,6 +42,7 @@ def test_step_batches_are_a_function_of_the_step():
     assert derived_seed(1, 2) != derived_seed(2, 1)
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_resume_continues_exactly(tmp_path, tiny_base, hr_dir, metric_weights):
     straight = train(osediff_config(tmp_path / "straight", tiny_base, hr_dir, metric_weights,
                                     train={"steps": 4, "save_every": 2}), progress=False)
@@ -60,6 +61,7 @@ def test_resume_continues_exactly(tmp_path, tiny_base, hr_dir, metric_weights):
     assert not any(name.startswith("text_encoder.") for name in saved["trained"])
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_training_changes_only_the_trained_parts(tmp_path, tiny_base, hr_dir, metric_weights):
     from diffsr.training import trainer_class
 
@@ -189,6 +191,7 @@ def test_a_planted_checkpoint_payload_never_runs(tmp_path, tiny_base, hr_dir, me
     assert len(aside) == 1 and (aside[0] / "step-1" / "trained.pt").is_file()
 
 
+@pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_a_fresh_start_never_mixes_with_an_older_run(tmp_path, tiny_base, hr_dir, metric_weights):
     """`diffsr train --no-resume` over an older, longer run, then a plain rerun: it resumes the new run."""
     out = tmp_path / "run"
