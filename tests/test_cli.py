@@ -254,8 +254,8 @@ def test_multi_step_progress_counts_passes(tmp_path, tiny_base, ccsr_v2_weights,
     monkeypatch.setattr("diffsr.cli._PassProgress.PLAIN_EVERY", 0.0)
     err = progress_run(args, monkeypatch, capsys, terminal)
     if terminal:
-        assert "denoiser passes" in err
+        assert "denoise" in err
     else:
         assert "\r" not in err and "\x1b" not in err
-        lines = [line for line in err.splitlines() if "denoiser passes" in line]
-        assert lines == [f"diffsr: x.png: {n} denoiser passes" for n in (2, 3, 4)]
+        lines = [line for line in err.splitlines() if "denoise" in line]
+        assert lines == [f"diffsr: x.png: denoise {n}/4" for n in (1, 2, 3, 4)]

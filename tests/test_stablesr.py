@@ -14,7 +14,7 @@ import diffsr
 from diffsr.checkpoints import ldm
 from diffsr.errors import UsageError, WeightsError
 from diffsr.methods.stablesr import CFW_NAME, StableSR
-from diffsr.samplers import Schedule, guided, sample_ddim, sample_ddpm, space_timesteps, to_eps
+from diffsr.samplers import Schedule, guide, sample_ddim, sample_ddpm, space_timesteps, to_eps
 from conftest import parity_fixture
 
 @pytest.fixture(scope="module")
@@ -130,11 +130,11 @@ def test_v_prediction_gives_the_same_samples_as_eps():
 
 
 def test_guidance_combines_negative_and_positive():
-    model = lambda x, t, text: x * text.mean(dim=(1, 2))[:, None, None, None]  # noqa: E731
-    x, t = torch.ones(1, 4, 2, 2), torch.tensor([10])
+    model = lambda x, text: x * text.mean(dim=(1, 2))[:, None, None, None]  # noqa: E731
+    x = torch.ones(1, 4, 2, 2)
     positive, negative = torch.full((1, 77, 8), 2.0), torch.full((1, 77, 8), 0.5)
-    assert torch.allclose(guided(model, positive, negative, 7.0)(x, t), x * (0.5 + 7 * 1.5))
-    assert torch.allclose(guided(model, positive, None, 7.0)(x, t), x * 2)
+    assert torch.allclose(guide(model, x, positive, negative, 7.0), x * (0.5 + 7 * 1.5))
+    assert torch.allclose(guide(model, x, positive, None, 7.0), x * 2)
 
 
 def small(stablesr):

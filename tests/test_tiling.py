@@ -267,19 +267,22 @@ def test_stablesr_upscales_through_the_bounded_vae_without_seams(cfw, base):
 
 @pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_denoiser_passes_are_reported(upscaler, base):
-    """One report per whole-latent denoiser pass, however many tiles it takes: 1 for OSEDiff, one per step
-    for StableSR (the CLI's second progress bar counts these)."""
+    """The callback hears of every batch of denoiser tiles, with the total known from the first: one pass of
+    4 tiles for OSEDiff, one per step for StableSR (the CLI's second progress bar shows these)."""
     from diffsr.testing import make_tiny_weights
 
     stablesr = diffsr.load_upscaler("stablesr", base=base,
                                     weights=make_tiny_weights("stablesr", base, base.parent / "sr" / "stablesr_turbo.ckpt"))
     image = np.full((32, 40, 3), 128, np.uint8)
-    for model, knobs, expected in ((upscaler, {"tile_size": 16, "tile_overlap": 8}, 1), (stablesr, {"steps": 3}, 3)):
-        count = []
-        with tiling.report_passes(lambda: count.append(1)):
-            model(image, scale=4, **knobs)
-        assert len(count) == expected
-    model(image, scale=4)  # outside the context nothing is reported (and nothing fails)
+    for model, knobs, passes in ((upscaler, {"tile_size": 16, "tile_overlap": 8}, 1), (stablesr, {"steps": 3}, 3)):
+        steps = []
+        model(image, scale=4, callback=steps.append, **knobs)
+        denoise = [(step.done, step.total) for step in steps if step.phase == "denoise"]
+        total = denoise[0][1]  # known at the first batch: tile batches per pass x passes
+        assert total % passes == 0 and total > (1 if passes == 1 else passes - 1)  # OSEDiff's 16 px tiles: several
+        assert denoise == [(n, total) for n in range(1, total + 1)]
+        assert [step.phase for step in steps if step.phase != "denoise"] == ["encode", "decode"]
+    model(image, scale=4)  # without a callback nothing is reported (and nothing fails)
 
 
 # -- automatic choice and bad input ----------------------------------------------------------------------

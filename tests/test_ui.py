@@ -95,16 +95,19 @@ def test_upscale_files_writes_each_input_in_its_format_and_depth(tmp_path):
     assert updates[0][1] == "loading osediff" and any("reading b.png" in text for _, text in updates)
 
 
-def test_tracker_reports_passes_with_an_eta():
+def test_tracker_reports_denoise_steps_with_an_eta():
+    from diffsr.progress import Step
+
     updates = []
-    tracker = service.Tracker(lambda fraction, text: updates.append((fraction, text)), images=2, passes_per_image=4)
+    tracker = service.Tracker(lambda fraction, text: updates.append((fraction, text)), images=2)
     tracker.next_image()
-    for _ in range(2):
-        tracker.pass_done()
-    assert updates[-1][0] == pytest.approx(0.25) and "denoising pass 2" in updates[-1][1] and "s left" in updates[-1][1]
-    tracker.pass_done()
-    tracker.next_image()  # the first image took 3 passes: the second is expected to take as many
-    tracker.pass_done()
+    tracker.step(Step("encode", 1, 1))  # only the denoiser's work moves the bar
+    assert updates == []
+    for done in (1, 2):
+        tracker.step(Step("denoise", done, 4))
+    assert updates[-1][0] == pytest.approx(0.25) and "denoise 2/4" in updates[-1][1] and "s left" in updates[-1][1]
+    tracker.next_image()
+    tracker.step(Step("denoise", 1, 3))
     assert updates[-1][0] == pytest.approx(0.5 + 0.5 / 3) and updates[-1][1].startswith("image 2/2")
 
 

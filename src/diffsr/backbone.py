@@ -68,9 +68,16 @@ class Backbone:
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler_config: dict
-    device: torch.device
-    dtype: torch.dtype
     folder: Path | None = None  # the local diffusers folder it was loaded from (a registry name or hub id resolved)
+
+    # Read from the UNet's weights, never stored: moving or casting the modules (a trainer, accelerate) moves them.
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -137,4 +144,4 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
         raise BaseModelError(f"{base}: cannot load the base model: {first_line(error)}") from error
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(device=device)
-    return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype, Path(base))
+    return Backbone(unet, vae, text_encoder, tokenizer, scheduler_config, Path(base))

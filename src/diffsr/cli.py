@@ -484,7 +484,6 @@ def _upscale_jobs(args, method, limits, jobs, processes, tally) -> int | None:
 
     from tqdm import tqdm
 
-    from diffsr import tiling
     from diffsr.batch import upscale_all
 
     # On a terminal, bars; otherwise (a log, a pipe) plain lines, no escape codes or carriage returns.
@@ -498,9 +497,8 @@ def _upscale_jobs(args, method, limits, jobs, processes, tally) -> int | None:
         nonlocal done
         passes.start(path.name)
         start = time.monotonic()
-        with tiling.report_passes(passes.update):
-            result = upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
-                                      **knobs, **_prompt_report_knobs(args, path, progress.write))
+        result = upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
+                                  callback=passes.update, **knobs, **_prompt_report_knobs(args, path, progress.write))
         done += 1
         if plain:
             print(f"diffsr: [{done}/{len(jobs)}] {path.name}: upscaled in {time.monotonic() - start:.1f} s",
@@ -558,39 +556,39 @@ def _warn_if_slow_dtype(device: str, dtype: str) -> None:
 
 
 class _PassProgress:
-    """The denoiser passes of the image in hand (multi-step methods on large images are slow), shown from an
-    image's second pass on, so one-step methods show nothing: a second tqdm bar on a terminal, else a plain
-    line at most every PLAIN_EVERY seconds."""
+    """The denoiser work of the image in hand (multi-step methods on large images are slow): tile batches over
+    all passes, shown when there is more than one, so one-step methods on small images show nothing: a second
+    tqdm bar on a terminal, else a plain line at most every PLAIN_EVERY seconds."""
 
     PLAIN_EVERY = 10.0
 
     def __init__(self, quiet: bool, plain: bool):
         self.quiet, self.plain = quiet, plain
-        self.bar, self.count, self.name, self.last_line = None, 0, "", 0.0
+        self.bar, self.name, self.last_line = None, "", 0.0
 
     def start(self, name: str) -> None:
         import time
 
-        self.count, self.name, self.last_line = 0, name, time.monotonic()
+        self.name, self.last_line = name, time.monotonic()
         if self.bar is not None:
             self.bar.reset()
 
-    def update(self) -> None:
+    def update(self, step) -> None:
         import time
 
-        self.count += 1
-        if self.quiet or self.count < 2:
+        if self.quiet or step.phase != "denoise" or step.total < 2:
             return
         if self.plain:
             if time.monotonic() - self.last_line >= self.PLAIN_EVERY:
-                print(f"diffsr: {self.name}: {self.count} denoiser passes", file=sys.stderr)
+                print(f"diffsr: {self.name}: denoise {step.done}/{step.total}", file=sys.stderr)
                 self.last_line = time.monotonic()
             return
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(desc="denoiser passes", unit="pass", file=sys.stderr, position=1, leave=False)
-        self.bar.update(self.count - self.bar.n)
+            self.bar = tqdm(desc="denoise", unit="tile", file=sys.stderr, position=1, leave=False)
+        self.bar.total = step.total
+        self.bar.update(step.done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -145,20 +145,38 @@ def sample_ddim(model: Model, x: torch.Tensor, schedule: Schedule, eta: float = 
     return x
 
 
-def guided(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], text: torch.Tensor,
-           negative: torch.Tensor | None, scale: float) -> Model:
-    """Classifier-free guidance with a negative prompt (StableSR eq. 8): neg + s * (pos - neg), both
-    branches in one batch. `model(x, t, text)`; with scale 1 or no negative prompt, one plain call."""
-    if negative is None or scale == 1:
-        return lambda x, t: model(x, t, text.expand(x.shape[0], -1, -1))
+def guide(call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, text: torch.Tensor,
+          negative: torch.Tensor | None, scale: float, batched: bool = True, negative_first: bool = True,
+          off: Callable[[float], bool] = lambda scale: scale == 1) -> torch.Tensor:
+    """Classifier-free guidance, the one form every method and trainer uses: neg + scale * (pos - neg).
 
-    def call(x, t):
-        batch = x.shape[0]
-        texts = torch.cat([negative.expand(batch, -1, -1), text.expand(batch, -1, -1)])
-        uncond, cond = model(torch.cat([x, x]), torch.cat([t, t]), texts).chunk(2)
-        return uncond + scale * (cond - uncond)
+    `call(x, texts)` is the network on a batch with per-row text embeddings; `text` / `negative` are (1 or B,
+    L, D). `batched`: both branches in one call on [x; x] (rows in the order `negative_first` says, as each
+    release stacks them); else two calls. Guidance is skipped (one plain call) when there is no negative
+    prompt or `off(scale)` holds: the releases differ on that rule (scale == 1, or scale <= 1)."""
+    batch = x.shape[0]
+    text = text.expand(batch, -1, -1)
+    if negative is None or off(scale):
+        return call(x, text)
+    negative = negative.expand(batch, -1, -1)
+    if batched:
+        pair = (negative, text) if negative_first else (text, negative)
+        first, second = call(torch.cat([x, x]), torch.cat(pair)).chunk(2)
+        uncond, cond = (first, second) if negative_first else (second, first)
+    else:
+        cond, uncond = call(x, text), call(x, negative)
+    return uncond + scale * (cond - uncond)
 
-    return call
+
+def one_step(image: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
+             eps_at: Callable[[torch.Tensor], torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
+             alpha_bar: float | torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-step restoration every one-step method (and its trainer) runs: image -> latent (`encode`, a
+    posterior draw or mode, unscaled) -> eps at the start timestep -> x0 -> decoded image in [-1, 1].
+    Returns (x0 latent, scaled; decoded image). Differentiable: training backpropagates through it."""
+    latent = encode(image) * scaling
+    x0 = x0_from_eps(latent.float(), eps_at(latent).float(), alpha_bar)
+    return x0, decode(x0 / scaling).clamp(-1, 1)
 
 
 @dataclass

@@ -16,8 +16,8 @@ Tiled VAE, three ways, chosen by size and the memory budget:
   tiles (so no brightness jumps); attention stays within the tile. Memory stops growing at the tile size; the
   result approximates the untiled one.
 Forward hooks on the VAE's resnet blocks see whole maps in the first two modes and one tile at a time in the
-third (`bounded_tile()` says which); StableSR's CFW decoder relies on this. Every denoiser pass is reported to
-`report_passes` (progress).
+third (`bounded_tile()` says which); StableSR's CFW decoder relies on this. The work done is reported to the
+options' `progress` (diffsr.progress): encoder and decoder runs, and every batch of denoiser tiles.
 Written by hand: diffusers' own VAE tiling normalises each tile with its own statistics (visible seams).
 """
 
@@ -30,13 +30,14 @@ import os
 import platform
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from diffsr.errors import UsageError
+from diffsr.progress import Progress
 
 GAUSSIAN_VAR = 0.01  # the papers' weight: sigma = 0.1 * tile
 DEFAULT_OVERLAP = 32  # latent px
@@ -61,6 +62,8 @@ class TilingOptions:
     tile_batch: int = 1  # denoiser tiles per call
     max_memory: float | None = None  # GB of working memory (model weights not counted); None: from the device
     release_gaussian: bool = False  # the releases' off-centre Gaussian and square tiles, for parity
+    # Where this call's work is reported (not a knob: `upscale` sets it from its `callback=`)
+    progress: Progress | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_knobs(cls, knobs: dict) -> "TilingOptions":
@@ -102,27 +105,10 @@ class TilingOptions:
     def aggregate(self, denoise: "Denoiser", latent: torch.Tensor, condition: torch.Tensor | None, default_tile: int,
                   unet: torch.nn.Module) -> torch.Tensor:
         """`aggregate` with these options: the method gives its default tile size and its UNet (for sizing).
-        Every method's denoiser passes come through here: each one is reported to `report_passes`."""
+        Every method's denoiser passes come through here; each batch of tiles is reported to `progress`."""
         tile = self.denoiser_tile(default_tile, unet, latent.device, unet.dtype)
-        merged = aggregate(denoise, latent, condition, tile, self.tile_overlap, self.tile_batch, self.release_gaussian)
-        report = _PASS_DONE.get()
-        if report is not None:
-            report()
-        return merged
-
-
-_PASS_DONE: ContextVar[Callable[[], None] | None] = ContextVar("diffsr_pass_done", default=None)
-
-
-@contextmanager
-def report_passes(callback: Callable[[], None]):
-    """While active, `callback()` runs after every whole-latent denoiser pass (one per sampler step; two where
-    a method guides with separate calls): progress for long multi-step runs, shared by all methods."""
-    token = _PASS_DONE.set(callback)
-    try:
-        yield
-    finally:
-        _PASS_DONE.reset(token)
+        return aggregate(denoise, latent, condition, tile, self.tile_overlap, self.tile_batch, self.release_gaussian,
+                         self.progress)
 
 
 def available_memory(device: torch.device) -> float:
@@ -193,7 +179,8 @@ Denoiser = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def aggregate(denoise: Denoiser, latent: torch.Tensor, condition: torch.Tensor | None, tile: int,
-              overlap: int = DEFAULT_OVERLAP, tile_batch: int = 1, release_gaussian: bool = False) -> torch.Tensor:
+              overlap: int = DEFAULT_OVERLAP, tile_batch: int = 1, release_gaussian: bool = False,
+              progress: Progress | None = None) -> torch.Tensor:
     """Run `denoise` over overlapping tiles of `latent` (and the matching tiles of `condition`) and merge.
 
     `denoise(latents, conditions)` gets up to `tile_batch` tiles stacked along the batch axis (each tile
@@ -201,10 +188,15 @@ def aggregate(denoise: Denoiser, latent: torch.Tensor, condition: torch.Tensor |
     `condition` is a tensor with the latent's height and width (e.g. the LR latent), or None. When the latent
     is no larger than one tile in area (the releases' rule: such a pass needs no more memory than a tile),
     `denoise` runs once on the whole latent and its output is returned unchanged.
-    `release_gaussian` reproduces the released code: its off-centre weights and square tiles of the short side."""
+    `release_gaussian` reproduces the released code: its off-centre weights and square tiles of the short side.
+    `progress` hears of the pass (its number of batches) and of each batch done."""
+    progress = progress or Progress()
     height, width = latent.shape[-2:]
     if height * width <= tile * tile:
-        return denoise(latent, condition)
+        progress.start("denoise", 1)
+        merged = denoise(latent, condition)
+        progress.advance("denoise")
+        return merged
     if condition is not None and condition.shape[-2:] != latent.shape[-2:]:
         raise ValueError(f"condition {tuple(condition.shape)} does not match latent {tuple(latent.shape)} in size")
     tile_h, tile_w = min(tile, height), min(tile, width)
@@ -214,6 +206,7 @@ def aggregate(denoise: Denoiser, latent: torch.Tensor, condition: torch.Tensor |
     boxes = [(y, x) for y in tile_starts(height, tile_h, overlap) for x in tile_starts(width, tile_w, overlap)]
     weight = gaussian_weights(tile_h, tile_w, release_gaussian).to(latent.device)
     merged = weight_sum = None
+    progress.start("denoise", math.ceil(len(boxes) / tile_batch))
     for first in range(0, len(boxes), tile_batch):
         group = boxes[first:first + tile_batch]
         tiles = torch.cat([latent[..., y:y + tile_h, x:x + tile_w] for y, x in group])
@@ -226,6 +219,7 @@ def aggregate(denoise: Denoiser, latent: torch.Tensor, condition: torch.Tensor |
         for (y, x), prediction in zip(group, predictions):
             merged[..., y:y + tile_h, x:x + tile_w] += prediction * weight
             weight_sum[y:y + tile_h, x:x + tile_w] += weight
+        progress.advance("denoise")
     return (merged / weight_sum).to(latent.dtype)
 
 
@@ -285,8 +279,12 @@ def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(
         raise UsageError(f"image size {tuple(image.shape[-2:])} must be a multiple of 8 pixels to encode")
     auto, tile = encode_plan(options, vae, image)
     mode = mode or auto
+    progress = options.progress or Progress()
+    progress.start("encode", 1)
     if mode == "untiled":
-        return vae.encode(image).latent_dist
+        posterior = vae.encode(image).latent_dist
+        progress.advance("encode")
+        return posterior
     with torch.no_grad():  # the tiled modes are for inference
         if mode == "exact":
             moments = _ExactRunner(vae.encoder, rows=tile).encode(image)
@@ -295,6 +293,7 @@ def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(
                                    statistics=statistics)
         if vae.quant_conv is not None:
             moments = vae.quant_conv(moments)
+    progress.advance("encode")
     return DiagonalGaussianDistribution(moments)
 
 
@@ -314,14 +313,20 @@ def vae_decode(vae, latent: torch.Tensor, options: TilingOptions = TilingOptions
     autograd mode (training decodes through here); the tiled modes run without gradients."""
     auto, tile = vae_plan(options, vae, latent.shape[-2:], True, latent.device, latent.dtype)
     mode = mode or auto
+    progress = options.progress or Progress()
+    progress.start("decode", 1)
     if mode == "untiled":
-        return vae.decode(latent).sample
-    with torch.no_grad():
-        if vae.post_quant_conv is not None:
-            latent = vae.post_quant_conv(latent)
-        if mode == "exact":
-            return _ExactRunner(vae.decoder, rows=tile).decode(latent)
-        return _run_bounded(vae.decoder, latent, tile, DECODER_HALO, 8, hooked=hooked)
+        image = vae.decode(latent).sample
+    else:
+        with torch.no_grad():
+            if vae.post_quant_conv is not None:
+                latent = vae.post_quant_conv(latent)
+            if mode == "exact":
+                image = _ExactRunner(vae.decoder, rows=tile).decode(latent)
+            else:
+                image = _run_bounded(vae.decoder, latent, tile, DECODER_HALO, 8, hooked=hooked)
+    progress.advance("decode")
+    return image
 
 
 # exact mode: module by module over row bands, pooled GroupNorm statistics, whole-map attention

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffsr.backbone import Backbone
+from diffsr import knobs as knobs_module
 from diffsr.color import COLOR_FIXES, color_fix
 from diffsr.errors import ArgumentTypeError, UsageError
 from diffsr.images import (MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, Picture, as_picture, check_pixels, image_size, resize,
                            tensor_to_array, to_pil)
+from diffsr.progress import Callback, Progress
 from diffsr.tiling import TILING_KNOBS, TilingOptions, return_freed_memory
 
 MIN_SCALE, MAX_SCALE = 1, 8
@@ -91,10 +94,19 @@ class Upscaler:
     # as CCSR v1's release colour-fixes its decoded image), clamped only after the fix
     clamp_before_color_fix: bool = True
     weights_name: str = ""  # the release's file name, for messages
+    Knobs: type[knobs_module.Knobs] | None = None  # the per-call knobs (diffsr.knobs), declared by each method
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device = device
-        self.dtype = dtype
+    backbone: "Backbone"  # set by each method's __init__
+
+    # Derived from the modules (as diffusers and spandrel do), never stored: a trainer or accelerate that
+    # moves or casts the modules moves these with them.
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.dtype
 
     # -- what a method supplies ------------------------------------------------------------------
     @classmethod
@@ -153,6 +165,11 @@ class Upscaler:
         TilingOptions.from_knobs(dict(knobs))
         return scale, seed, fix
 
+    def denoiser_passes(self, knobs: dict) -> int:
+        """Whole-latent denoiser passes one image takes with `knobs` (sampler steps; two per step where the
+        method guides with separate calls), so progress knows its total from the start."""
+        return 1
+
     def prepare_knobs(self, picture: Picture, knobs: dict) -> dict:
         """Knobs that depend on the input picture (S3Diff estimates its degradation here)."""
         return knobs
@@ -160,15 +177,16 @@ class Upscaler:
     @torch.no_grad()
     def upscale(self, image, scale: float = 4, seed: int = 0, color_fix: str | None = None,
                 max_input_pixels: int | None = MAX_INPUT_PIXELS, max_output_pixels: int | None = MAX_OUTPUT_PIXELS,
-                **knobs) -> Picture:
+                callback: Callback | None = None, **knobs) -> Picture:
         """Upscale and return a Picture in the input's bit depth (alpha upscaled separately), with the input's
-        ICC profile and EXIF. Inputs or outputs over the pixel limits (None: no limit) are refused."""
+        ICC profile and EXIF. Inputs or outputs over the pixel limits (None: no limit) are refused.
+        `callback(Step)` hears of every unit of work done (diffsr.progress: encode, denoise, decode)."""
         scale, seed, fix = self.check_arguments(scale, seed, color_fix, knobs)
         limits = check_pixel_limit(max_input_pixels, "max_input_pixels"), check_pixel_limit(max_output_pixels,
                                                                                              "max_output_pixels")
         picture = read_input(image, scale, *limits)
         knobs = self.prepare_knobs(picture, dict(knobs))
-        tiling = TilingOptions.from_knobs(knobs)
+        tiling = replace(TilingOptions.from_knobs(knobs), progress=Progress(callback, self.denoiser_passes(knobs)))
         if self.device.type == "cpu":
             return_freed_memory()
         prepared = self.preprocess(picture, scale)

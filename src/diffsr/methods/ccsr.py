@@ -121,7 +121,6 @@ class CCSR(Upscaler):
 
     def __init__(self, backbone: Backbone, controlnet: nn.Module, version: int, condition_vae=None,
                  sample_posterior: bool = True, process_size: int = PROCESS_SIZE):
-        super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
         self.controlnet = controlnet
         self.version = version
@@ -186,6 +185,12 @@ class CCSR(Upscaler):
     @classmethod
     def knob_names(cls):
         return ("prompt", "negative_prompt", "steps", "t_max", "t_min", "guidance_scale", "sample_posterior")
+
+    def denoiser_passes(self, knobs: dict) -> int:
+        """The chain's evaluations; v1 guides each with two separate calls (v2 batches the pair)."""
+        settings = {**self.defaults, **{k: v for k, v in knobs.items() if v is not None}}
+        evaluations = self.schedule(settings["steps"], settings["t_max"], settings["t_min"]).evaluations
+        return evaluations * (2 if self.version == 1 and settings["guidance_scale"] != 1 else 1)
 
     # -- the flow --------------------------------------------------------------------------------
     def preprocess(self, picture: Picture, scale: float) -> Prepared:

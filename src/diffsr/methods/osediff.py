@@ -110,7 +110,6 @@ class OSEDiff(Upscaler):
 
     def __init__(self, backbone: Backbone, tagger=None, sample_posterior: bool = False,
                  process_size: int = PROCESS_SIZE):
-        super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
         self.process_size = process_size
         self.tagger = tagger

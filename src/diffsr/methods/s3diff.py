@@ -246,7 +246,6 @@ class S3Diff(Upscaler):
 
     def __init__(self, backbone: Backbone, conditioner: DegradationConditioner, modulations, estimator: DEResNet,
                  sample_posterior: bool = False):
-        super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
         self.conditioner = conditioner.to(backbone.device)  # may be a trainer's, still training
         self.vae_modulation, self.unet_modulation = modulations

@@ -21,7 +21,8 @@ from diffsr.images import Picture
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.stablesr_nets import SFT_HIDDEN, CFWAutoencoder, SFTUNet, TimeAwareEncoder, add_sft
 from diffsr.tiling import TilingOptions
-from diffsr.samplers import PREDICTIONS, Schedule, guided, q_sample, randn, release_ddim_alphas, sample_ddim, sample_ddpm
+from diffsr.samplers import (PREDICTIONS, Schedule, guide, q_sample, randn, release_ddim_alphas, sample_ddim, sample_ddpm,
+                             space_timesteps)
 
 CFW_NAME = "vqgan_cfw_00011.ckpt"
 SAMPLERS = ("ddpm", "ddim")
@@ -161,7 +162,6 @@ class StableSR(Upscaler):
 
     def __init__(self, backbone: Backbone, unet: SFTUNet, encoder: TimeAwareEncoder, autoencoder: CFWAutoencoder,
                  prediction: str = "epsilon", default_steps: int = 200, process_size: int | None = None):
-        super().__init__(backbone.device, backbone.dtype)
         self.backbone = backbone
         self.unet, self.encoder, self.autoencoder = unet, encoder, autoencoder
         self.prediction = prediction
@@ -288,6 +288,9 @@ class StableSR(Upscaler):
     def knob_names(cls):
         return ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "fidelity", "eta", "start")
 
+    def denoiser_passes(self, knobs: dict) -> int:
+        return len(space_timesteps(len(self.backbone.alphas_cumprod), knobs.get("steps") or self.default_steps))
+
     def preprocess(self, picture: Picture, scale: float) -> Prepared:
         """As the release's arbitrary-size scripts: bicubic (torch, on the [-1, 1] tensor) by
         max(process_size / shorter side, scale); the result is brought back to scale x input afterwards."""
@@ -326,8 +329,10 @@ class StableSR(Upscaler):
 
         def model(latent, timestep):
             def denoise(tiles, condition_tiles):
-                call = lambda x_, t_, text_: self.network(x_, condition_tiles, t_, text_)  # noqa: E731
-                return guided(call, text, negative, guidance_scale)(tiles, timestep[:1].expand(tiles.shape[0]))
+                def call(x_, texts):
+                    return self.network(x_, condition_tiles, timestep[:1].expand(x_.shape[0]), texts)
+
+                return guide(call, tiles, text, negative, guidance_scale)
 
             return denoise(latent, condition) if tiler is None else tiler(denoise, latent, condition)
 

@@ -166,9 +166,7 @@ class CCSRStage1(Trainer):
         return loss, {"loss": loss.item(), **{f"loss_{name}": value.item() for name, value in losses.items()}}
 
     def upscaler(self) -> CCSR:
-        device = self.alphas_cumprod.device
-        backbone = Backbone(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler_config,
-                            device, self.unet.dtype)
+        backbone = Backbone(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler_config)
         return CCSR(backbone, self.controlnet, version=2)
 
     def save_release(self, folder: Path) -> list[Path]:

@@ -69,9 +69,6 @@ class CCSRStage2(Trainer):
         self.vae.enable_gradient_checkpointing()  # as the release (--gradient_checkpointing)
 
     def upscaler(self) -> CCSR:
-        parameter = next(self.unet.parameters())
-        self.backbone.device, self.backbone.dtype = parameter.device, parameter.dtype
-        self.model.device, self.model.dtype = parameter.device, parameter.dtype
         return self.model
 
     @torch.no_grad()

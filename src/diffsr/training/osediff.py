@@ -110,7 +110,6 @@ class OSEDiffTrainer(Trainer):
         return self.regularizer_loss(batch)
 
     def upscaler(self):
-        self.backbone.device = self.unet.device
         return osediff.OSEDiff(self.backbone)
 
     def save_release(self, folder: Path) -> list[Path]:

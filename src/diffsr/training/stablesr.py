@@ -99,8 +99,6 @@ class _StableSRModules(Trainer):
         return (lr * 2 - 1).clamp(-1, 1)
 
     def upscaler(self) -> StableSR:
-        parameter = next(self.unet.parameters())
-        self.backbone.device, self.backbone.dtype = parameter.device, parameter.dtype
         return StableSR(self.backbone, self.unet, self.encoder, self.autoencoder, self.prediction)
 
     def frozen_modules(self) -> dict[str, nn.Module]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import diffsr
 from diffsr.errors import UsageError
 from diffsr.images import MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, Picture, read_image, to_pil
+from diffsr.progress import Step
 
 RELEASE_DEFAULT = "release default"
 
@@ -266,48 +267,41 @@ class Outcome:
 
 
 class Tracker:
-    """Progress of one request in phases, with an ETA from the time per denoiser pass so far.
-    `report(fraction, text)` receives every update (gradio's progress bar in the app)."""
+    """Progress of one request: phases as text, the denoiser's tile batches (diffsr.progress Steps, whose total
+    is known from the first) as the fraction, with an ETA. `report(fraction, text)` receives every update
+    (gradio's progress bar in the app)."""
 
-    def __init__(self, report: Callable[[float, str], None], images: int, passes_per_image: int):
-        self.report, self.images, self.expected = report, max(1, images), max(1, passes_per_image)
-        self.index, self.passes, self.started = 0, 0, None
+    def __init__(self, report: Callable[[float, str], None], images: int):
+        self.report, self.images = report, max(1, images)
+        self.index, self.within, self.started = 0, 0.0, None
 
     def phase(self, text: str) -> None:
         self.report(self.fraction(), text)
 
     def fraction(self) -> float:
-        return min(1.0, (self.index + min(self.passes, self.expected) / self.expected) / self.images)
+        return min(1.0, (self.index + self.within) / self.images)
 
     def next_image(self) -> None:
         if self.started is None:
             self.started = time.monotonic()
         else:
-            if self.passes:
-                self.expected = self.passes  # an image done tells how many passes the next one takes
             self.index += 1
-        self.passes = 0
+        self.within = 0.0
 
-    def pass_done(self) -> None:
-        self.passes += 1
+    def step(self, step: Step) -> None:
+        if step.phase != "denoise":
+            return
+        self.within = step.done / step.total
         done = self.fraction()
-        spent = time.monotonic() - self.started
-        eta = spent * (1 - done) / done if done > 0 else None
-        text = f"image {self.index + 1}/{self.images}: denoising pass {self.passes}"
-        self.report(done, text + (f" · about {eta:.0f} s left" if eta is not None else ""))
-
-
-def expected_passes(knobs: dict) -> int:
-    """A first guess of the denoiser passes per image, from the knobs with the release defaults filled in
-    (refined after the first image)."""
-    return int(knobs.get("steps") or 1)
+        eta = (time.monotonic() - self.started) * (1 - done) / done
+        self.report(done, f"image {self.index + 1}/{self.images}: denoise {step.done}/{step.total} · "
+                          f"about {eta:.0f} s left")
 
 
 def upscale_files(models: ModelCache, settings: Settings, paths: list[Path], out_dir: Path, tiling: dict,
                   report: Callable[[float, str], None] = lambda fraction, text: None) -> Outcome:
     """Upscale `paths` with `settings` into `out_dir` (each in its input's format and bit depth, with a
     settings JSON beside it). Bad images are one line each in `errors`; the others are still written."""
-    from diffsr import tiling as tiling_module
     from diffsr.batch import plan_outputs, upscale_all
 
     outcome = Outcome()
@@ -317,8 +311,7 @@ def upscale_files(models: ModelCache, settings: Settings, paths: list[Path], out
     upscaler.check_arguments(settings.scale, settings.seed, settings.color_fix, {**knobs, **tiling})
     plan = plan_outputs([Path(p) for p in paths], out_dir, overwrite=True)
     outcome.errors += plan.refused
-    tracker = Tracker(report, len(plan.jobs),
-                      expected_passes({**release_defaults(settings.method, settings.weights or ""), **knobs}))
+    tracker = Tracker(report, len(plan.jobs))
     results: dict[Path, Result] = {}
 
     def upscale(source: Path) -> Picture:
@@ -330,9 +323,8 @@ def upscale_files(models: ModelCache, settings: Settings, paths: list[Path], out
         if settings.method == "s3diff":  # the scores used are shown and saved (estimated unless given)
             degradation = upscaler.degradation_scores(picture, used.pop("degradation", None))
             used["degradation"] = degradation
-        with tiling_module.report_passes(tracker.pass_done):
-            result = upscaler.upscale(picture, scale=settings.scale, seed=settings.seed,
-                                      color_fix=settings.color_fix, **used, **tiling)
+        result = upscaler.upscale(picture, scale=settings.scale, seed=settings.seed, color_fix=settings.color_fix,
+                                  callback=tracker.step, **used, **tiling)
         tracker.phase(f"image {tracker.index + 1}/{tracker.images}: writing")
         before = Picture(_nearest(picture.rgb, result.size), None, picture.name)
         results[source] = Result(source, before, result, Settings(
