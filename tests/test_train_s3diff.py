@@ -41,7 +41,7 @@ def build(tiny_base, s3diff_weights, tiny_dino, metric_weights, one_thread):  # 
         torch.manual_seed(0)
         args = {"de_net": s3diff_weights.parent / "de_net.pth", "dino": tiny_dino, "lpips_weights": metric_weights,
                 **args}
-        return S3DiffTrainer(base=tiny_base, **args)
+        return S3DiffTrainer.build(tiny_base, **args)
 
     return make
 
@@ -198,7 +198,7 @@ def test_training_step_matches_the_release(build, tiny_base, s3diff_weights):
     assert (batch["scores"] - fixture["scores"]).abs().max() < 1e-6
     negative = fixture["negative"]
     target = torch.where(negative[:, None, None, None], batch["source"], batch["hr"] * 2 - 1)
-    text = trainer.backbone.encode_prompt([NEGATIVE_PROMPT, POSITIVE_PROMPT])
+    text = trainer.method.backbone.encode_prompt([NEGATIVE_PROMPT, POSITIVE_PROMPT])
     torch.manual_seed(fixture["seed"])
     output = trainer.generate(batch["source"], batch["scores"], text)
     loss = F.mse_loss(output, target) * 2.0
@@ -251,7 +251,7 @@ def test_online_negative_prompting(build, monkeypatch):
         batch = pictures(2)
         with torch.no_grad():
             loss, logs = trainer(batch, "reconstruction")
-        expected_text = trainer.backbone.encode_prompt([prompt])
+        expected_text = trainer.method.backbone.encode_prompt([prompt])
         assert torch.equal(seen["text"], expected_text.expand(2, -1, -1))
         upscaled = F.interpolate(batch["lr"], size=(64, 64), mode="bicubic").clamp(0, 1) * 2 - 1
         target = upscaled if probability == 1 else batch["hr"] * 2 - 1
@@ -415,7 +415,7 @@ def test_bad_input(build, tiny_base, tmp_path, s3diff_weights):
     from diffsr.training.s3diff import S3DiffTrainer
 
     with pytest.raises(UsageError, match="de_net"):
-        S3DiffTrainer(base=tiny_base)
+        S3DiffTrainer.build(tiny_base)
     with pytest.raises(WeightsError, match="DINO backbone"):
         build(dino=tmp_path / "no-such-dino")
     with pytest.raises(UsageError, match="lora_rank_unet 8 differs"):
