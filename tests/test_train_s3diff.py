@@ -184,6 +184,20 @@ def test_what_trains_and_where_gradients_go(build, s3diff_weights):
     assert all(named[name].grad is None for name in trained)
 
 
+def test_trains_the_method_load_upscaler_built(tiny_base, s3diff_weights, tiny_dino, metric_weights,  # noqa: F811
+                                                one_thread):
+    from diffsr.training.s3diff import S3DiffTrainer
+
+    method = diffsr.load_upscaler("s3diff", base=tiny_base, weights=s3diff_weights)
+    trainer = S3DiffTrainer(method, s3diff_weights.parent / "de_net.pth", dino=tiny_dino, lpips_weights=metric_weights)
+    assert trainer.upscaler() is method and trainer.unet is method.backbone.unet
+    assert trainer.conditioner is method.conditioner and trainer.estimator is method.estimator
+    loss, _ = trainer(pictures(), "reconstruction")
+    loss.backward()
+    assert method.conditioner.unet_fuse_mlp.weight.grad.abs().sum() > 0  # the method's own modules learn
+    assert method.backbone.unet.conv_in.weight.grad.abs().sum() > 0
+
+
 def test_training_step_matches_the_release(build, tiny_base, s3diff_weights):
     """The authors' training model (src/s3diff.py) on the same tiny weights, inputs and posterior draw
     (tests/fixtures/s3diff/make_train_parity_fixture.py): output, 2 x MSE with online negative prompting for
