@@ -10,7 +10,7 @@ from PIL import Image
 import diffsr
 from diffsr.cli import main
 from diffsr.errors import UsageError, WeightsError
-from diffsr.methods.ccsr import v1_schedule, v2_schedule
+from diffsr.samplers import diffusers_truncated_schedule as v2_schedule, ldm_truncated_schedule as v1_schedule
 from diffsr.testing import SD2_SCHEDULER_CONFIG
 from conftest import smooth_image
 
