@@ -18,9 +18,9 @@ from diffsr.errors import UsageError
 from diffsr.images import Picture
 from diffsr.knobs import knob
 from diffsr.methods.base import Prepared, Upscaler, output_size
-from diffsr.nets.ccsr_controlnet import controlnet_from_unet
 from diffsr.methods.ccsr_releases import (GUIDANCE_OFF, V1_DEFAULTS, V2_DEFAULTS, processing_image, v1_draws,
                                           v1_quantized, v2_draws)
+from diffsr.nets.ccsr_controlnet import controlnet_from_unet
 from diffsr.samplers import diffusers_truncated_schedule, guide, ldm_truncated_schedule, truncated_sample
 from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
