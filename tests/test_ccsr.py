@@ -10,7 +10,7 @@ from PIL import Image
 import diffsr
 from diffsr.cli import main
 from diffsr.errors import UsageError, WeightsError
-from diffsr.methods.ccsr import v1_schedule, v2_schedule
+from diffsr.samplers import diffusers_truncated_schedule as v2_schedule, ldm_truncated_schedule as v1_schedule
 from diffsr.testing import SD2_SCHEDULER_CONFIG
 from conftest import smooth_image
 
@@ -287,3 +287,14 @@ def test_full_size_controlnet_has_the_release_layout():
     assert sum(k.startswith("controlnet_down_blocks.") and k.endswith(".weight") for k in shapes) == 12
     assert shapes["controlnet_mid_block.weight"] == (1280, 1280, 1, 1)
     assert controlnet.config.use_vae_encode_condition
+
+
+def test_release_formats_are_told_apart_by_detection(ccsr_v1_weights, ccsr_v2_weights, tmp_path):
+    """v2 is a folder, v1 an LDM state with control_model.* tensors: detection, not file names, decides."""
+    from diffsr.checkpoints import ccsr_v1, ccsr_v2, read_weights
+
+    assert ccsr_v2.detect(ccsr_v2_weights) and not ccsr_v2.detect(ccsr_v1_weights)
+    assert ccsr_v1.detect(read_weights(ccsr_v1_weights))
+    assert not ccsr_v1.detect({"state_dict": {"model.diffusion_model.conv_in.weight": torch.zeros(1)}})
+    renamed = shutil.copy(ccsr_v1_weights, tmp_path / "ccsr-v2-folder.ckpt")  # a misleading name changes nothing
+    assert not ccsr_v2.detect(renamed) and ccsr_v1.detect(read_weights(renamed))

@@ -13,9 +13,15 @@ from diffsr.errors import BaseModelError, UsageError, WeightsError
 from diffsr.training import trainer_class
 from diffsr.training.base import state_digest
 from conftest import parity_fixture, smooth_image
+from diffsr.methods.ccsr import CCSR
 from diffsr.training.ccsr import CCSRStage1, eps_loss, resize_back, truncated_losses
 
 STEPS = 20
+
+
+def stage1(base, weights=None, **args):
+    """The stage-1 trainer on a model to train: from `weights` (a CCSR-v2 folder) or fresh."""
+    return CCSRStage1(CCSR.for_training(base, weights), **args)
 
 
 def batches(count=2, size=64, seed=0):
@@ -44,7 +50,7 @@ def trained(tiny_base, one_thread):
     from diffsr.training.loop import run_step
 
     torch.manual_seed(0)
-    trainer = trainer_class("ccsr", 1)(base=tiny_base)
+    trainer = trainer_class("ccsr", 1)(CCSR.for_training(tiny_base))
     frozen = {name: state_digest(module) for name, module in trainer.frozen_modules().items()}
     controlnet_before = state_digest(trainer.controlnet)
     data = batches()
@@ -143,7 +149,7 @@ def test_resize_back_is_8_bit_at_the_hr_size():
 def test_matches_the_release_training_step(tiny_base, ccsr_v2_weights, one_thread):
     """train_ccsr_stage1.py's step on the same tiny models, latents and seed (fixtures/ccsr/README.md)."""
     reference = parity_fixture("ccsr/ccsr_train_parity.pt", tiny_base, ccsr_v2_weights / "controlnet")
-    trainer = CCSRStage1(tiny_base, weights=ccsr_v2_weights)
+    trainer = stage1(tiny_base, ccsr_v2_weights)
     torch.manual_seed(reference["seed"])
     losses = truncated_losses(trainer.eps_model(reference["condition"]), reference["hr_latent"],
                               trainer.alphas_cumprod, trainer.t_max)
@@ -159,7 +165,7 @@ def test_matches_the_release_training_step(tiny_base, ccsr_v2_weights, one_threa
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, ccsr_v2_weights, one_thread):
-    trainer = CCSRStage1(tiny_base, weights=ccsr_v2_weights)
+    trainer = stage1(tiny_base, ccsr_v2_weights)
     batch = batches(1)[0]
 
     def gradients():
@@ -202,8 +208,8 @@ def test_tiny_config_trains_and_resumes_exactly(tiny_base, tmp_path, one_thread)
           "resumed:", [round(v, 3) for v in resumed["losses"]["loss"]])
     assert len(resumed["losses"]["loss"]) == 2 and resumed["losses"]["loss"] == whole["losses"]["loss"][2:]
     assert all(math.isfinite(v) for v in whole["losses"]["loss"])
-    whole_net = CCSRStage1(tiny_base, weights=tmp_path / "whole" / "release").controlnet
-    resumed_net = CCSRStage1(tiny_base, weights=tmp_path / "split" / "release").controlnet
+    whole_net = stage1(tiny_base, tmp_path / "whole" / "release").controlnet
+    resumed_net = stage1(tiny_base, tmp_path / "split" / "release").controlnet
     assert state_digest(whole_net) == state_digest(resumed_net)
 
 
@@ -223,19 +229,19 @@ def test_saved_release_loads_and_reproduces_the_trainer(trained, tiny_base, tmp_
     print(f"saved release vs the trainer's upscaler: max abs difference {difference:.1e}")
     assert difference <= 1e-5  # the same weights; only float summation order may differ
     # ... and training can start again from it.
-    again = CCSRStage1(tiny_base, weights=tmp_path / "ccsr-v2")
+    again = stage1(tiny_base, tmp_path / "ccsr-v2")
     assert state_digest(again.controlnet) == state_digest(trainer.controlnet)
 
 
 def test_starts_from_a_release_folder(tiny_base, ccsr_v2_weights):
-    trainer = CCSRStage1(tiny_base, weights=ccsr_v2_weights)
+    trainer = stage1(tiny_base, ccsr_v2_weights)
     release = diffsr.load_upscaler("ccsr", base=tiny_base, weights=ccsr_v2_weights)
     assert state_digest(trainer.controlnet) == state_digest(release.controlnet)
     assert state_digest(trainer.vae) == state_digest(release.backbone.vae)  # its stage-2 VAE comes along
 
 
 def test_fresh_controlnet_is_the_unet_copy(tiny_base):
-    trainer = CCSRStage1(tiny_base)
+    trainer = stage1(tiny_base)
     unet, controlnet = trainer.unet.state_dict(), trainer.controlnet.state_dict()
     assert torch.equal(controlnet["down_blocks.0.resnets.0.conv1.weight"], unet["down_blocks.0.resnets.0.conv1.weight"])
     assert not controlnet["controlnet_mid_block.weight"].any()  # zero convs
@@ -244,12 +250,12 @@ def test_fresh_controlnet_is_the_unet_copy(tiny_base):
 
 def test_bad_arguments(tiny_base, ccsr_v2_weights):
     with pytest.raises(WeightsError, match="a folder"):
-        CCSRStage1(tiny_base, weights=ccsr_v2_weights / "controlnet" / "config.json")
+        stage1(tiny_base, ccsr_v2_weights / "controlnet" / "config.json")
     with pytest.raises(WeightsError, match="controlnet/config.json"):
-        CCSRStage1(tiny_base, weights=ccsr_v2_weights / "vae")
+        stage1(tiny_base, ccsr_v2_weights / "vae")
     for t_max in (1.5, 0.9995, 0.0, "0.6"):
         with pytest.raises(UsageError, match="t_max"):
-            CCSRStage1(tiny_base, t_max=t_max)
+            stage1(tiny_base, t_max=t_max)
 
 
 def test_refuses_a_v_prediction_base(tmp_path):
@@ -257,12 +263,12 @@ def test_refuses_a_v_prediction_base(tmp_path):
 
     base = make_tiny_base(tmp_path / "v-base", prediction_type="v_prediction")
     with pytest.raises(BaseModelError, match="epsilon"):
-        CCSRStage1(base)
+        stage1(base)
 
 
 def test_pretraining_is_the_plain_eps_loss(tiny_base, one_thread):
     """pretrain=True (the release's train_controlnet.py): only the eps loss, t uniform over all 1000 steps."""
-    trainer = CCSRStage1(tiny_base, pretrain=True)
+    trainer = stage1(tiny_base, pretrain=True)
     torch.manual_seed(0)
     loss, logs = trainer(batches(1)[0], "controlnet")
     assert set(logs) == {"loss", "loss_eps"} and loss.item() == pytest.approx(logs["loss_eps"])

@@ -12,6 +12,10 @@ from diffsr.training.ccsr_decoder import CCSRStage2
 from metric_helpers import metric_weights  # noqa: F401  (fixture)
 
 
+def stage2(base, weights, **args):
+    return CCSRStage2(diffsr.load_upscaler("ccsr", base=base, weights=weights), **args)
+
+
 def crops(count=2, seed=0):
     generator = torch.Generator().manual_seed(seed)
     hr = F.interpolate(torch.rand(count, 3, 8, 8, generator=generator), size=(64, 64), mode="bilinear")
@@ -21,7 +25,7 @@ def crops(count=2, seed=0):
 @pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_decoder_trains_with_the_adaptive_gan_weight(tiny_base, ccsr_v2_weights, metric_weights, one_thread):  # noqa: F811
     torch.manual_seed(0)
-    trainer = CCSRStage2(tiny_base, ccsr_v2_weights, lpips_weights=metric_weights)
+    trainer = stage2(tiny_base, ccsr_v2_weights, lpips_weights=metric_weights)
     vae = trainer.vae
     groups = trainer.parameter_groups()
     assert set(map(id, groups["generator"])) == set(map(id, [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]))
@@ -61,7 +65,7 @@ def test_decoder_trains_with_the_adaptive_gan_weight(tiny_base, ccsr_v2_weights,
 
 def test_save_release_is_a_v2_folder_with_the_trained_decoder(tiny_base, ccsr_v2_weights, tmp_path, one_thread):
     torch.manual_seed(0)
-    trainer = CCSRStage2(tiny_base, ccsr_v2_weights, perceptual_weight=0.0)
+    trainer = stage2(tiny_base, ccsr_v2_weights, perceptual_weight=0.0)
     with torch.no_grad():
         for p in trainer.parameter_groups()["generator"]:
             p.add_(torch.randn_like(p) * 0.01)
@@ -108,7 +112,7 @@ def test_resume_continues_exactly(tiny_base, ccsr_v2_weights, tmp_path, one_thre
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_base, ccsr_v2_weights, one_thread):
     torch.manual_seed(0)
-    trainer = CCSRStage2(tiny_base, ccsr_v2_weights, perceptual_weight=0.0)
+    trainer = stage2(tiny_base, ccsr_v2_weights, perceptual_weight=0.0)
     batch = crops()
 
     def gradients():

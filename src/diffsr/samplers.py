@@ -19,6 +19,7 @@ from diffsr.errors import UsageError
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor], torch.Tensor]
 PREDICTIONS = ("epsilon", "v_prediction")
+TRUNCATED_START_T = 999  # CCSR's chain starts from the LR latent (v2) or noise (v1) at t = 999
 
 
 def randn(shape, generator: torch.Generator | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -26,6 +27,11 @@ def randn(shape, generator: torch.Generator | None, like: torch.Tensor, dtype: t
     `upscale` makes, one seed gives the same picture on CPU and GPU."""
     where = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=where, dtype=dtype or like.dtype).to(like.device)
+
+
+def noise_sampler(generator: torch.Generator | None) -> NoiseSampler:
+    """Standard normal noise like x (its shape, dtype and device) from `generator` (see randn)."""
+    return lambda x: randn(x.shape, generator, x)
 
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
@@ -216,3 +222,53 @@ def truncated_sample(model: Callable[[torch.Tensor, int, bool], torch.Tensor], x
         eps = model(x, t, True).float()
         x, x0 = ddpm_step(x, eps, alpha_bar, alpha_bar_prev, step_noise(x))
     return x0
+
+
+def diffusers_truncated_schedule(scheduler_config: dict, steps: int, t_max: float, t_min: float) -> TruncatedSchedule:
+    """CCSR v2's chain (its diffusers pipeline) on diffusers' DDPM timesteps ('leading' spacing of the base's config).
+
+    steps == 1 is the one-step mode (x0 at t = 999). Otherwise the last round(steps*t_max) timesteps
+    are kept, the first of them is the re-noising level, and the last round(steps*t_min) are dropped;
+    t_max == 1 skips the first x0 estimate (the chain starts from the noised LR latent)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    alpha_bar = scheduler.alphas_cumprod
+    if steps == 1:
+        return TruncatedSchedule(TRUNCATED_START_T, alpha_bar[TRUNCATED_START_T].item(), None, [])
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    kept = timesteps[-round(len(timesteps) * t_max):]
+    dropped = round(len(timesteps) * t_min) if t_min > 0 else 0
+    chain = kept[:len(kept) - dropped]
+    steps_list = []
+    for t in chain:
+        prev = int(scheduler.previous_timestep(t))
+        steps_list.append((t, alpha_bar[t].item(), alpha_bar[prev].item() if prev >= 0 else 1.0))
+    start = None if t_max == 1 else TRUNCATED_START_T
+    return TruncatedSchedule(start, alpha_bar[TRUNCATED_START_T].item(), alpha_bar[kept[0]].item(), steps_list)
+
+
+def ldm_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """LDM's float64 'linear' schedule (sqrt-linear betas), as the v1 sampler computes it."""
+    betas = torch.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5,
+                           scheduler_config["num_train_timesteps"], dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def ldm_truncated_schedule(scheduler_config: dict, steps: int, t_max: float, t_min: float) -> TruncatedSchedule:
+    """CCSR v1's chain (its LDM sampler, model/q_sampler.py sample_ccsr) on `steps` re-spaced timesteps.
+
+    The x0 estimate at index N-1 (t = 999) is re-noised to index round((N-1)*t_max) (float32 product,
+    as the release computes it); DDPM steps then run from index round(N*t_max)-1 down to round(N*t_min).
+    With t_min = 0 the release's slice is empty and it fails; here the steps go down to index 0.
+    steps == 1 is the one-step mode (x0 at t = 999), which the v1 release does not offer."""
+    alpha_bar = ldm_alphas_cumprod(scheduler_config)
+    if steps == 1:
+        return TruncatedSchedule(TRUNCATED_START_T, alpha_bar[TRUNCATED_START_T].item(), None, [])
+    timesteps = space_timesteps(len(alpha_bar), steps)
+    spaced = alpha_bar[timesteps].tolist()
+    renoise_index = int(torch.round(torch.tensor(float(steps - 1)) * t_max))
+    first, last = round(steps * t_max), round(steps * t_min)
+    chain = [(timesteps[i], spaced[i], spaced[i - 1] if i > 0 else 1.0) for i in range(first - 1, last - 1, -1)]
+    return TruncatedSchedule(timesteps[-1], spaced[-1], spaced[renoise_index], chain)

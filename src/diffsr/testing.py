@@ -214,8 +214,62 @@ def _write_tiny_s3diff(base_path: Path, out_file: Path, seed: int) -> None:
     release.write_de_net(estimator, out_file.parent / release.DE_NET_FILE)
 
 
+def _base_unet_and_vae(base: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with quiet_loading():
+        return (UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
+                AutoencoderKL.from_pretrained(base, subfolder="vae"))
+
+
+def write_random_ccsr_v2(base: Path, out: Path, seed: int = 0) -> None:
+    """A random CCSR-v2 folder shaped for `base`: controlnet/ (with `use_vae_encode_condition`) and vae/ (the base
+    VAE with its decoder perturbed: the stage-2 VAE)."""
+    from diffsr.checkpoints import ccsr_v2
+    from diffsr.nets.ccsr_controlnet import controlnet_from_unet
+
+    unet, vae = _base_unet_and_vae(base)
+    with quiet_loading():
+        controlnet = controlnet_from_unet(unet)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            # Zero-initialised convs and a copy of the UNet would hide mistakes: perturb everything.
+            scale = 0.05 if ("controlnet_" in name or "condition_conv_in" in name) else 0.01
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+        for name, parameter in vae.named_parameters():
+            if name.startswith(("decoder.", "post_quant_conv.")):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    ccsr_v2.write(ccsr_v2.Parts(controlnet, vae), out)
+
+
+def write_random_ccsr_v1(base: Path, out_file: Path, seed: int = 0) -> None:
+    """A random `real-world_ccsr.ckpt`-format checkpoint for `base` (the release's OpenCLIP tensors left out)."""
+    import copy
+
+    from diffsr.checkpoints import ccsr_v1
+    from diffsr.nets.ccsr_controlnet import controlnet_from_unet
+
+    unet, vae = _base_unet_and_vae(base)
+    with quiet_loading():
+        controlnet = controlnet_from_unet(unet)
+    generator = torch.Generator().manual_seed(seed)
+    condition_vae = copy.deepcopy(vae)
+    with torch.no_grad():
+        for module, amount in ((controlnet, 0.02), (vae.decoder, 0.01), (condition_vae.encoder, 0.01)):
+            for parameter in module.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * amount)
+    ccsr_v1.write(ccsr_v1.Parts(unet.state_dict(), controlnet.state_dict(), vae.state_dict(),
+                                condition_vae.state_dict()), out_file)
+
+
+def _write_tiny_ccsr(base: Path, out_file: Path, seed: int) -> None:
+    """A `.ckpt` name gives the v1 checkpoint, anything else the v2 folder."""
+    (write_random_ccsr_v1 if out_file.suffix == ".ckpt" else write_random_ccsr_v2)(base, out_file, seed)
+
+
 # Methods whose random release files are written here, through their checkpoints module's writer.
-TINY_WRITERS = {"s3diff": _write_tiny_s3diff}
+TINY_WRITERS = {"s3diff": _write_tiny_s3diff, "ccsr": _write_tiny_ccsr}
 
 
 def weights_digest(*paths: str | Path) -> str:

@@ -44,14 +44,33 @@ def controlnet_class():
     return CCSRControlNet
 
 
-def controlnet_from_unet(unet) -> nn.Module:
-    """A CCSR ControlNet shaped like `unet`'s encoder half (what training starts from)."""
+def controlnet_from_unet(unet, condition_seed: int | None = None) -> nn.Module:
+    """A CCSR ControlNet copied from `unet`'s encoder half. Its condition conv starts at zero like the zero convs
+    (random test weights), or with `condition_seed` at torch's default initialisation drawn from that seed (the
+    release's training start; a fixed seed keeps a fresh run reproducible from its config)."""
     from diffusers import ControlNetModel
 
     plain = ControlNetModel.from_unet(unet)
-    model = controlnet_class()(**{k: v for k, v in plain.config.items() if not k.startswith("_")})
+    model = controlnet_class()(**_config(plain))
     model.load_state_dict({k: v for k, v in plain.state_dict().items() if "controlnet_cond_embedding" not in k}, strict=False)
-    # Like the zero convs, the condition conv starts at zero (and the result does not depend on the global RNG).
-    torch.nn.init.zeros_(model.condition_conv_in.weight)
-    torch.nn.init.zeros_(model.condition_conv_in.bias)
+    if condition_seed is None:
+        torch.nn.init.zeros_(model.condition_conv_in.weight)
+        torch.nn.init.zeros_(model.condition_conv_in.bias)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(condition_seed)
+            model.condition_conv_in.reset_parameters()
     return model
+
+
+def controlnet_like(unet) -> nn.Module:
+    """A CCSR ControlNet shaped like `unet`'s encoder half, its weights left to be loaded (from a checkpoint)."""
+    from diffusers import ControlNetModel
+
+    with torch.device("meta"):
+        plain = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    return controlnet_class()(**_config(plain)).to(unet.dtype)
+
+
+def _config(controlnet) -> dict:
+    return {k: v for k, v in controlnet.config.items() if not k.startswith("_")}

@@ -30,14 +30,20 @@ class Trainer(nn.Module):
     @classmethod
     def from_config(cls, config) -> "Trainer":
         """Build from a TrainConfig: `cls(base=..., weights=..., **config.method_args)`."""
+        return cls(base=config.base, weights=config.weights, **cls.method_args(config))
+
+    @classmethod
+    def method_args(cls, config) -> dict:
+        """`config.method_args`, each key checked against the trainer's own arguments (those besides the model:
+        base and weights, or a built `model`)."""
         import inspect
 
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "base", "weights"}
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "base", "weights", "model"}
         unknown = sorted(set(config.method_args) - accepted)
         if unknown:
             raise UsageError(f"{cls.method} stage {cls.stage} has no method_args key {unknown[0]!r} "
                              f"(known: {', '.join(sorted(accepted))})")
-        return cls(base=config.base, weights=config.weights, **config.method_args)
+        return config.method_args
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Optimiser name -> the parameters it trains (every one requires grad; the groups are disjoint)."""

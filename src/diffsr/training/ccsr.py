@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffsr.backbone import Backbone, load_backbone, quiet_loading
-from diffsr.errors import BaseModelError, UsageError, WeightsError
-from diffsr.methods.ccsr import START_T, CCSR, load_v2_controlnet, save_v2
-from diffsr.nets.ccsr_controlnet import controlnet_from_unet
-from diffsr.samplers import alpha_bar_at, q_sample, x0_from_eps
+from diffsr.checkpoints import ccsr_v2
+from diffsr.errors import BaseModelError, UsageError
+from diffsr.methods.ccsr import CCSR
+from diffsr.samplers import TRUNCATED_START_T as START_T, alpha_bar_at, q_sample, x0_from_eps
 from diffsr.training.base import Trainer, trainable
 
 T_MAX = 0.6667  # train_ccsr_stage1.sh --t_max
@@ -79,42 +78,23 @@ class CCSRStage1(Trainer):
     stage = 1
     phases = (("controlnet", "controlnet"),)
 
-    def __init__(self, base, weights=None, t_max: float = T_MAX, prompt: str = "", start_from_lr: bool = False,
+    def __init__(self, model: CCSR, t_max: float = T_MAX, prompt: str = "", start_from_lr: bool = False,
                  pretrain: bool = False):
-        """`weights`: a CCSR-v2 folder (controlnet/, optional vae/) to start from, e.g. the release's
-        pre-trained ControlNet; None: a ControlNet copied from the UNet as the release initialises it.
-        `start_from_lr`: noise the LR latent, not the HR one, to T for l_T (the release's --is_start_lr,
-        off in stage 1). `pretrain`: only the eps loss over all 1000 steps (the release's train_controlnet.py)."""
+        """`model`: a CCSR-v2 model to train (CCSR.for_training: from a release folder, e.g. the release's
+        pre-trained ControlNet, or a fresh ControlNet copied from the UNet). `start_from_lr`: noise the LR latent,
+        not the HR one, to T for l_T (the release's --is_start_lr, off in stage 1). `pretrain`: only the eps loss
+        over all 1000 steps (the release's train_controlnet.py)."""
         super().__init__()
         if isinstance(t_max, bool) or not isinstance(t_max, numbers.Real) or not 1 <= round(1000 * t_max) < START_T:
             raise UsageError(f"t_max must be a fraction of the 1000 timesteps, at least 0.001 and below T = {START_T}, "
                              f"got {t_max!r}")
-        backbone = load_backbone(base)
+        backbone = model.backbone
         if backbone.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-            raise BaseModelError(f"{base}: CCSR trains on an epsilon-prediction base (SD 2.1-base), this one predicts "
-                                 f"{backbone.scheduler_config['prediction_type']}")
+            raise BaseModelError(f"{backbone.folder}: CCSR trains on an epsilon-prediction base (SD 2.1-base), this one "
+                                 f"predicts {backbone.scheduler_config['prediction_type']}")
+        self.model = model
         self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
-        self.tokenizer, self.scheduler_config = backbone.tokenizer, backbone.scheduler_config
-        self.vae_source = (str(backbone.folder), "vae")  # base may be a registry name
-        if weights is None:
-            self.controlnet = controlnet_from_unet(self.unet)
-            # The release's condition conv keeps torch's default initialisation (only the output convs start at
-            # zero); drawn from a fixed seed so that a fresh run is reproducible from its config.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                self.controlnet.condition_conv_in.reset_parameters()
-        else:
-            weights = Path(weights)
-            if not weights.is_dir():
-                raise WeightsError(f"{weights}: CCSR training starts from a CCSR-v2 folder with controlnet/ "
-                                   "(a folder, not a file)")
-            self.controlnet = load_v2_controlnet(weights)
-            if (weights / "vae" / "config.json").is_file():  # a full release: keep its VAE (stage-2 decoder)
-                from diffusers import AutoencoderKL
-
-                with quiet_loading():
-                    self.vae = AutoencoderKL.from_pretrained(weights, subfolder="vae")
-                self.vae_source = (str(weights), "vae")
+        self.controlnet = model.controlnet
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False).eval()
         self.controlnet.requires_grad_(True).train()
@@ -124,11 +104,18 @@ class CCSRStage1(Trainer):
         self.register_buffer("alphas_cumprod", backbone.alphas_cumprod.float(), persistent=False)
         self.register_buffer("text", backbone.encode_prompt([prompt]), persistent=False)
 
+    @classmethod
+    def from_config(cls, config) -> "CCSRStage1":
+        return cls(CCSR.for_training(config.base, config.weights), **cls.method_args(config))
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"controlnet": trainable(self.controlnet)}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def released_frozen(self) -> list[nn.Module]:
+        return [self.vae]  # the v2 folder holds it whole
 
     def enable_gradient_checkpointing(self) -> None:
         # The frozen UNet too: the gradient reaches the ControlNet through its activations.
@@ -142,15 +129,9 @@ class CCSRStage1(Trainer):
         return posterior.sample().float() * self.vae.config.scaling_factor
 
     def eps_model(self, condition: torch.Tensor):
-        """model(x, t) -> eps: ControlNet on (x, condition latent), its residuals into the UNet."""
+        """model(x, t) -> eps: the method's denoiser (ControlNet + UNet) on the condition latents, empty prompt."""
         text = self.text.expand(condition.shape[0], -1, -1)
-
-        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            down, mid = self.controlnet(x, t, text, condition)
-            return self.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                             mid_block_additional_residual=mid).sample
-
-        return model
+        return lambda x, t: self.model.denoise(x, condition, text, t)
 
     def forward(self, batch: dict, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
         hr = batch["hr"]
@@ -166,15 +147,10 @@ class CCSRStage1(Trainer):
         return loss, {"loss": loss.item(), **{f"loss_{name}": value.item() for name, value in losses.items()}}
 
     def upscaler(self) -> CCSR:
-        backbone = Backbone(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler_config)
-        return CCSR(backbone, self.controlnet, version=2)
+        return self.model
 
     def save_release(self, folder: Path) -> list[Path]:
-        """The v2 release folder: controlnet/ (trained) and vae/ (the VAE this stage ran with, read again from
-        its source so that a mixed-precision cast does not reach the file; stage 2 replaces it)."""
-        from diffusers import AutoencoderKL
-
-        source, subfolder = self.vae_source
-        with quiet_loading():
-            vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder)
-        return save_v2(self.controlnet, vae, Path(folder))
+        """The v2 release folder: controlnet/ (trained) and vae/ (the VAE this stage ran with, at its float32 values
+        under mixed precision; stage 2 replaces it)."""
+        with self.float32_frozen():
+            return ccsr_v2.write(ccsr_v2.Parts(self.controlnet, self.vae), Path(folder))

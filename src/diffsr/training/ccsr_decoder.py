@@ -3,7 +3,7 @@
 The loss is the LDM autoencoder GAN loss as CCSR v1 trains its decoder (configs/model/ccsr_stage2.yaml,
 LPIPSWithDiscriminator: L1 + LPIPS + PatchGAN hinge with the adaptive weight x 0.5 from step 1; the
 decoder and post_quant_conv train, Adam(0.5, 0.9) at 5e-6). The latents come from the stage-1 CCSR-v2
-model through its own sampler (diffsr.methods.ccsr.CCSR.sample_latent; one step from the noised LR
+model through its own sampler (CCSR.sample_latent; one step from the noised LR
 latent by default, as the v2 train_ccsr_stage2.py). The result is written as a CCSR-v2 weights folder
 (controlnet/ from stage 1, vae/ with the trained decoder).
 
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffsr.errors import UsageError
-from diffsr.methods.ccsr import CCSR, save_v2
+from diffsr.checkpoints import ccsr_v2
+from diffsr.methods.ccsr import CCSR
 from diffsr.training.autoencoder_loss import AutoencoderLoss
 from diffsr.training.base import Trainer, global_generator, trainable
 
@@ -30,21 +31,16 @@ class CCSRStage2(Trainer):
     stage = 2
     phases = (("generator", "generator"), ("discriminator", "discriminator"))
 
-    def __init__(self, base, weights=None, latent_steps: int = 1, t_max: float | None = None, prompt: str = "",
+    def __init__(self, model: CCSR, latent_steps: int = 1, t_max: float | None = None, prompt: str = "",
                  lpips_weights=None, disc_start: int = 1, disc_weight: float = 0.5, perceptual_weight: float = 1.0):
-        """`weights`: the stage-1 CCSR-v2 folder (controlnet/ + vae/); `latent_steps`, `t_max`: the sampler's
-        settings for the training latents (the release's num_inference_steps=1, t_max=0.6667); `prompt`: the
-        captions of the release's data set (empty)."""
+        """`model`: the stage-1 CCSR-v2 model (loaded from its folder, controlnet/ + vae/); `latent_steps`, `t_max`:
+        the sampler's settings for the training latents (the release's num_inference_steps=1, t_max=0.6667);
+        `prompt`: the captions of the release's data set (empty)."""
         super().__init__()
-        if weights is None:
-            raise UsageError("CCSR stage 2 needs the stage-1 model (weights=<CCSR-v2 folder>): it decodes that "
-                             "model's latents")
-        model = CCSR.load(base, weights)
         if model.version != 2:
-            raise UsageError(f"{weights}: CCSR stage 2 trains the v2 release's VAE; give a CCSR-v2 folder "
-                             "(controlnet/ + vae/), not a v1 checkpoint")
+            raise UsageError("CCSR stage 2 trains the v2 release's VAE; give a CCSR-v2 folder (controlnet/ + vae/), "
+                             "not a v1 checkpoint")
         self.model = model
-        self.backbone = model.backbone
         self.unet, self.controlnet = model.backbone.unet, model.controlnet
         self.text_encoder, self.vae = model.backbone.text_encoder, model.backbone.vae
         self.latent_steps, self.t_max, self.prompt = latent_steps, t_max, prompt
@@ -53,6 +49,13 @@ class CCSRStage2(Trainer):
         self.requires_grad_(False)
         for part in (self.vae.decoder, self.vae.post_quant_conv, self.loss.discriminator):
             part.requires_grad_(True).train()
+
+    @classmethod
+    def from_config(cls, config) -> "CCSRStage2":
+        if config.weights is None:
+            raise UsageError("CCSR stage 2 needs the stage-1 model (weights=<CCSR-v2 folder>): it decodes that "
+                             "model's latents")
+        return cls(CCSR.load(config.base, config.weights), **cls.method_args(config))
 
     def parameter_groups(self):
         return {"generator": trainable(self.vae.decoder, self.vae.post_quant_conv),
@@ -76,9 +79,8 @@ class CCSRStage2(Trainer):
         """The stage-1 model's latent for each LR of the batch (bicubic-upscaled to the HR size)."""
         model = self.upscaler()
         lr = F.interpolate(batch["lr"], size=batch["hr"].shape[-2:], mode="bicubic").clamp(0, 1)
-        latents = [model.sample_latent(image[None].to(model.dtype), global_generator(lr.device),
-                                       prompt=self.prompt, steps=self.latent_steps,
-                                       t_max=self.t_max) for image in lr]
+        latents = [model.sample_latent(image[None].to(model.dtype), global_generator(lr.device), prompt=self.prompt,
+                                       steps=self.latent_steps, t_max=self.t_max) for image in lr]
         return torch.cat(latents).float().contiguous()
 
     def forward(self, batch, phase):
@@ -94,4 +96,4 @@ class CCSRStage2(Trainer):
     def save_release(self, folder: Path) -> list[Path]:
         """A CCSR-v2 weights folder: controlnet/ (the stage-1 model's) and vae/ (the trained decoder)."""
         with self.float32_frozen():
-            return save_v2(self.controlnet, self.vae, Path(folder))
+            return ccsr_v2.write(ccsr_v2.Parts(self.controlnet, self.vae), Path(folder))
