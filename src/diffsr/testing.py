@@ -166,10 +166,29 @@ def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, 
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
-    if method == "osediff":  # its default tagger's files, found beside the weights as the real ones would be
-        make_tiny_tagger(out_file.parent, seed)
+    if method == "osediff":
+        _random_osediff(Path(base_path), out_file, seed)
+        make_tiny_tagger(out_file.parent, seed)  # its default tagger's files, beside the weights as the real ones
+    else:
+        get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
     return out_file
+
+
+def _random_osediff(base_path: Path, out_file: Path, seed: int) -> None:
+    """A random osediff.pkl (rank 4) with the release's keys, lists and adapter names, through its writer."""
+    from diffsr.backbone import load_backbone
+    from diffsr.checkpoints import osediff as checkpoint
+    from diffsr.methods.osediff import fresh_adapters
+
+    backbone = load_backbone(base_path)
+    parts = checkpoint.parts_of(backbone.unet, backbone.vae, fresh_adapters(backbone, rank=4))
+    generator = torch.Generator().manual_seed(seed)
+    for state in (parts.unet_state, parts.vae_state):
+        for key, value in state.items():
+            # lora_B starts at zero in training; random here so the adapters visibly act.
+            noise = torch.randn(value.shape, generator=generator) * (0.02 if "lora" in key else 0.01)
+            state[key] = (value + noise).contiguous() if "base_layer" in key else noise
+    checkpoint.write(parts, out_file)
 
 
 def weights_digest(*paths: str | Path) -> str:
