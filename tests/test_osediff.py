@@ -128,6 +128,34 @@ def test_bad_weights_files(tiny_base, tmp_path, osediff_weights):
     with pytest.raises(WeightsError, match="not a known release format"):
         diffsr.load_upscaler("osediff", base=tiny_base, weights=tmp_path / "other.pth")
 
+def test_release_file_reads_writes_and_detects(tmp_path, osediff_weights):
+    from diffsr.checkpoints import osediff as checkpoint
+
+    parts = checkpoint.read(osediff_weights)
+    assert (parts.targets.rank_unet, parts.targets.rank_vae) == (4, 4) and all(parts.targets.unet) and parts.targets.vae
+    assert checkpoint.detect(osediff_weights) and not checkpoint.detect({"state_dict": {"x": torch.zeros(1)}})
+    checkpoint.write(parts, tmp_path / "again.pkl")
+    again = checkpoint.read(tmp_path / "again.pkl")
+    assert again.targets == parts.targets
+    for ours, theirs in ((again.unet_state, parts.unet_state), (again.vae_state, parts.vae_state)):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert list(torch.load(tmp_path / "again.pkl")) == list(torch.load(osediff_weights))  # the release's keys
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda state: state.pop("rank_vae"), "an osediff file without 'rank_vae'"),
+    (lambda state: state.update(rank_unet=True), r"its LoRA ranks \(True, 4\) are not positive whole numbers"),
+    (lambda state: state.update(unet_lora_others_modules="conv_in"), "its LoRA target lists are not lists of module"),
+    (lambda state: state.update(state_dict_vae=[1]), "'state_dict_vae' is not a dict of tensors"),
+])
+def test_malformed_release_files_are_one_line(tiny_base, tmp_path, osediff_weights, change, message):
+    state = torch.load(osediff_weights)
+    change(state)
+    torch.save(state, tmp_path / "bad.pkl")
+    with pytest.raises(WeightsError, match="bad.pkl: " + message):
+        diffsr.load_upscaler("osediff", base=tiny_base, weights=tmp_path / "bad.pkl", tagger=None)
+
+
 def test_no_weights_means_the_registry_default(tiny_base, tmp_path, monkeypatch):
     # Without weights the registry's default is used (issue 15); offline and not cached, one line names it
     # and the command that fetches it.

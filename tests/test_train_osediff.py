@@ -66,6 +66,30 @@ def test_regularizer_unet_is_the_base_with_all_adapters_active(trainer, tiny_bas
     assert unet.active_adapters() and all(layer.disable_adapters is False for layer in _lora_layers(unet))
 
 
+def test_vsd_teacher_is_the_base_unet_guided_by_the_negative_prompt(trainer):
+    """train_osediff.py's teacher: eps = neg + cfg_vsd * (pos - neg) of the frozen base, at the VSD timestep."""
+    from diffsr.training.osediff import VSD_TIMESTEPS, adapters_off
+
+    generator = torch.Generator().manual_seed(0)
+    x0, text, negative = (torch.randn(shape, generator=generator) for shape in ((2, 4, 8, 8), (2, 77, 32), (2, 77, 32)))
+    torch.manual_seed(3)
+    loss = trainer.vsd(x0, text, negative)
+    torch.manual_seed(3)  # the same timesteps and noise, by hand
+    t = torch.randint(*VSD_TIMESTEPS, (2,))
+    alpha_bar = alpha_bar_at(trainer.alphas_cumprod, t, x0)
+    noisy = q_sample(x0, torch.randn_like(x0), alpha_bar)
+    unet = trainer.regularizer_unet
+    with torch.no_grad():
+        x0_regularizer = x0_from_eps(noisy, unet(noisy, t, text).sample, alpha_bar)
+        with adapters_off(unet):
+            positive, negative_eps = unet(noisy, t, text).sample, unet(noisy, t, negative).sample
+    guided = negative_eps + trainer.cfg_vsd * (positive - negative_eps)
+    expected = vsd_loss(x0, x0_regularizer, x0_from_eps(noisy, guided, alpha_bar))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    unguided = vsd_loss(x0, x0_regularizer, x0_from_eps(noisy, positive, alpha_bar))
+    assert (loss - unguided).abs() > 1e-3 * unguided.abs()  # the guidance is really in the loss
+
+
 def _lora_layers(model):
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -175,6 +175,23 @@ def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, 
     return out_file
 
 
+def _write_tiny_osediff(base_path: Path, out_file: Path, seed: int) -> None:
+    """A random osediff.pkl (rank 4) with the release's keys, lists and adapter names, through its writer."""
+    from diffsr.backbone import load_backbone
+    from diffsr.checkpoints import osediff as checkpoint
+    from diffsr.methods.osediff import fresh_adapters
+
+    backbone = load_backbone(base_path)
+    parts = checkpoint.parts_of(backbone.unet, backbone.vae, fresh_adapters(backbone, rank=4))
+    generator = torch.Generator().manual_seed(seed)
+    for state in (parts.unet_state, parts.vae_state):
+        for key, value in state.items():
+            # lora_B starts at zero in training; random here so the adapters visibly act.
+            noise = torch.randn(value.shape, generator=generator) * (0.02 if "lora" in key else 0.01)
+            state[key] = (value + noise).contiguous() if "base_layer" in key else noise
+    checkpoint.write(parts, out_file)
+
+
 def _write_tiny_s3diff(base_path: Path, out_file: Path, seed: int) -> None:
     """A random s3diff.pkl with the release's keys, targets, ranks and adapter names, and a random de_net.pth
     beside it."""
@@ -269,7 +286,7 @@ def _write_tiny_ccsr(base: Path, out_file: Path, seed: int) -> None:
 
 
 # Methods whose random release files are written here, through their checkpoints module's writer.
-TINY_WRITERS = {"s3diff": _write_tiny_s3diff, "ccsr": _write_tiny_ccsr}
+TINY_WRITERS = {"osediff": _write_tiny_osediff, "s3diff": _write_tiny_s3diff, "ccsr": _write_tiny_ccsr}
 
 
 def weights_digest(*paths: str | Path) -> str:

@@ -1,108 +1,53 @@
 """OSEDiff: one UNet step at t=999 on SD 2.1-base, with LoRA on the VAE encoder and the UNet.
 
-Release: cswry/OSEDiff (`osediff.pkl`). Facts: ../shared/METHODS.md.
+Release: cswry/OSEDiff (`osediff.pkl`, read by diffsr.checkpoints.osediff). Facts: ../shared/METHODS.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from diffsr.backbone import Backbone, load_backbone
-from diffsr.checkpoints import read_method_weights
+from diffsr.checkpoints import osediff as checkpoint
+from diffsr.checkpoints.osediff import UNET_ADAPTERS, VAE_ADAPTER, Parts, Targets
 from diffsr.errors import UsageError, WeightsError
 from diffsr.images import Picture, resize
 from diffsr.knobs import Knobs, knob
 from diffsr import lora
-from diffsr.lora import add_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.prompts import compose_prompt, load_tagger
-from diffsr.samplers import x0_from_eps
+from diffsr.samplers import one_step
 from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 TIMESTEP = 999
 TILE_SIZE = 96  # latent px, the release's default (overlap 32)
 PROCESS_SIZE = 512  # the release enlarges inputs whose short side is below PROCESS_SIZE // scale
-UNET_ADAPTERS = ("default_encoder", "default_decoder", "default_others")
-VAE_ADAPTER = "default_encoder"
-_UNET_PATTERNS = ("to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-                  "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj")
-_VAE_PATTERNS = ("conv1", "conv2", "conv_in", "conv_shortcut", "conv", "conv_out", "to_k", "to_q", "to_v", "to_out.0")
 
 
-def unet_lora_modules(unet: torch.nn.Module) -> tuple[list[str], list[str], list[str]]:
-    """The release's three UNet target lists: (down blocks + conv_in, up blocks + conv_out, the rest)."""
-    encoder, decoder, others = [], [], []
-    for name, _ in unet.named_parameters():
-        if "bias" in name or "norm" in name or not any(p in name for p in _UNET_PATTERNS):
-            continue
-        module = name.replace(".weight", "")
-        if "down_blocks" in name or "conv_in" in name:
-            encoder.append(module)
-        elif "up_blocks" in name or "conv_out" in name:
-            decoder.append(module)
-        else:
-            others.append(module)
-    return encoder, decoder, others
-
-
-def vae_lora_modules(vae: torch.nn.Module) -> list[str]:
-    """The release's VAE-encoder target list. It appends a name once per matching pattern, so names
-    repeat; kept as released because the list is stored in osediff.pkl."""
-    modules = []
-    for name, _ in vae.named_parameters():
-        if "bias" in name or "norm" in name:
-            continue
-        for pattern in _VAE_PATTERNS:
-            if pattern in name and "encoder" in name:
-                modules.append(name.replace(".weight", ""))
-            elif "quant_conv" in name and "post_quant_conv" not in name:
-                modules.append(name.replace(".weight", ""))
-    return modules
-
-
-def attach_lora(backbone: Backbone, weights: dict) -> None:
-    """Add the release's peft adapters (alpha 8 => scaling 8/rank) and copy the trained tensors in."""
-    unet_lists = [weights[f"unet_lora_{part}_modules"] for part in ("encoder", "decoder", "others")]
-    for adapter, modules in zip(UNET_ADAPTERS, unet_lists):
-        add_lora(backbone.unet, modules, weights["rank_unet"], adapter)
-    add_lora(backbone.vae, weights["vae_lora_encoder_modules"], weights["rank_vae"], VAE_ADAPTER)
-    # conv_in is LoRA-wrapped AND its base weight was trained: the state holds both.
-    load_lora_state(backbone.unet, weights["state_dict_unet"], lambda n: "lora" in n or "conv_in" in n, "state_dict_unet")
-    load_lora_state(backbone.vae, weights["state_dict_vae"], lambda n: "lora" in n, "state_dict_vae")
+def add_adapters(backbone: Backbone, targets: Targets) -> None:
+    """The release's peft adapters at `targets`, all active (fresh: as train_osediff.py starts)."""
+    for adapter, modules in zip(UNET_ADAPTERS, targets.unet):
+        lora.add_lora(backbone.unet, modules, targets.rank_unet, adapter)
+    lora.add_lora(backbone.vae, targets.vae, targets.rank_vae, VAE_ADAPTER)
     backbone.unet.set_adapter(list(UNET_ADAPTERS))
     backbone.vae.set_adapter([VAE_ADAPTER])
 
 
-def add_release_adapters(backbone: Backbone, rank: int) -> tuple[tuple[list[str], ...], list[str]]:
-    """Fresh adapters as train_osediff.py makes them (all active); returns the target lists it stores."""
-    unet_lists = unet_lora_modules(backbone.unet)
-    vae_list = vae_lora_modules(backbone.vae)
-    for adapter, modules in zip(UNET_ADAPTERS, unet_lists):
-        add_lora(backbone.unet, modules, rank, adapter)
-    add_lora(backbone.vae, vae_list, rank, VAE_ADAPTER)
-    backbone.unet.set_adapter(list(UNET_ADAPTERS))
-    backbone.vae.set_adapter([VAE_ADAPTER])
-    return unet_lists, vae_list
+def fresh_adapters(backbone: Backbone, rank: int) -> Targets:
+    """Untrained adapters of `rank` at the release's targets, as train_osediff.py starts; returns the targets."""
+    targets = Targets.release(backbone.unet, backbone.vae, rank)
+    add_adapters(backbone, targets)
+    return targets
 
 
-def release_state(backbone: Backbone, unet_lists, vae_list: list[str], rank: int) -> dict:
-    """osediff.pkl's contents for a backbone carrying the release's adapters (what train_osediff.py saves)."""
-    return {
-        "vae_lora_encoder_modules": vae_list,
-        "unet_lora_encoder_modules": unet_lists[0],
-        "unet_lora_decoder_modules": unet_lists[1],
-        "unet_lora_others_modules": unet_lists[2],
-        "rank_unet": rank,
-        "rank_vae": rank,
-        "state_dict_unet": {k: v.detach().cpu().float().clone() for k, v in backbone.unet.state_dict().items()
-                            if "lora" in k or "conv_in" in k},
-        "state_dict_vae": {k: v.detach().cpu().float().clone() for k, v in backbone.vae.state_dict().items()
-                           if "lora" in k},
-    }
+def attach(backbone: Backbone, parts: Parts) -> None:
+    """The release's adapters with its trained tensors copied in."""
+    add_adapters(backbone, parts.targets)
+    lora.load_lora_state(backbone.unet, parts.unet_state, checkpoint.is_unet_tensor, "state_dict_unet")
+    lora.load_lora_state(backbone.vae, parts.vae_state, checkpoint.is_vae_tensor, "state_dict_vae")
 
 
 @dataclass(frozen=True)
@@ -124,11 +69,13 @@ class OSEDiff(Upscaler):
     Knobs = OSEDiffKnobs
 
     def __init__(self, backbone: Backbone, tagger=None, sample_posterior: bool = False,
-                 process_size: int = PROCESS_SIZE):
+                 process_size: int = PROCESS_SIZE, targets: Targets | None = None):
+        """`backbone` carries the release's adapters at `targets` (what `release_parts` saves)."""
         self.backbone = backbone
         self.process_size = process_size
         self.tagger = tagger
         self.sample_posterior = sample_posterior
+        self.targets = targets
         self.alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
 
     @classmethod
@@ -140,10 +87,10 @@ class OSEDiff(Upscaler):
         callable images -> tag strings. It runs on `tagger_device` (default `device`) in `dtype`, once per image."""
         if weights is None:
             raise UsageError("osediff needs its weights: pass weights='osediff.pkl' (--weights)")
-        state = read_method_weights(weights, cls.name)
+        parts = checkpoint.read(weights)
         backbone = load_backbone(base, device, dtype)
         try:
-            attach_lora(backbone, state)
+            attach(backbone, parts)
         except WeightsError as error:
             raise WeightsError(f"{weights}: {error}") from None
         if merge_lora:
@@ -151,7 +98,13 @@ class OSEDiff(Upscaler):
             lora.merge_lora(backbone.vae)
         tagger = load_tagger(tagger, device if tagger_device is None else tagger_device, dtype, beside=weights,
                              ram_weights=ram_weights, dape_weights=dape_weights)
-        return cls(backbone, tagger=tagger, sample_posterior=sample_posterior, process_size=process_size)
+        return cls(backbone, tagger, sample_posterior, process_size, parts.targets)
+
+    def release_parts(self) -> Parts:
+        """What osediff.pkl holds for this model now (checkpoint.write saves it)."""
+        if self.targets is None:
+            raise UsageError("this OSEDiff was built without its adapters' targets: nothing to save")
+        return checkpoint.parts_of(self.backbone.unet, self.backbone.vae, self.targets)
 
     @classmethod
     def unused_extras(cls, options: dict) -> frozenset:
@@ -159,21 +112,6 @@ class OSEDiff(Upscaler):
         if tagger == "ram":
             return frozenset({"dape_weights"})
         return frozenset() if tagger == "dape" else frozenset({"ram_weights", "dape_weights"})
-
-    @classmethod
-    def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
-        """A random osediff.pkl with the release's keys, lists, ranks and adapter names."""
-        backbone = load_backbone(base)
-        rank = 4
-        unet_lists, vae_list = add_release_adapters(backbone, rank)
-        generator = torch.Generator().manual_seed(seed)
-        release = release_state(backbone, unet_lists, vae_list, rank)
-        for state in (release["state_dict_unet"], release["state_dict_vae"]):
-            for key, value in state.items():
-                # lora_B starts at zero in training; random here so the adapters visibly act.
-                noise = torch.randn(value.shape, generator=generator) * (0.02 if "lora" in key else 0.01)
-                state[key] = (value + noise).contiguous() if "base_layer" in key else noise
-        torch.save(release, out_file)
 
     @classmethod
     def knob_names(cls):
@@ -200,25 +138,34 @@ class OSEDiff(Upscaler):
         tags = self.tagger(lr)[0] if self.tagger is not None else None
         return compose_prompt(prompt, tags)
 
+    def one_step(self, image: torch.Tensor, text: torch.Tensor, draw: Callable, tiling: TilingOptions | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """THE core, differentiable, that inference and the trainer's generator run: image in [-1, 1] -> (x0 latent,
+        decoded image in [-1, 1]). `text`: prompt embeddings (1 or B rows); `draw(posterior)`: the latent taken
+        (its mode, or a sample). `tiling` None: whole tensors with gradients (training batches)."""
+        vae, unet = self.backbone.vae, self.backbone.unet
+        mode = "untiled" if tiling is None else None
+        tiling = tiling or TilingOptions()
+
+        def denoise(tiles, _condition=None):
+            return unet(tiles, TIMESTEP, encoder_hidden_states=text.expand(len(tiles), -1, -1)).sample
+
+        def eps_at(latent):
+            return denoise(latent) if mode else tiling.aggregate(denoise, latent, None, TILE_SIZE, unet)
+
+        return one_step(image.to(self.dtype), lambda x: draw(vae_encode(vae, x, tiling, mode)), eps_at,
+                        lambda x0: vae_decode(vae, x0.to(self.dtype), tiling, mode), self.alpha_bar,
+                        vae.config.scaling_factor)
+
     def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
                 **given) -> torch.Tensor:
         """`given`: the knobs (OSEDiffKnobs), checked here once."""
         knobs = self.Knobs.from_call(given)
-        backbone = self.backbone
-        vae, unet = backbone.vae, backbone.unet
         sample = self.sample_posterior if knobs.sample_posterior is None else knobs.sample_posterior
-        full_prompt = self.prompt_for(lr, knobs.prompt)
+        prompt = self.prompt_for(lr, knobs.prompt)
         if knobs.on_prompt is not None:
-            knobs.on_prompt(full_prompt)
-        text = backbone.encode_prompt([full_prompt])
-        posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling)
-        latent = (posterior.sample(generator) if sample else posterior.mode()) * vae.config.scaling_factor
-
-        def denoise(tiles, _condition):
-            return unet(tiles, TIMESTEP, encoder_hidden_states=text.expand(len(tiles), -1, -1)).sample
-
-        eps = tiling.aggregate(denoise, latent, None, TILE_SIZE, unet)
-        # One step from t=999 straight to x0 (what the release's DDPM step returns there).
-        x0 = x0_from_eps(latent.float(), eps.float(), self.alpha_bar)
-        image = vae_decode(vae, (x0 / vae.config.scaling_factor).to(self.dtype), tiling).clamp(-1, 1)
+            knobs.on_prompt(prompt)
+        text = self.backbone.encode_prompt([prompt])
+        draw = (lambda posterior: posterior.sample(generator)) if sample else (lambda posterior: posterior.mode())
+        _, image = self.one_step(lr * 2 - 1, text, draw, tiling)
         return image.float().mul_(0.5).add_(0.5)

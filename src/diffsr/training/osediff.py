@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from diffsr.backbone import load_backbone
-from diffsr.checkpoints import read_method_weights
+from diffsr.checkpoints import osediff as checkpoint
+from diffsr.checkpoints.osediff import UNET_ADAPTERS
 from diffsr.lora import add_lora
-from diffsr.methods import osediff
+from diffsr.methods.osediff import OSEDiff, attach, fresh_adapters
 from diffsr.prompts import compose_prompt, load_tagger
-from diffsr.samplers import alpha_bar_at, q_sample, x0_from_eps
+from diffsr.samplers import alpha_bar_at, guide, q_sample, x0_from_eps
 from diffsr.training.base import Trainer, trainable
 from diffsr.training.losses import PerceptualLoss
 
@@ -64,21 +65,18 @@ class OSEDiffTrainer(Trainer):
         self.backbone = backbone = load_backbone(base)
         self.lambdas = dict(mse=lambda_mse, lpips=lambda_lpips, vsd=lambda_vsd, regularizer=lambda_regularizer)
         self.cfg_vsd, self.prompt = cfg_vsd, prompt
-        self.tagger = load_tagger(tagger)
         # The teacher (and, with adapters on, the regularizer): the base UNet before the generator's changes.
         self.regularizer_unet = copy.deepcopy(backbone.unet)
-        if weights is not None:  # fine-tune released or earlier weights
-            state = read_method_weights(weights, self.method)
-            osediff.attach_lora(backbone, state)
-            self.rank = state["rank_unet"]
-            self.unet_lists = tuple(state[f"unet_lora_{part}_modules"] for part in ("encoder", "decoder", "others"))
-            self.vae_list = state["vae_lora_encoder_modules"]
-        else:
-            self.rank = lora_rank
-            self.unet_lists, self.vae_list = osediff.add_release_adapters(backbone, lora_rank)
-        for adapter, modules in zip(osediff.UNET_ADAPTERS, osediff.unet_lora_modules(self.regularizer_unet)):
+        if weights is None:
+            targets = fresh_adapters(backbone, lora_rank)
+        else:  # fine-tune released or earlier weights
+            parts = checkpoint.read(weights)
+            attach(backbone, parts)
+            targets = parts.targets
+        self.osediff = OSEDiff(backbone, load_tagger(tagger), targets=targets)  # the generator
+        for adapter, modules in zip(UNET_ADAPTERS, checkpoint.unet_targets(self.regularizer_unet)):
             add_lora(self.regularizer_unet, modules, lora_rank, adapter)
-        self.regularizer_unet.set_adapter(list(osediff.UNET_ADAPTERS))
+        self.regularizer_unet.set_adapter(list(UNET_ADAPTERS))
         self.unet, self.vae, self.text_encoder = backbone.unet, backbone.vae, backbone.text_encoder
         self.requires_grad_(False)
         for module in (self.unet, self.vae.encoder, self.vae.quant_conv, self.regularizer_unet):
@@ -110,38 +108,31 @@ class OSEDiffTrainer(Trainer):
         return self.regularizer_loss(batch)
 
     def upscaler(self):
-        return osediff.OSEDiff(self.backbone)
+        return self.osediff
 
     def save_release(self, folder: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
-        file = folder / osediff.OSEDiff.weights_name
-        torch.save(osediff.release_state(self.backbone, self.unet_lists, self.vae_list, self.rank), file)
+        file = folder / OSEDiff.weights_name
+        checkpoint.write(self.osediff.release_parts(), file)
         return [file]
 
     # -- losses ----------------------------------------------------------------------------------------
     def texts(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings (tags of the HR image when a tagger is set, as the release's RAM captions) and
         the negative prompt's."""
-        if self.tagger is None:
+        tagger = self.osediff.tagger
+        if tagger is None:
             text = self.prompt_text.expand(len(hr), -1, -1)
         else:
-            text = self.backbone.encode_prompt([compose_prompt(self.prompt, tags) for tags in self.tagger(hr)]).float()
+            text = self.backbone.encode_prompt([compose_prompt(self.prompt, tags) for tags in tagger(hr)]).float()
         return text, self.negative_text.expand_as(text)
-
-    def generate(self, lr_up: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one-step generator: image in [-1, 1] at HR size -> (x0 latent, decoded image in [-1, 1])."""
-        scaling = self.vae.config.scaling_factor
-        latent = self.vae.encode(lr_up).latent_dist.sample() * scaling  # the release samples the posterior
-        t = torch.full((len(latent),), osediff.TIMESTEP, device=latent.device, dtype=torch.long)
-        eps = self.unet(latent, t, encoder_hidden_states=text).sample
-        x0 = x0_from_eps(latent, eps, alpha_bar_at(self.alphas_cumprod, t, latent))
-        return x0, self.vae.decode(x0 / scaling).sample.clamp(-1, 1)
 
     def generator_loss(self, batch: dict):
         hr = batch["hr"] * 2 - 1
         lr_up = F.interpolate(batch["lr"], size=hr.shape[-2:], mode="bicubic", align_corners=False) * 2 - 1
         text, negative = self.texts(batch["hr"])
-        x0, image = self.generate(lr_up.clamp(-1, 1), text)
+        # The method's one-step core on whole tensors; the release samples the posterior (torch's global generator).
+        x0, image = self.osediff.one_step(lr_up.clamp(-1, 1), text, lambda posterior: posterior.sample())
         mse = F.mse_loss(image.float(), hr.float())
         lpips = self.perceptual(image, hr) if self.perceptual is not None else mse.new_zeros(())
         vsd = self.vsd(x0.float(), text, negative)
@@ -156,10 +147,10 @@ class OSEDiffTrainer(Trainer):
         unet = self.regularizer_unet
         with torch.no_grad():
             x0_regularizer = x0_from_eps(noisy, unet(noisy, t, text).sample.float(), alpha_bar)
-            with adapters_off(unet):  # the frozen base: guided by the negative prompt
-                eps = unet(torch.cat([noisy] * 2), torch.cat([t] * 2), torch.cat([negative, text])).sample.float()
-            unconditional, conditional = eps.chunk(2)
-            x0_frozen = x0_from_eps(noisy, unconditional + self.cfg_vsd * (conditional - unconditional), alpha_bar)
+            with adapters_off(unet):  # the frozen base, guided by the negative prompt (one batch, negative rows first)
+                eps = guide(lambda x, texts: unet(x, t.repeat(len(x) // len(t)), texts).sample.float(), noisy, text,
+                            negative, self.cfg_vsd)
+            x0_frozen = x0_from_eps(noisy, eps, alpha_bar)
         return vsd_loss(x0, x0_regularizer, x0_frozen)
 
     def regularizer_loss(self, batch: dict):
