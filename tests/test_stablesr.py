@@ -324,9 +324,9 @@ def test_checkpoint_module_reads_writes_and_detects(files, tmp_path):
     configs = backbone.unet.config, backbone.vae.config, backbone.unet.config.norm_num_groups
     parts = checkpoint.read(weights, *configs)
     assert parts.unet and parts.encoder and parts.vae and not parts.fusion and parts.alphas_cumprod is not None
-    for suffix in (".ckpt", ".safetensors"):
-        again = checkpoint.read(checkpoint.write(parts, tmp_path / f"copy{suffix}"), *configs)
-        assert checkpoint.detect(tmp_path / f"copy{suffix}") and again.encoder_config == parts.encoder_config
+    for writer, name in ((checkpoint.write, "copy.ckpt"), (checkpoint.write_copy, "copy.safetensors")):
+        again = checkpoint.read(writer(parts, tmp_path / name), *configs)
+        assert checkpoint.detect(tmp_path / name) and again.encoder_config == parts.encoder_config
         for name in ("unet", "encoder", "vae"):
             ours, theirs = getattr(parts, name), getattr(again, name)
             assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

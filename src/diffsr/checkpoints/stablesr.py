@@ -5,7 +5,7 @@ SFT (`spade`) layers under `model.diffusion_model.`, the time-aware encoder unde
 first-stage VAE under `first_stage_model.` and the diffusion schedule's buffers; the CFW file
 (`vqgan_cfw_00011.ckpt`) is a bare autoencoder whose decoder has `fusion_layer_*`, plus its training loss's tensors.
 `read` gives the parts in the diffusers layout (checkpoints.ldm's key maps); `write` writes them back as the release
-does (.ckpt) or as the one-time safetensors copy (`unet.*`, `encoder.*`, `vae.*`, `fusion.*`) that `read` also takes.
+does, `write_copy` as the one-time safetensors copy (`unet.*`, `encoder.*`, `vae.*`, `fusion.*`) `read` also takes.
 
 The variants share one architecture and one set of keys, so the registry tells them apart: `release_item` names the
 registry item whose release file a path is (or is the safetensors copy of).
@@ -136,21 +136,15 @@ def check_prediction(path: Path, item, prediction: str) -> None:
 
 
 def write(parts: Parts, path: str | Path) -> Path:
-    """`parts` as the release's Lightning file (.ckpt: the model file when there is a UNet, else the CFW file) or
-    as the safetensors copy (.safetensors, diffusers names)."""
+    """`parts` as the release's Lightning file: the model file when there is a UNet, else the CFW file."""
     path = Path(path)
-    tensors = {name: {k: v.detach().float().cpu().contiguous() for k, v in getattr(parts, name).items()}
-               for name in (*PART_NAMES, "discriminator")}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        flat = {f"{name}.{k}": v for name in PART_NAMES for k, v in tensors[name].items()}
-        save_file(flat, str(path), metadata={"format": "pt"})
-        return path
+    tensors = _tensors(parts)
     levels = 1 + max(int(k.split(".")[2]) for k in tensors["vae"] if k.startswith("encoder.down_blocks."))
     if tensors["unet"]:
-        state = {ldm.UNET_PREFIX + k: v for k, v in ldm.unet_to_ldm(tensors["unet"], _layers_per_block(tensors["unet"])).items()}
-        state.update({ldm.ENCODER_PREFIX + k: v for k, v in ldm.encoder_to_ldm(tensors["encoder"], parts.encoder_config).items()})
+        unet = ldm.unet_to_ldm(tensors["unet"], _layers_per_block(tensors["unet"]))
+        encoder = ldm.encoder_to_ldm(tensors["encoder"], parts.encoder_config)
+        state = {ldm.UNET_PREFIX + k: v for k, v in unet.items()}
+        state.update({ldm.ENCODER_PREFIX + k: v for k, v in encoder.items()})
         state.update({ldm.VAE_PREFIX + k: v for k, v in ldm.vae_to_ldm(tensors["vae"], {}, levels).items()})
         state.update(schedule_buffers(parts.alphas_cumprod))
     else:  # the CFW file, with the training loss's tensors as the release's file has them
@@ -159,6 +153,22 @@ def write(parts: Parts, path: str | Path) -> Path:
         state.update({f"loss.discriminator.{k}": v for k, v in tensors["discriminator"].items()})
     torch.save({"state_dict": state, "global_step": parts.global_step, "epoch": 0}, path)
     return path
+
+
+def write_copy(parts: Parts, path: str | Path) -> Path:
+    """`parts` as the safetensors copy in diffusers names (`unet.*`, `encoder.*`, `vae.*`, `fusion.*`) that `read`
+    also takes: what `diffsr convert` and the registry's one-time conversion write."""
+    from safetensors.torch import save_file
+
+    tensors = _tensors(parts)
+    save_file({f"{name}.{k}": v for name in PART_NAMES for k, v in tensors[name].items()}, str(path),
+              metadata={"format": "pt"})
+    return Path(path)
+
+
+def _tensors(parts: Parts) -> dict[str, dict]:
+    return {name: {k: v.detach().float().cpu().contiguous() for k, v in getattr(parts, name).items()}
+            for name in (*PART_NAMES, "discriminator")}
 
 
 def _layers_per_block(unet_state: dict) -> int:
@@ -257,4 +267,4 @@ def convert(weights: str | Path, base: str | Path, out_file: str | Path) -> None
     parts = read(weights, unet_config, vae_config, unet_config["norm_num_groups"])
     if not any(getattr(parts, name) for name in PART_NAMES):
         raise WeightsError(f"{weights}: holds no StableSR weights")
-    write(parts, out_file)
+    write_copy(parts, out_file)
