@@ -61,7 +61,7 @@ def _converted(state: dict) -> bool:
 
 
 def read(path: str | Path, unet_config: dict, vae_config: dict, norm_groups: int) -> Parts:
-    """The parts in `path`: the release's .ckpt (either file of the pair) or a copy `write` made."""
+    """The parts in `path`: the release's .ckpt (either file of the pair) or a copy `write_copy` made."""
     raw = read_weights(path)
     state = raw.get("state_dict", raw)
     if not isinstance(state, dict):
@@ -71,7 +71,8 @@ def read(path: str | Path, unet_config: dict, vae_config: dict, norm_groups: int
         if parts.encoder:
             parts.encoder_config = encoder_config_from_state(parts.encoder, norm_groups)
         return parts
-    parts = Parts(global_step=int(raw.get("global_step", 0) or 0))
+    step = raw.get("global_step")
+    parts = Parts(global_step=step if isinstance(step, int) else 0)
     try:
         if ldm.strip_prefix(state, ldm.UNET_PREFIX):
             parts.unet = ldm.unet_from_ldm(state, unet_config)
