@@ -234,8 +234,8 @@ class StableSRStage2(_StableSRModules):
         """The CFW file and, beside it, the stage-1 model it belongs to (how `load` finds the pair)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        cfw = checkpoint.Parts(vae=self.backbone.vae.state_dict(), fusion=self.autoencoder.fusion.state_dict(),
-                               discriminator=self.loss.discriminator.state_dict(), global_step=self.global_step)
-        with self.float32_frozen():
+        with self.float32_frozen():  # the parts' tensors are taken inside: the frozen VAE at its float32 values
+            cfw = checkpoint.Parts(vae=self.backbone.vae.state_dict(), fusion=self.autoencoder.fusion.state_dict(),
+                                   discriminator=self.loss.discriminator.state_dict(), global_step=self.global_step)
             return [checkpoint.write(self.model_parts(), folder / RELEASE_NAME),
                     checkpoint.write(cfw, folder / checkpoint.CFW_NAME)]
