@@ -224,7 +224,7 @@ def test_cli_knobs(files, tmp_path, capsys):
               "--weights", str(weights), "--steps", "1", "--quiet"]
     assert main(common + ["-o", str(tmp_path / "bad"), "--fidelity", "1.5"]) == 2  # a usage error, before any image
     assert "--fidelity must be at most 1 and at least 0, got 1.5" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
+    assert not list((tmp_path / "bad").glob("*.png"))
     assert main(common + ["-o", str(tmp_path / "out"), "--fidelity", "1", "--sampler", "ddim",
                           "--guidance-scale", "2", "--negative-prompt", "blurry", "--scale", "2"]) == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (20, 24)
@@ -308,3 +308,62 @@ def test_whole_run_matches_the_release_script(stablesr, release_runs, name):
     print(f"{name}: max {difference.max().item():.3f}, mean {difference.mean().item():.4f} levels of 255")
     assert out.shape == tuple(case["out"].shape)
     assert difference.max().item() <= 1
+
+
+def test_checkpoint_module_reads_writes_and_detects(files, tmp_path):
+    """checkpoints.stablesr: detect either file of the pair and the safetensors copy (not a foreign file); write
+    gives back what read took, in the release's format and as the copy."""
+    from diffsr.backbone import load_backbone
+    from diffsr.checkpoints import stablesr as checkpoint
+
+    base, weights = files
+    cfw = weights.parent / CFW_NAME
+    assert checkpoint.detect(weights) and checkpoint.detect(cfw)
+    assert not checkpoint.detect({"state_dict": {"model.diffusion_model.conv_in.weight": torch.zeros(1)}})
+    backbone = load_backbone(base)
+    configs = backbone.unet.config, backbone.vae.config, backbone.unet.config.norm_num_groups
+    parts = checkpoint.read(weights, *configs)
+    assert parts.unet and parts.encoder and parts.vae and not parts.fusion and parts.alphas_cumprod is not None
+    for writer, name in ((checkpoint.write, "copy.ckpt"), (checkpoint.write_copy, "copy.safetensors")):
+        again = checkpoint.read(writer(parts, tmp_path / name), *configs)
+        assert checkpoint.detect(tmp_path / name) and again.encoder_config == parts.encoder_config
+        for name in ("unet", "encoder", "vae"):
+            ours, theirs = getattr(parts, name), getattr(again, name)
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    cfw_parts = checkpoint.read_cfw(cfw, *configs)
+    assert cfw_parts.fusion and not cfw_parts.unet
+    with pytest.raises(WeightsError, match="no unet weights"):
+        checkpoint.read_model(cfw, *configs)
+
+
+def test_variants_come_from_the_registry_not_from_substrings(files, tmp_path):
+    """The turbo defaults (4 steps) follow the registry's file name, exact, as the release file or its copy;
+    a name that merely contains 'turbo' gets the general defaults."""
+    from diffsr.checkpoints.stablesr import release_item
+
+    assert release_item("x/stablesr_turbo.ckpt").name == "stablesr-turbo"
+    assert release_item("converted/stablesr-turbo/stablesr_turbo.safetensors").name == "stablesr-turbo"
+    assert release_item("stablesr_768v_000139.ckpt").base == "sd21-768v"
+    assert release_item("my_turbo_finetune.ckpt") is None
+    base, weights = files
+    (tmp_path / CFW_NAME).symlink_to(weights.parent / CFW_NAME)
+    for name, steps in (("stablesr_turbo.ckpt", 4), ("my_turbo_finetune.ckpt", 200)):
+        link = tmp_path / name
+        link.symlink_to(weights)
+        model = StableSR.load(base, link)
+        assert model.settings({}).steps == steps and model.denoiser_passes({}) == steps
+        assert model.denoiser_passes({"steps": 7}) == 7
+
+
+def test_knobs_are_the_release_defaults_checked_once(stablesr):
+    knobs = StableSR.Knobs
+    assert StableSR.knob_names() == knobs.names() == (
+        "prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "fidelity", "eta", "start")
+    settings = stablesr.settings({"sampler": None})
+    assert (settings.steps, settings.sampler, settings.fidelity, settings.guidance_scale) == (200, "ddpm", 0.5, 1.0)
+    assert settings.start_latent == "lr" and stablesr.settings({"sampler": "ddim"}).start_latent == "noise"
+    assert stablesr.settings({"sampler": "ddim", "start": "lr"}).start_latent == "lr"
+    for bad, message in (({"steps": 0}, "steps must be at least 1"), ({"start": "x"}, "unknown start 'x'"),
+                         ({"fidelity": 2}, "fidelity must be at most 1"), ({"eta": -1}, "eta must be at least 0")):
+        with pytest.raises(UsageError, match=message):
+            stablesr.check_knobs(bad)

@@ -288,3 +288,19 @@ def test_mixed_precision_release_keeps_the_frozen_weights_in_float32(tiny_base, 
     state = torch.load(file)["state_dict"]
     assert torch.equal(state[ldm.UNET_PREFIX + "input_blocks.0.0.weight"], before)
     assert unet.conv_in.weight.dtype == torch.bfloat16  # training goes on in bf16
+
+
+def test_mixed_precision_stage2_release_keeps_the_vae_in_float32(tiny_base, release_weights, tmp_path, one_thread):
+    """Stage 2 under cast_frozen: both files it writes hold the frozen VAE exactly, the CFW file's fusion too."""
+    torch.manual_seed(0)
+    trainer = StableSRStage2(tiny_base, release_weights, latent_steps=1, perceptual_weight=0.0)
+    vae = trainer.backbone.vae
+    before = vae.decoder.conv_in.weight.detach().clone()
+    trainer.cast_frozen(torch.bfloat16)
+    assert vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    model_file, cfw_file = trainer.save_release(tmp_path)
+    assert torch.equal(torch.load(model_file)["state_dict"]["first_stage_model.decoder.conv_in.weight"], before)
+    cfw = torch.load(cfw_file)["state_dict"]
+    assert torch.equal(cfw["decoder.conv_in.weight"], before)
+    fusion = trainer.autoencoder.fusion.state_dict()["1.encode_enc_1.conv1.weight"]
+    assert fusion.dtype == torch.float32 and torch.equal(cfw["decoder.fusion_layer_1.encode_enc_1.conv1.weight"], fusion)

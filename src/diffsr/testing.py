@@ -166,13 +166,41 @@ def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, 
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    if method in TINY_WRITERS:
-        TINY_WRITERS[method](Path(base_path), out_file, seed)
-    else:
-        get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
+    get_method(method)  # an unknown name is one clear error listing the methods
+    TINY_WRITERS[method](Path(base_path), out_file, seed)
     if method == "osediff":  # its default tagger's files, found beside the weights as the real ones would be
         make_tiny_tagger(out_file.parent, seed)
     return out_file
+
+
+def _write_tiny_stablesr(base: Path, out_file: Path, seed: int = 0) -> None:
+    """A random StableSR .ckpt pair in the release's format, shaped for `base`: `out_file` (UNet with SFT layers,
+    time-aware encoder, first-stage VAE) and vqgan_cfw_00011.ckpt (VAE + fusion layers) beside it."""
+    from diffsr.backbone import load_backbone
+    from diffsr.checkpoints import stablesr as checkpoint
+    from diffsr.nets.stablesr_nets import SFT_HIDDEN, CFWAutoencoder, TimeAwareEncoder, add_sft
+
+    backbone = load_backbone(base)
+    unet, vae = backbone.unet, backbone.vae
+    channels = unet.config.block_out_channels[0]
+    add_sft(unet, channels, SFT_HIDDEN)
+    encoder = TimeAwareEncoder(in_channels=4, model_channels=channels, out_channels=channels, channel_mult=(1, 1, 2, 2),
+                               num_res_blocks=2, attention_levels=(0, 1, 2), num_heads=4,
+                               norm_groups=unet.config.norm_num_groups)
+    fusion = CFWAutoencoder(vae).fusion
+    generator = torch.Generator().manual_seed(seed)
+
+    def randomize(module: torch.nn.Module, only=lambda key: True) -> dict:
+        # Small random values so every layer acts but activations stay bounded through the stack; every norm
+        # scale (the base UNet's too, as the recorded fixtures were made) + 1.
+        state = {k: (torch.randn(v.shape, generator=generator) * 0.05 if only(k) else v).contiguous()
+                 for k, v in module.state_dict().items()}
+        return {k: v + 1 if "norm" in k and k.endswith("weight") and v.ndim == 1 else v for k, v in state.items()}
+
+    unet_state, encoder_state = randomize(unet, lambda key: ".sft." in key), randomize(encoder)
+    checkpoint.write(checkpoint.Parts(unet=unet_state, encoder=encoder_state, encoder_config=encoder.config,
+                                      vae=vae.state_dict(), alphas_cumprod=backbone.alphas_cumprod), out_file)
+    checkpoint.write(checkpoint.Parts(vae=vae.state_dict(), fusion=randomize(fusion)), out_file.parent / checkpoint.CFW_NAME)
 
 
 def _write_tiny_osediff(base_path: Path, out_file: Path, seed: int) -> None:
@@ -285,8 +313,9 @@ def _write_tiny_ccsr(base: Path, out_file: Path, seed: int) -> None:
     (write_random_ccsr_v1 if out_file.suffix == ".ckpt" else write_random_ccsr_v2)(base, out_file, seed)
 
 
-# Methods whose random release files are written here, through their checkpoints module's writer.
-TINY_WRITERS = {"osediff": _write_tiny_osediff, "s3diff": _write_tiny_s3diff, "ccsr": _write_tiny_ccsr}
+# Each method's random release files, written through its checkpoints module's writer.
+TINY_WRITERS = {"ccsr": _write_tiny_ccsr, "osediff": _write_tiny_osediff, "s3diff": _write_tiny_s3diff,
+                "stablesr": _write_tiny_stablesr}
 
 
 def weights_digest(*paths: str | Path) -> str:

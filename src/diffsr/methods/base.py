@@ -119,10 +119,6 @@ class Upscaler:
         return frozenset()
 
     @classmethod
-    def write_random_weights(cls, base: Path, out_file: Path, seed: int = 0) -> None:
-        raise NotImplementedError(f"random release-format weights for {cls.name} are not available yet")
-
-    @classmethod
     def convert_weights(cls, weights: Path, base: str | Path, out_file: Path) -> None:
         raise UsageError(f"{cls.name} weights load directly; there is nothing to convert")
 

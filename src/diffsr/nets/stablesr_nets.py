@@ -78,14 +78,6 @@ class SFTConditions:
             raise RuntimeError("a StableSR UNet must be called through SFTUNet (it needs the encoder's maps)")
         return self.maps[width]
 
-    @contextmanager
-    def using(self, maps: dict[int, torch.Tensor]):
-        self.maps = maps
-        try:
-            yield
-        finally:
-            self.maps = None
-
 
 class SFTUNet(nn.Module):
     """A diffusers UNet2DConditionModel with StableSR's SFT layers; call with the encoder's maps."""
@@ -97,8 +89,10 @@ class SFTUNet(nn.Module):
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 maps: dict[int, torch.Tensor]) -> torch.Tensor:
-        with self.conditions.using(maps):
-            return self.unet(latent, timestep, encoder_hidden_states=text).sample
+        # The maps stay set after the call: gradient checkpointing re-runs the SFT hooks during the backward
+        # pass (training), and they must find the same maps then.
+        self.conditions.maps = maps
+        return self.unet(latent, timestep, encoder_hidden_states=text).sample
 
 
 class TimeAwareEncoder(nn.Module):

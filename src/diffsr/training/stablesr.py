@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffsr.backbone import load_backbone
-from diffsr.errors import UsageError, WeightsError
-from diffsr.methods.stablesr import (CFW_NAME, StableSR, read_stablesr_parts, save_cfw_checkpoint,
-                                     save_model_checkpoint)
+from diffsr.checkpoints import stablesr as checkpoint
+from diffsr.errors import UsageError
+from diffsr.methods.stablesr import StableSR
 from diffsr.nets.stablesr_nets import CFWAutoencoder, SFTUNet, TimeAwareEncoder
 from diffsr.training.autoencoder_loss import AutoencoderLoss
 from diffsr.training.base import Trainer, global_generator, trainable
@@ -67,26 +67,25 @@ class _StableSRModules(Trainer):
     method = "stablesr"
 
     def _build(self, base, weights, encoder_channels: int, prediction_type: str | None, with_fusion: bool):
+        """The method to train: the released one (StableSR.load), or fresh SFT layers and encoder on the base."""
         if weights is not None:
             with warnings.catch_warnings():  # "no CFW file beside the weights": the trainer decides that
                 warnings.simplefilter("ignore")
                 model = StableSR.load(base, weights, prediction_type=prediction_type)
-            backbone, unet, encoder = model.backbone, model.unet, model.encoder
-            prediction = model.prediction
+            # Fresh fusion layers in stage 2 (the release initialises them; pass fusion_weights to continue).
+            model.autoencoder = CFWAutoencoder(model.backbone.vae, with_fusion=with_fusion)
         else:
             backbone = load_backbone(base)
-            prediction = prediction_type or backbone.scheduler_config.get("prediction_type", "epsilon")
             unet = SFTUNet(backbone.unet, encoder_channels)
-            encoder = TimeAwareEncoder(model_channels=encoder_channels, out_channels=encoder_channels,
-                                       norm_groups=backbone.unet.config.norm_num_groups)
-            release_encoder_init(encoder)
-        self.backbone, self.prediction = backbone, prediction
-        self.unet, self.encoder = unet, encoder
-        # Fresh fusion layers in stage 2 (the release initialises them; pass fusion_weights to continue).
-        self.autoencoder = CFWAutoencoder(backbone.vae, with_fusion=with_fusion)
-        self.text_encoder = backbone.text_encoder
-        self.register_buffer("text", backbone.encode_prompt([""]).float(), persistent=False)  # null prompt
-        self.register_buffer("alphas_cumprod", backbone.alphas_cumprod.float(), persistent=False)
+            encoder = release_encoder_init(TimeAwareEncoder(model_channels=encoder_channels, out_channels=encoder_channels,
+                                                            norm_groups=backbone.unet.config.norm_num_groups))
+            model = StableSR(backbone, unet, encoder, CFWAutoencoder(backbone.vae, with_fusion=with_fusion),
+                             prediction_type or backbone.scheduler_config.get("prediction_type", "epsilon"))
+        self.model, self.backbone = model, model.backbone
+        self.unet, self.encoder, self.autoencoder = model.unet, model.encoder, model.autoencoder
+        self.text_encoder = model.backbone.text_encoder
+        self.register_buffer("text", model.backbone.encode_prompt([""]).float(), persistent=False)  # null prompt
+        self.register_buffer("alphas_cumprod", model.backbone.alphas_cumprod.float(), persistent=False)
         self.requires_grad_(False)
 
     @property
@@ -99,10 +98,16 @@ class _StableSRModules(Trainer):
         return (lr * 2 - 1).clamp(-1, 1)
 
     def upscaler(self) -> StableSR:
-        return StableSR(self.backbone, self.unet, self.encoder, self.autoencoder, self.prediction)
+        return self.model
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"vae": self.backbone.vae, "text_encoder": self.text_encoder}
+
+    def model_parts(self, global_step: int = 0) -> checkpoint.Parts:
+        """What the release's model file holds: the UNet with its SFT layers, the encoder, the VAE, the schedule."""
+        return checkpoint.Parts(unet=self.backbone.unet.state_dict(), encoder=self.encoder.state_dict(),
+                                encoder_config=self.encoder.config, vae=self.backbone.vae.state_dict(),
+                                alphas_cumprod=self.alphas_cumprod, global_step=global_step)
 
     def released_frozen(self) -> list[nn.Module]:
         # The main checkpoint holds the whole UNet and VAE (and the encoder, frozen in stage 2).
@@ -154,12 +159,8 @@ class StableSRStage1(_StableSRModules):
         t, MSE to the noise (or to v for a v-prediction base)."""
         alpha_bar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latent_hr + (1 - alpha_bar).sqrt() * noise
-        maps = self.encoder(latent_lr, t)
-        # Set the maps without clearing them afterwards: gradient checkpointing re-runs the SFT hooks
-        # during the backward pass, and they must find the same maps then.
-        self.unet.conditions.maps = maps
-        output = self.unet.unet(noisy, t, encoder_hidden_states=text).sample
-        if self.prediction == "v_prediction":
+        output = self.model.network(noisy, latent_lr, t, text)
+        if self.model.prediction == "v_prediction":
             target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latent_hr
         else:
             target = noise
@@ -169,8 +170,7 @@ class StableSRStage1(_StableSRModules):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with self.float32_frozen():
-            return [save_model_checkpoint(folder / RELEASE_NAME, self.backbone.unet, self.encoder, self.backbone.vae,
-                                          self.alphas_cumprod, self.global_step)]
+            return [checkpoint.write(self.model_parts(self.global_step), folder / RELEASE_NAME)]
 
 
 class StableSRStage2(_StableSRModules):
@@ -188,11 +188,9 @@ class StableSRStage2(_StableSRModules):
             raise UsageError("StableSR stage 2 needs the stage-1 model (weights=...): it decodes that model's latents")
         self._build(base, weights, 0, prediction_type, with_fusion=True)
         if fusion_weights is not None:
-            parts = read_stablesr_parts(fusion_weights, self.backbone.unet.config, self.backbone.vae.config,
-                                        self.backbone.unet.config.norm_num_groups)
-            if "fusion" not in parts:
-                raise WeightsError(f"{fusion_weights}: has no CFW fusion layers (decoder.fusion_layer_*)")
-            self.autoencoder.fusion.load_state_dict(parts["fusion"])
+            unet_config = self.backbone.unet.config
+            parts = checkpoint.read_cfw(fusion_weights, unet_config, self.backbone.vae.config, unet_config.norm_num_groups)
+            checkpoint.load_into(self.autoencoder.fusion, parts.fusion, fusion_weights, "CFW fusion layers")
         self.latent_steps, self.fusion_w = latent_steps, fusion_w
         # Fixed adversarial weight: the release's decoder is frozen, so its adaptive weight falls back to 0.025.
         self.loss = AutoencoderLoss(lpips_weights, disc_start=disc_start, disc_weight=disc_weight,
@@ -236,9 +234,8 @@ class StableSRStage2(_StableSRModules):
         """The CFW file and, beside it, the stage-1 model it belongs to (how `load` finds the pair)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        vae = self.backbone.vae
-        with self.float32_frozen():
-            return [save_model_checkpoint(folder / RELEASE_NAME, self.backbone.unet, self.encoder, vae,
-                                          self.alphas_cumprod),
-                    save_cfw_checkpoint(folder / CFW_NAME, vae, self.autoencoder.fusion, self.loss.discriminator,
-                                        self.global_step)]
+        with self.float32_frozen():  # the parts' tensors are taken inside: the frozen VAE at its float32 values
+            cfw = checkpoint.Parts(vae=self.backbone.vae.state_dict(), fusion=self.autoencoder.fusion.state_dict(),
+                                   discriminator=self.loss.discriminator.state_dict(), global_step=self.global_step)
+            return [checkpoint.write(self.model_parts(), folder / RELEASE_NAME),
+                    checkpoint.write(cfw, folder / checkpoint.CFW_NAME)]
