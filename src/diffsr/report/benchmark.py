@@ -100,19 +100,17 @@ RSS_SO_FAR = "process RSS, process-wide peak so far (not resettable here: only g
 def start_peak_memory(device) -> str:
     """Reset the peak-memory counter before a method upscales; returns what peak_memory_mb will measure.
     CUDA: torch's peak allocation. CPU on Linux: the process's peak resident size (VmHWM), reset through
-    /proc/self/clear_refs after freed memory is returned to the system, so each method's figure is its own
-    (the loaded model and the process's baseline included); elsewhere the process-wide peak."""
+    /proc/self/clear_refs, so each method's figure is its own (the loaded model and the process's baseline
+    included; freed memory goes back to the system first where the command line's allocator setting is on,
+    tiling.return_freed_memory); elsewhere the process-wide peak."""
     import gc
 
     import torch
-
-    from diffsr.tiling import return_freed_memory
 
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return GPU_PEAK
-    return_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
