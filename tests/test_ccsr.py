@@ -101,12 +101,14 @@ def test_denoises_the_whole_latent_unless_the_budget_forces_tiles(ccsr_v2):
 @pytest.mark.parametrize("knobs, message", [
     (dict(t_min=0.7, t_max=0.6), "t_min (0.7) must be smaller than t_max (0.6)"),
     (dict(t_min=0.5, t_max=0.5), "must be smaller than t_max"),
-    (dict(t_max=1.2), "t_max must be between 0 and 1, got 1.2"),
-    (dict(t_min=-0.1), "t_min must be between 0 and 1, got -0.1"),
-    (dict(steps=0), "steps must be a whole number >= 1, got 0"),
-    (dict(steps=2.5), "steps must be a whole number >= 1"),
+    (dict(t_max=1.2), "t_max must be at most 1 and at least 0, got 1.2"),
+    (dict(t_min=-0.1), "t_min must be at least 0 and at most 1, got -0.1"),
+    (dict(steps=0), "steps must be at least 1, got 0"),
+    (dict(steps=2.5), "steps must be a whole number, got 2.5"),
     (dict(steps=2, t_max=0.6, t_min=0.4), "leaves no denoising step"),
-    (dict(guidance_scale=0), "guidance_scale must be a positive number"),
+    (dict(guidance_scale=0), "guidance_scale must be above 0, got 0"),
+    (dict(guidance_scale=True), "guidance_scale must be a finite number, got True"),
+    (dict(sample_posterior="yes"), "sample_posterior must be true or false"),
     (dict(strength=1), "ccsr has no option strength"),
 ])
 def test_bad_knobs_are_one_clear_error(ccsr_v2, knobs, message):

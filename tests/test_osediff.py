@@ -92,6 +92,10 @@ def test_bad_knobs_and_scales(osediff):
         osediff(image, scale=0.5)
     with pytest.raises(UsageError, match="no option guidance"):
         osediff(image, guidance=3)
+    with pytest.raises(UsageError, match="prompt must be text, got 3"):  # values: one line naming the knob
+        osediff(image, prompt=3)
+    with pytest.raises(UsageError, match="sample_posterior must be true or false, got 'yes'"):
+        osediff(image, sample_posterior="yes")
     with pytest.raises(UsageError, match="unknown color fix 'sepia'"):
         osediff(image, color_fix="sepia")
     # Large inputs are no longer refused: they go through the tiler (tests/test_tiling.py); bad tile

@@ -135,7 +135,7 @@ def test_release_block_ids():
 # -- classifier-free guidance ---------------------------------------------------------------------------
 
 def test_batched_guidance_equals_two_calls_and_scale_one_skips_the_negative(s3diff):
-    from diffsr.methods.s3diff import NEGATIVE_PROMPT, POSITIVE_PROMPT, TIMESTEP
+    from diffsr.methods.s3diff import NEGATIVE_PROMPT, POSITIVE_PROMPT, TIMESTEP, S3DiffKnobs
 
     unet, degradation = s3diff.backbone.unet, (0.3, 0.6)
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # two tiles of one image
@@ -143,9 +143,9 @@ def test_batched_guidance_equals_two_calls_and_scale_one_skips_the_negative(s3di
     hook = unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
         with torch.no_grad():
-            guided = s3diff.denoiser(degradation, guidance_scale=1.07)(latent, None)
+            guided = s3diff.denoiser(S3DiffKnobs(degradation=degradation, guidance_scale=1.07))(latent, None)
             assert batches == [4]  # one UNet call for both branches
-            positive_only = s3diff.denoiser(degradation, guidance_scale=1)(latent, None)
+            positive_only = s3diff.denoiser(S3DiffKnobs(degradation=degradation, guidance_scale=1))(latent, None)
             assert batches == [4, 2]  # no negative branch
             text = s3diff.backbone.encode_prompt([POSITIVE_PROMPT, NEGATIVE_PROMPT])
             matrices = s3diff.conditioner.matrices("unet", torch.tensor([degradation]))
@@ -175,6 +175,19 @@ def test_degradation_override_and_display(s3diff, capsys):
     assert "blur 1.0000 (given), noise 0.0000 (given)" in capsys.readouterr().out
     np.testing.assert_array_equal(estimated, same)
     assert np.abs(estimated.astype(int) - other).max() > 0
+
+
+def test_knobs_are_the_release_defaults():
+    from diffsr.methods.s3diff import NEGATIVE_PROMPT, POSITIVE_PROMPT, S3Diff
+
+    assert S3Diff.knob_names() == S3Diff.Knobs.names() == (
+        "prompt", "negative_prompt", "guidance_scale", "degradation", "show_degradation", "sample_posterior")
+    assert S3Diff.Knobs.from_call({}).as_dict() == dict(
+        prompt=POSITIVE_PROMPT, negative_prompt=NEGATIVE_PROMPT, guidance_scale=1.07, degradation=None,
+        show_degradation=False, sample_posterior=False)
+    assert S3Diff.Knobs.from_call({"degradation": (1, None)}).degradation == (1.0, None)
+    with pytest.raises(UsageError, match="degradation blur 1.5 is outside"):
+        S3Diff.Knobs.from_call({"degradation": (1.5, 0.2)})
 
 
 def test_bad_degradation_and_guidance_values(s3diff):

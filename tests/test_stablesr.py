@@ -222,8 +222,9 @@ def test_cli_knobs(files, tmp_path, capsys):
     Image.fromarray(np.full((12, 10, 3), 120, np.uint8)).save(tmp_path / "a.png")
     common = ["upscale", str(tmp_path / "a.png"), "--method", "stablesr", "--base", str(base),
               "--weights", str(weights), "--steps", "1", "--quiet"]
-    assert main(common + ["-o", str(tmp_path / "bad"), "--fidelity", "1.5"]) == 1
-    assert "fidelity 1.5 is out of range" in capsys.readouterr().err
+    assert main(common + ["-o", str(tmp_path / "bad"), "--fidelity", "1.5"]) == 2  # a usage error, before any image
+    assert "--fidelity must be at most 1 and at least 0, got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     assert main(common + ["-o", str(tmp_path / "out"), "--fidelity", "1", "--sampler", "ddim",
                           "--guidance-scale", "2", "--negative-prompt", "blurry", "--scale", "2"]) == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (20, 24)

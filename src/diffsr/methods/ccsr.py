@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from diffsr import knobs as knobs_module
 from diffsr.backbone import Backbone, load_backbone, quiet_loading, resolve_dtype
 from diffsr.errors import UsageError, WeightsError, first_line
 from diffsr.images import Picture, resize
+from diffsr.knobs import knob
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.ccsr_controlnet import controlnet_class, controlnet_from_unet
 from diffsr.samplers import TruncatedSchedule, q_sample, randn, space_timesteps, truncated_sample
@@ -36,23 +38,37 @@ V2_DEFAULTS = dict(steps=1, t_max=0.6666, t_min=0.0, guidance_scale=1.0, prompt=
 V1_DEFAULTS = dict(steps=45, t_max=0.6667, t_min=0.3333, guidance_scale=1.0, prompt="", negative_prompt="")
 
 
-# -- schedules -----------------------------------------------------------------------------------
+# -- knobs -----------------------------------------------------------------------------------------
 
-def check_truncation(steps: int, t_max: float, t_min: float) -> None:
-    """One clear line for settings that do not describe a truncated chain."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise UsageError(f"steps must be a whole number >= 1, got {steps!r}")
-    for name, value in (("t_max", t_max), ("t_min", t_min)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-            raise UsageError(f"{name} must be between 0 and 1, got {value!r}")
-    if t_min >= t_max:
-        raise UsageError(f"t_min ({t_min}) must be smaller than t_max ({t_max})")
-    if steps > 1:
-        first, last = round(steps * t_max), round(steps * t_min)
-        if first - last < 1:
+@dataclass(frozen=True)
+class Knobs(knobs_module.Knobs):
+    """CCSR's per-call settings (paper: T steps, truncation t_max > t_min as fractions of T). None takes the
+    variant's release default (V1_DEFAULTS / V2_DEFAULTS; sample_posterior: the load option)."""
+
+    prompt: str | None = knob(None, "text prompt (v1: empty; v2: 'clean, high-resolution, 8k')", kind=str)
+    negative_prompt: str | None = knob(None, "negative prompt for guidance (v1: empty; v2: the release's)", kind=str)
+    steps: int | None = knob(None, "diffusion steps T (v1: 45; v2: 1, the one-step mode)", low=1, kind=int)
+    t_max: float | None = knob(None, "where the chain starts, a fraction of T (v1: 0.6667; v2: 0.6666)", low=0, high=1,
+                               kind=float)
+    t_min: float | None = knob(None, "where it stops, a fraction of T (v1: 0.3333; v2: 0)", low=0, high=1, kind=float)
+    guidance_scale: float | None = knob(None, "classifier-free guidance (1: none; v2 guides only above 1)", low=0,
+                                        low_open=True, kind=float)
+    sample_posterior: bool | None = knob(None, "v2: sample the LR latent's VAE posterior (else its mean)", kind=bool)
+
+    def check(self) -> None:
+        """The chain must exist: t_min below t_max, and with several steps at least one DDPM step between them."""
+        steps, t_max, t_min = self.steps, self.t_max, self.t_min
+        if t_max is None or t_min is None:
+            return
+        if t_min >= t_max:
+            raise UsageError(f"t_min ({t_min}) must be smaller than t_max ({t_max})")
+        if steps is not None and steps > 1 and round(steps * t_max) - round(steps * t_min) < 1:
             raise UsageError(f"steps={steps} with t_max={t_max}, t_min={t_min} leaves no denoising step: "
-                             f"round(steps*t_max)={first} must exceed round(steps*t_min)={last}")
+                             f"round(steps*t_max)={round(steps * t_max)} must exceed "
+                             f"round(steps*t_min)={round(steps * t_min)}")
 
+
+# -- schedules -----------------------------------------------------------------------------------
 
 def v2_schedule(scheduler_config: dict, steps: int, t_max: float, t_min: float) -> TruncatedSchedule:
     """The v2 pipeline's chain on diffusers' DDPM timesteps ('leading' spacing of the base's config).
@@ -62,7 +78,6 @@ def v2_schedule(scheduler_config: dict, steps: int, t_max: float, t_min: float) 
     t_max == 1 skips the first x0 estimate (the chain starts from the noised LR latent)."""
     from diffusers import DDPMScheduler
 
-    check_truncation(steps, t_max, t_min)
     scheduler = DDPMScheduler.from_config(scheduler_config)
     alpha_bar = scheduler.alphas_cumprod
     if steps == 1:
@@ -94,7 +109,6 @@ def v1_schedule(scheduler_config: dict, steps: int, t_max: float, t_min: float) 
     as the release computes it); DDPM steps then run from index round(N*t_max)-1 down to round(N*t_min).
     With t_min = 0 the release's slice is empty and it fails; here the steps go down to index 0.
     steps == 1 is the one-step mode (x0 at t = 999), which the v1 release does not offer."""
-    check_truncation(steps, t_max, t_min)
     alpha_bar = ldm_alphas_cumprod(scheduler_config)
     if steps == 1:
         return TruncatedSchedule(START_T, alpha_bar[START_T].item(), None, [])
@@ -128,7 +142,7 @@ class CCSR(Upscaler):
         self.condition_vae = condition_vae or backbone.vae
         self.sample_posterior = sample_posterior
         self.process_size = process_size
-        self.defaults = dict(V2_DEFAULTS if version == 2 else V1_DEFAULTS)
+        self.defaults = {**(V2_DEFAULTS if version == 2 else V1_DEFAULTS), "sample_posterior": sample_posterior}
         # v1's inference_ccsr.py brings the sampled image (truncated to 8 bits) to the output size with Lanczos
         self.output_resample = "lanczos" if version == 1 else "bicubic"
         # v1's inference_ccsr.py colour-fixes the decoded image as it is and clamps after the fix
@@ -173,24 +187,24 @@ class CCSR(Upscaler):
         else:
             write_random_v2(Path(base), Path(out_file), seed)
 
+    def settings(self, given: dict) -> Knobs:
+        """The call's knobs (tiling ones left out) over this variant's release defaults, checked."""
+        return Knobs.from_call({k: v for k, v in given.items() if k in Knobs.names()}, self.defaults)
+
     def check_knobs(self, knobs: dict) -> None:
         """Unknown names, then values: the chain's settings and the guidance scale, before any work."""
         super().check_knobs(knobs)
-        settings = {**self.defaults, **{k: v for k, v in knobs.items() if v is not None}}
-        check_truncation(settings["steps"], settings["t_max"], settings["t_min"])
-        scale = settings["guidance_scale"]
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
-            raise UsageError(f"guidance_scale must be a positive number, got {scale!r}")
+        self.settings(knobs)
 
     @classmethod
     def knob_names(cls):
-        return ("prompt", "negative_prompt", "steps", "t_max", "t_min", "guidance_scale", "sample_posterior")
+        return Knobs.names()
 
     def denoiser_passes(self, knobs: dict) -> int:
         """The chain's evaluations; v1 guides each with two separate calls (v2 batches the pair)."""
-        settings = {**self.defaults, **{k: v for k, v in knobs.items() if v is not None}}
-        evaluations = self.schedule(settings["steps"], settings["t_max"], settings["t_min"]).evaluations
-        return evaluations * (2 if self.version == 1 and settings["guidance_scale"] != 1 else 1)
+        settings = self.settings(knobs)
+        evaluations = self.schedule(settings.steps, settings.t_max, settings.t_min).evaluations
+        return evaluations * (2 if self.version == 1 and settings.guidance_scale != 1 else 1)
 
     # -- the flow --------------------------------------------------------------------------------
     def preprocess(self, picture: Picture, scale: float) -> Prepared:
@@ -260,41 +274,33 @@ class CCSR(Upscaler):
         build = v2_schedule if self.version == 2 else v1_schedule
         return build(self.backbone.scheduler_config, steps, t_max, t_min)
 
-    def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str | None = None,
-                negative_prompt: str | None = None, steps: int | None = None, t_max: float | None = None,
-                t_min: float | None = None, guidance_scale: float | None = None,
-                sample_posterior: bool | None = None, tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
-        latent = self.sample_latent(lr, generator, prompt, negative_prompt, steps, t_max, t_min, guidance_scale,
-                                    sample_posterior, tiling)
+    def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
+                **knobs) -> torch.Tensor:
+        latent = self.sample_latent(lr, generator, tiling, **knobs)
         vae = self.backbone.vae
         image = vae_decode(vae, (latent / vae.config.scaling_factor).to(self.dtype), tiling)
         image = image.float().div_(2).add_(0.5)
         return image.clamp_(0, 1) if self.clamp_before_color_fix else image
 
-    def sample_latent(self, lr: torch.Tensor, generator: torch.Generator, prompt: str | None = None,
-                      negative_prompt: str | None = None, steps: int | None = None, t_max: float | None = None,
-                      t_min: float | None = None, guidance_scale: float | None = None,
-                      sample_posterior: bool | None = None, tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
+    def sample_latent(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
+                      **knobs) -> torch.Tensor:
         """The restored (scaled) latent of one image, before the VAE decoder (stage-2 training decodes it)."""
-        given = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, t_max=t_max, t_min=t_min,
-                     guidance_scale=guidance_scale)
-        knobs = {k: (self.defaults[k] if v is None else v) for k, v in given.items()}
-        self.check_knobs(given)
-        schedule = self.schedule(knobs["steps"], knobs["t_max"], knobs["t_min"])
-        sample = self.sample_posterior if sample_posterior is None else sample_posterior
+        self.check_knobs(knobs)
+        settings = self.settings(knobs)
+        schedule = self.schedule(settings.steps, settings.t_max, settings.t_min)
         run = self._restore_v2 if self.version == 2 else self._restore_v1
-        return run(lr, generator, schedule, knobs, sample, tiling)
+        return run(lr, generator, schedule, settings, tiling)
 
-    def _texts(self, knobs: dict, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        prompts = [knobs["prompt"]] + ([knobs["negative_prompt"]] if guided else [])
+    def _texts(self, knobs: Knobs, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prompts = [knobs.prompt] + ([knobs.negative_prompt] if guided else [])
         embeds = self.backbone.encode_prompt(prompts)
         return embeds[:1], (embeds[1:] if guided else None)
 
-    def _restore_v2(self, lr, generator, schedule, knobs, sample, tiling):
+    def _restore_v2(self, lr, generator, schedule, knobs, tiling):
         """As the v2 pipeline: with one seed, `generator` draws the start noise and the DDPM step noise
         (the pipeline's generator) and a second generator with the same seed draws the VAE posterior
         sample and the re-noising noise (the release's global RNG after set_seed)."""
-        scale = knobs["guidance_scale"]
+        scale = knobs.guidance_scale
         guided = scale > 1  # the release's test: CFG only above 1
         second = torch.Generator(device=generator.device).manual_seed(generator.initial_seed())
         text, negative = self._texts(knobs, guided)
@@ -302,7 +308,7 @@ class CCSR(Upscaler):
         start_noise_shape = (1, vae.config.latent_channels, lr.shape[-2] // 8, lr.shape[-1] // 8)
         start_noise = randn(start_noise_shape, generator, lr)
         posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling)
-        if sample:
+        if knobs.sample_posterior:
             # The release encodes the image once per CFG branch and samples each posterior separately.
             draws = randn((2 if guided else 1, *posterior.mean.shape[1:]), second, lr)
             condition = posterior.mean.float() + posterior.std.float() * draws
@@ -328,10 +334,10 @@ class CCSR(Upscaler):
 
         return truncated_sample(model, start, schedule, renoise=_draws(second), step_noise=_draws(generator))
 
-    def _restore_v1(self, lr, generator, schedule, knobs, sample, tiling):
+    def _restore_v1(self, lr, generator, schedule, knobs, tiling):
         """As the v1 sampler: one generator draws, in order, the start noise, a draw the release makes
         and discards, the re-noising noise and each step's noise. The condition is the posterior mode."""
-        scale = knobs["guidance_scale"]
+        scale = knobs.guidance_scale
         guided = scale != 1
         text, negative = self._texts(knobs, guided)
         vae = self.condition_vae

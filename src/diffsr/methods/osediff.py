@@ -5,7 +5,9 @@ Release: cswry/OSEDiff (`osediff.pkl`). Facts: ../shared/METHODS.md.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -13,6 +15,7 @@ from diffsr.backbone import Backbone, load_backbone
 from diffsr.checkpoints import read_method_weights
 from diffsr.errors import UsageError, WeightsError
 from diffsr.images import Picture, resize
+from diffsr.knobs import Knobs, knob
 from diffsr import lora
 from diffsr.lora import add_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
@@ -102,11 +105,23 @@ def release_state(backbone: Backbone, unet_lists, vae_list: list[str], rank: int
     }
 
 
+@dataclass(frozen=True)
+class OSEDiffKnobs(Knobs):
+    """OSEDiff's per-call knobs (test_osediff.py's --prompt; the rest are diffsr's)."""
+
+    prompt: str = knob("", "text after the tags the tagger reads from the image (the release's --prompt)")
+    sample_posterior: bool | None = knob(None, "draw the VAE posterior with the seed instead of taking its mode "
+                                               "(default: as loaded; the release takes the mode)", kind=bool)
+    on_prompt: Callable[[str], None] | None = knob(None, "called with each image's prompt (tags, then prompt), "
+                                                         "e.g. to show or save it")
+
+
 class OSEDiff(Upscaler):
     name = "osediff"
     default_base = "sd21-base"
     default_color_fix = "adain"
     weights_name = "osediff.pkl"
+    Knobs = OSEDiffKnobs
 
     def __init__(self, backbone: Backbone, tagger=None, sample_posterior: bool = False,
                  process_size: int = PROCESS_SIZE):
@@ -162,7 +177,7 @@ class OSEDiff(Upscaler):
 
     @classmethod
     def knob_names(cls):
-        return ("prompt", "sample_posterior", "on_prompt")
+        return cls.Knobs.names()
 
     def preprocess(self, picture: Picture, scale: float) -> Prepared:
         """As test_osediff.py: enlarge small inputs, resize by `scale` (bicubic), then to a multiple of 8
@@ -186,14 +201,15 @@ class OSEDiff(Upscaler):
         return compose_prompt(prompt, tags)
 
     def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
-                prompt: str = "", sample_posterior: bool | None = None, on_prompt=None) -> torch.Tensor:
-        """`on_prompt`, if given, is called with the prompt used (tags and `prompt`), e.g. to show or save it."""
+                **given) -> torch.Tensor:
+        """`given`: the knobs (OSEDiffKnobs), checked here once."""
+        knobs = self.Knobs.from_call(given)
         backbone = self.backbone
         vae, unet = backbone.vae, backbone.unet
-        sample = self.sample_posterior if sample_posterior is None else sample_posterior
-        full_prompt = self.prompt_for(lr, prompt)
-        if on_prompt is not None:
-            on_prompt(full_prompt)
+        sample = self.sample_posterior if knobs.sample_posterior is None else knobs.sample_posterior
+        full_prompt = self.prompt_for(lr, knobs.prompt)
+        if knobs.on_prompt is not None:
+            knobs.on_prompt(full_prompt)
         text = backbone.encode_prompt([full_prompt])
         posterior = vae_encode(vae, (lr * 2 - 1).to(self.dtype), tiling)
         latent = (posterior.sample(generator) if sample else posterior.mode()) * vae.config.scaling_factor

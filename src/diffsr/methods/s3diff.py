@@ -9,6 +9,7 @@ one batched UNet call. Release: ArcticHare105/S3Diff (`s3diff.pkl`). Facts: ../s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,11 +21,12 @@ from diffsr.backbone import Backbone, load_backbone
 from diffsr.checkpoints import read_method_weights
 from diffsr.errors import UsageError, WeightsError, first_line
 from diffsr.images import Picture, as_picture
+from diffsr.knobs import Knobs, knob
 from diffsr.lora import LoraModulation, add_degradation_lora, load_lora_state
 from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.de_net import DEResNet, load_de_net
 from diffsr.samplers import x0_from_eps
-from diffsr.tiling import TilingOptions, vae_decode, vae_encode
+from diffsr.tiling import TILING_KNOBS, TilingOptions, vae_decode, vae_encode
 
 TIMESTEP = 999
 TILE_SIZE = 96  # latent px, the release's default (overlap 32)
@@ -144,14 +146,22 @@ def check_degradation(degradation) -> tuple[float | None, float | None]:
     return checked[0], checked[1]
 
 
-def check_guidance_scale(scale) -> float:
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise UsageError(f"guidance_scale must be a number, got {scale!r}") from None
-    if not 0 <= scale < math.inf:
-        raise UsageError(f"guidance_scale {scale} must be a finite number >= 0 (1 disables the negative prompt)")
-    return scale
+@dataclass(frozen=True)
+class S3DiffKnobs(Knobs):
+    """S3Diff's per-call knobs, with the release's defaults (inference_s3diff.py)."""
+
+    prompt: str = knob(POSITIVE_PROMPT, "the positive prompt")
+    negative_prompt: str = knob(NEGATIVE_PROMPT, "the negative prompt of classifier-free guidance")
+    guidance_scale: float = knob(GUIDANCE_SCALE, "classifier-free guidance scale (1 disables the negative prompt)",
+                                 low=0)
+    degradation: tuple | None = knob(None, "(blur, noise) scores in [0, 1] used instead of the estimator's; "
+                                           "None, or None for one of them, estimates it", kind=None)
+    show_degradation: bool = knob(False, "print each image's degradation scores")
+    sample_posterior: bool = knob(False, "sample the VAE posterior instead of taking its mode")
+
+    def check(self) -> None:
+        if self.degradation is not None:  # as a pair of floats (or None: estimated)
+            object.__setattr__(self, "degradation", check_degradation(self.degradation))
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -243,6 +253,7 @@ class S3Diff(Upscaler):
     default_base = "sd-turbo"
     default_color_fix = "wavelet"
     weights_name = "s3diff.pkl"
+    Knobs = S3DiffKnobs
 
     def __init__(self, backbone: Backbone, conditioner: DegradationConditioner, modulations, estimator: DEResNet,
                  sample_posterior: bool = False):
@@ -308,7 +319,15 @@ class S3Diff(Upscaler):
 
     @classmethod
     def knob_names(cls):
-        return ("prompt", "negative_prompt", "guidance_scale", "degradation", "show_degradation", "sample_posterior")
+        return S3DiffKnobs.names()
+
+    def check_knobs(self, knobs: dict) -> None:
+        super().check_knobs(knobs)
+        self.call_knobs({name: value for name, value in knobs.items() if name not in TILING_KNOBS})
+
+    def call_knobs(self, given: dict) -> S3DiffKnobs:
+        """One call's knobs, checked; sample_posterior defaults to the load option."""
+        return S3DiffKnobs.from_call(given, {"sample_posterior": self.sample_posterior})
 
     # -- degradation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -329,10 +348,9 @@ class S3Diff(Upscaler):
 
     def prepare_knobs(self, picture: Picture, knobs: dict) -> dict:
         """The degradation (blur, noise) is estimated on the input picture, before it is resized."""
-        degradation = knobs.pop("degradation", None)
-        scores = self.degradation_scores(picture, degradation)
-        if knobs.pop("show_degradation", False):
-            given = check_degradation(degradation)
+        given = check_degradation(knobs.get("degradation"))
+        scores = self.degradation_scores(picture, given)
+        if knobs.get("show_degradation"):
             labels = ["given" if value is not None else "estimated" for value in given]
             print(f"{picture.name}: degradation blur {scores[0]:.4f} ({labels[0]}), noise {scores[1]:.4f} ({labels[1]})")
         return {**knobs, "degradation": scores}
@@ -345,17 +363,17 @@ class S3Diff(Upscaler):
         upscaled = F.interpolate(lr, size=size, mode="bilinear", align_corners=False)
         return Prepared(upscaled, output_size(picture, scale))
 
-    def denoiser(self, degradation: tuple[float, float], prompt: str = POSITIVE_PROMPT,
-                 negative_prompt: str = NEGATIVE_PROMPT, guidance_scale: float = GUIDANCE_SCALE):
+    def denoiser(self, knobs: S3DiffKnobs):
         """The UNet step as `denoise(latent_tiles, condition_tiles) -> eps` for tiles of one image (the
         tiler's contract; S3Diff's condition is the latent itself, so condition_tiles is unused).
+        `knobs.degradation` holds both scores.
 
         Guided: both branches in one UNet pass, eps = neg + s * (pos - neg). With s = 1 the negative
         branch is skipped."""
-        guidance_scale = check_guidance_scale(guidance_scale)
+        guidance_scale = knobs.guidance_scale
         guided = guidance_scale != 1
-        text = self.backbone.encode_prompt([prompt, negative_prompt] if guided else [prompt])
-        scores = torch.tensor([degradation], dtype=torch.float32, device=self.device)
+        text = self.backbone.encode_prompt([knobs.prompt, knobs.negative_prompt] if guided else [knobs.prompt])
+        scores = torch.tensor([knobs.degradation], dtype=torch.float32, device=self.device)
         matrices = self.conditioner.matrices("unet", scores).to(self.dtype)  # one image: shared by every tile
         unet, modulation = self.backbone.unet, self.unet_modulation
 
@@ -366,16 +384,14 @@ class S3Diff(Upscaler):
         return denoise
 
     @torch.no_grad()
-    def restore(self, lr: torch.Tensor, generator: torch.Generator, degradation: tuple[float, float],
-                prompt: str = POSITIVE_PROMPT, negative_prompt: str = NEGATIVE_PROMPT,
-                guidance_scale: float = GUIDANCE_SCALE, sample_posterior: bool | None = None,
-                tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
+    def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
+                **given) -> torch.Tensor:
         vae = self.backbone.vae
-        sample = self.sample_posterior if sample_posterior is None else sample_posterior
-        degradation = check_degradation(degradation)
-        if None in degradation:
+        knobs = self.call_knobs(given)
+        degradation, sample = knobs.degradation, knobs.sample_posterior
+        if degradation is None or None in degradation:
             raise UsageError("restore needs both degradation scores (blur, noise); upscale() estimates them")
-        denoise = self.denoiser(degradation, prompt, negative_prompt, guidance_scale)
+        denoise = self.denoiser(knobs)
         height, width = lr.shape[-2:]
         image = pad_to_multiple((lr * 2 - 1).clamp(-1, 1), PAD_MULTIPLE)
         scores = torch.tensor([degradation], dtype=torch.float32, device=self.device)

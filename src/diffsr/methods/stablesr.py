@@ -8,11 +8,13 @@ Release: IceClear/StableSR (`stablesr_000117.ckpt`, `stablesr_turbo.ckpt`, `stab
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from diffsr import knobs
 from diffsr.backbone import Backbone, load_backbone
 from diffsr.checkpoints import read_weights
 from diffsr.checkpoints import ldm
@@ -31,6 +33,27 @@ PAD_MULTIPLE = 32  # the release reflect-pads the upscaled LR to a multiple of 3
 NEGATIVE_PROMPT = "3d, cartoon, anime, sketches, (worst quality:2), (low quality:2)"  # the DDIM script's
 START_TIMESTEP = 999
 DEFAULT_START = {"ddpm": "lr", "ddim": "noise"}  # as the release's canvas_tile DDPM and DDIM scripts
+
+
+@dataclass(frozen=True)
+class StableSRKnobs(knobs.Knobs):
+    """StableSR's per-call knobs, with the release scripts' defaults (a variant may change some: VARIANT_KNOBS)."""
+
+    prompt: str = knobs.knob("", "text prompt (the release's: empty)")
+    negative_prompt: str = knobs.knob(NEGATIVE_PROMPT, "negative prompt, used when guidance_scale is not 1 "
+                                                       "(the release's DDIM script's)")
+    steps: int = knobs.knob(200, "sampling steps (release: 200; StableSR-Turbo: 4)", low=1, high=1000)
+    sampler: str = knobs.knob("ddpm", "sampler: the release's DDPM or DDIM script", choices=SAMPLERS)
+    guidance_scale: float = knobs.knob(1.0, "classifier-free guidance scale (1 = off)")
+    fidelity: float = knobs.knob(0.5, "CFW weight w: 0 = realism, 1 = fidelity to the input", low=0, high=1)
+    eta: float = knobs.knob(0.0, "DDIM eta (0 = deterministic)", low=0)
+    start: str | None = knobs.knob(None, "the first latent: lr (the LR latent noised to t=999) or noise "
+                                         "(default: lr for ddpm, noise for ddim, as the release's scripts)",
+                                   choices=STARTS, kind=str)
+
+    @property
+    def start_latent(self) -> str:
+        return self.start or DEFAULT_START[self.sampler]
 
 
 # ------------------------------------------------------------------------------- checkpoint reading
@@ -159,13 +182,15 @@ class StableSR(Upscaler):
     default_base = "sd21-base"
     default_color_fix = "adain"
     weights_name = "stablesr_000117.ckpt"
+    Knobs = StableSRKnobs
 
     def __init__(self, backbone: Backbone, unet: SFTUNet, encoder: TimeAwareEncoder, autoencoder: CFWAutoencoder,
-                 prediction: str = "epsilon", default_steps: int = 200, process_size: int | None = None):
+                 prediction: str = "epsilon", defaults: dict | None = None, process_size: int | None = None):
+        """`defaults`: the variant's release knob values where they differ from StableSRKnobs' (turbo: 4 steps)."""
         self.backbone = backbone
         self.unet, self.encoder, self.autoencoder = unet, encoder, autoencoder
         self.prediction = prediction
-        self.default_steps = default_steps
+        self.defaults = dict(defaults or {})
         self.scaling_factor = autoencoder.vae.config.scaling_factor
         # The release's --input_size: the base's native size, 512 for SD 2.1-base, 768 for the 768-v model.
         native = backbone.unet.config.sample_size * 2 ** (len(autoencoder.vae.config.block_out_channels) - 1)
@@ -218,8 +243,8 @@ class StableSR(Upscaler):
             _load_strict(autoencoder.fusion, vae_parts["fusion"], cfw_path, "CFW fusion layers")
         for module in (unet, encoder, autoencoder):  # the new SFT/encoder/fusion layers were built in float32
             module.requires_grad_(False).eval().to(device=backbone.device, dtype=backbone.dtype)
-        default_steps = 4 if "turbo" in weights.name else 200
-        return cls(backbone, unet, encoder, autoencoder, prediction, default_steps, process_size)
+        defaults = {"steps": 4} if "turbo" in weights.name else {}
+        return cls(backbone, unet, encoder, autoencoder, prediction, defaults, process_size)
 
     @classmethod
     def convert_weights(cls, weights: Path, base: str | Path, out_file: Path) -> None:
@@ -286,10 +311,18 @@ class StableSR(Upscaler):
     # -- running ---------------------------------------------------------------------------------
     @classmethod
     def knob_names(cls):
-        return ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "fidelity", "eta", "start")
+        return cls.Knobs.names()
+
+    def settings(self, given: dict) -> StableSRKnobs:
+        """The knobs of one call (the tiling ones aside), checked: given values over the variant's defaults."""
+        return self.Knobs.from_call({k: v for k, v in given.items() if k in self.Knobs.names()}, self.defaults)
+
+    def check_knobs(self, knobs: dict) -> None:
+        super().check_knobs(knobs)
+        self.settings(knobs)
 
     def denoiser_passes(self, knobs: dict) -> int:
-        return len(space_timesteps(len(self.backbone.alphas_cumprod), knobs.get("steps") or self.default_steps))
+        return len(space_timesteps(len(self.backbone.alphas_cumprod), self.settings(knobs).steps))
 
     def preprocess(self, picture: Picture, scale: float) -> Prepared:
         """As the release's arbitrary-size scripts: bicubic (torch, on the [-1, 1] tensor) by
@@ -342,17 +375,11 @@ class StableSR(Upscaler):
         return sample_ddim(model, x, schedule, eta, generator, self.prediction,
                            release_ddim_alphas(alphas_cumprod, steps))
 
-    def restore(self, lr: torch.Tensor, generator: torch.Generator, prompt: str = "", negative_prompt: str | None = None,
-                steps: int | None = None, sampler: str = "ddpm", guidance_scale: float = 1.0, fidelity: float = 0.5,
-                eta: float = 0.0, start: str | None = None, tiling: TilingOptions = TilingOptions()) -> torch.Tensor:
-        if not 0 <= fidelity <= 1:
-            raise UsageError(f"fidelity {fidelity} is out of range (choose 0 to 1: 0 = realism, 1 = fidelity)")
-        if sampler not in SAMPLERS:
-            raise UsageError(f"unknown sampler '{sampler}' (choose {', '.join(SAMPLERS)})")
-        start = start or DEFAULT_START.get(sampler)
-        if start not in STARTS:
-            raise UsageError(f"unknown start '{start}' (choose {', '.join(STARTS)})")
-        steps = steps or self.default_steps
+    def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
+                **given) -> torch.Tensor:
+        knobs = self.settings(given)
+        prompt, negative_prompt, steps, sampler = knobs.prompt, knobs.negative_prompt, knobs.steps, knobs.sampler
+        guidance_scale, fidelity, eta, start = knobs.guidance_scale, knobs.fidelity, knobs.eta, knobs.start_latent
         height, width = lr.shape[-2:]
         image = lr * 2 - 1
         pad_h, pad_w = release_padding(height, width)
@@ -364,7 +391,7 @@ class StableSR(Upscaler):
         text = backbone.encode_prompt([prompt])
         negative = None
         if guidance_scale != 1:
-            negative = backbone.encode_prompt([NEGATIVE_PROMPT if negative_prompt is None else negative_prompt])
+            negative = backbone.encode_prompt([negative_prompt])
         tile = self.process_size // 8  # the release's latent tile: --input_size / 8 (64, or 96 for the 768-v model)
 
         def tiler(denoise, latent, condition_latent):
