@@ -376,7 +376,7 @@ def test_method_flags_come_from_the_knobs_grouped_per_method_with_defaults(decla
     assert "--steps" not in stablesr and "--steps" not in groups["ccsr options"]
     assert shared["--steps"].startswith("sampling steps; at least 1 (default ")
     assert "stablesr 200" in shared["--steps"] and "ccsr 45" in shared["--steps"]
-    assert "stablesr ''" in shared["--prompt"]
+    assert "stablesr: text prompt (default '')" in shared["--prompt"]  # meanings differ: each method's help
     # the tiling group and the load options stay as they were
     assert "--max-memory" in groups["tiling (large images; sizes in latent pixels = 8 image pixels)"]
     with pytest.raises(SystemExit) as exit_info:

@@ -143,8 +143,8 @@ def _knob_flags() -> dict[str, dict]:
 
 
 def _flag_spec(name: str, fields: dict) -> dict:
-    """argparse's keywords for the flag of knob `name`, taken by the methods of `fields` (method -> field): type,
-    choices, range and help from the first declared field, and each method's default."""
+    """argparse's keywords for the flag of knob `name`, taken by the methods of `fields` (method -> field): type
+    and choices from the first declared field; help and default from each (one text where they agree)."""
     declared = {method: field for method, field in fields.items() if field is not None}
     if not declared:
         return dict(_UNDECLARED[name])
@@ -155,26 +155,38 @@ def _flag_spec(name: str, fields: dict) -> dict:
         spec = dict(type=rules["kind"], choices=rules["choices"], default=None)
     else:
         spec = dict(type=rules["kind"], default=None, metavar=name.split("_")[-1].upper())
-    text = rules["help"]
-    ranges = {(field.metadata.get("low"), field.metadata.get("high"), field.metadata.get("low_open"))
-              for field in declared.values()}
-    low, high, low_open = next(iter(ranges))
-    if len(ranges) == 1 and (low is not None or high is not None):
-        text += "; " + " and ".join(part for part in (
-            None if low is None else f"{'above' if low_open else 'at least'} {low}",
-            None if high is None else f"at most {high}") if part)
-    defaults = [f"{method} {_shown(field.default)}" if len(fields) > 1 else _shown(field.default)
-                for method, field in declared.items()]
-    defaults += [f"{method}'s own" for method in fields if method not in declared]
-    spec["help"] = f"{text} (default {', '.join(defaults)})".replace("%", "%%")
+    texts = {method: _described(field.metadata) for method, field in declared.items()}
+    defaults = {method: _shown(field.default) for method, field in declared.items()}
+    undeclared = [method for method in fields if method not in declared]
+    if len(fields) == 1:
+        method = next(iter(declared))
+        text = texts[method] + (f" (default {defaults[method]})" if defaults[method] else "")
+    elif len(set(texts.values())) == 1:  # one meaning: the defaults listed per method
+        text = f"{next(iter(texts.values()))} (default " + ", ".join(
+            [f"{method} {default or 'varies'}" for method, default in defaults.items()]
+            + [f"{method}'s own" for method in undeclared]) + ")"
+    else:
+        text = "; ".join([f"{method}: {texts[method]}" + (f" (default {defaults[method]})" if defaults[method] else "")
+                          for method in declared] + [f"{method}: its own default" for method in undeclared])
+    # knob names in the help written as flags (only names of several words: "steps" is also a word)
+    spec["help"] = _with_flags(text, [knob for knob in _knob_flags() if "_" in knob]).replace("%", "%%")
     return spec
 
 
+def _described(rules: dict) -> str:
+    """A knob's help with its range."""
+    low, high = rules.get("low"), rules.get("high")
+    bounds = [part for part in (None if low is None else f"{'above' if rules.get('low_open') else 'at least'} {low}",
+                                None if high is None else f"at most {high}") if part]
+    return rules["help"] + ("; " + " and ".join(bounds) if bounds else "")
+
+
 def _shown(value) -> str:
-    """A default as the help shows it: text quoted, cut short."""
+    """A default as the help shows it: text quoted, cut short; '' for None (decided by the variant or by other
+    knobs, which the knob's help says)."""
     if isinstance(value, str):
         return repr(value if len(value) <= 30 else value[:27] + "...")
-    return "none" if value is None else str(value)
+    return "" if value is None else str(value)
 
 
 # The flags of knobs of methods whose Knobs is not declared yet (known by knob_names()), as written by hand
@@ -581,7 +593,8 @@ def _upscale_jobs(args, method, limits, plan, processes):
 
     def upscale(path, callback):
         return upscaler.upscale(path, scale=args.scale, seed=args.seed, color_fix=args.color_fix, **limits,
-                                callback=callback, **knobs, **_prompt_report_knobs(args, path, display.write))
+                                callback=callback, **knobs,
+                                **_prompt_report_knobs(args, path, lambda line: display.write(line, sys.stdout)))
 
     return upscale_all(plan, upscale, lambda kind, line: display.write(f"{rank}diffsr: {kind}: {line}"), display,
                        title=f"{method.name} x{args.scale:g}")

@@ -46,12 +46,13 @@ class Display:
         self.name, self.phase = "", None
         self.last_unit = self.phase_started = self.last_line = 0.0
 
-    def write(self, line: str) -> None:
-        """A message on its own line (above the bars on a terminal)."""
+    def write(self, line: str, file=None) -> None:
+        """A message on its own line (above the bars on a terminal), on stderr or `file` (e.g. stdout)."""
+        file = file if file is not None else self.stream
         if self.terminal:
-            tqdm.write(line, file=self.stream)
+            tqdm.write(line, file=file)  # clears and redraws the bars, also for stdout beside them
         else:
-            print(line, file=self.stream, flush=True)
+            print(line, file=file, flush=True)
 
     # -- what diffsr.batch calls ---------------------------------------------------------------------
     def batch(self, title: str, count: int) -> None:
