@@ -126,6 +126,9 @@ def usage_error(args, capsys) -> str:
     (["--method", "stablesr", "--sample-posterior"], "does not take --sample-posterior (a flag of ccsr, osediff, s3diff)"),
     (["--max-memory", "0"], "--max-memory 0.0 GB must be positive"),
     (["--tile-size", "64", "--tile-overlap", "64"], "--tile-size 64 must be larger than --tile-overlap 64"),
+    # a knob's value against its method's Knobs field, before the weights are read
+    (["--method", "stablesr", "--fidelity", "1.5"], "--fidelity must be at most 1 and at least 0, got 1.5"),
+    (["--method", "stablesr", "--steps", "0"], "--steps must be at least 1 and at most 1000, got 0"),
 ])
 def test_flag_errors_come_before_loading_and_name_the_flags(one_image, flags, message, capsys, tmp_path):
     assert message in usage_error(one_image + flags, capsys)
@@ -384,6 +387,16 @@ def test_method_flags_come_from_the_knobs_grouped_per_method_with_defaults(decla
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "stablesr options:" in out and "shared by several methods:" in out
     assert out.index("shared by several methods:") < out.index("stablesr options:")
+
+
+def test_the_methods_flags_are_grouped_in_help():
+    """The methods' own Knobs, as declared."""
+    groups = help_groups()
+    assert {"--fidelity", "--sampler", "--eta"} <= set(groups["stablesr options"])
+    assert {"--show-degradation", "--degradation-blur", "--degradation-noise"} <= set(groups["s3diff options"])
+    assert {"--prompt", "--negative-prompt", "--steps", "--guidance-scale"} <= set(groups["shared by several methods"])
+    # a knob that is also a load option keeps the load option's one flag
+    assert [title for title, flags in groups.items() if "--sample-posterior" in flags] == ["options"]
 
 
 def test_benchmark_takes_the_same_method_flags(declared_knobs):
