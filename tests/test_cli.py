@@ -271,6 +271,7 @@ def test_multi_step_progress_shows_the_phase_with_its_total_and_time_left(tmp_pa
             f"diffsr: x.png: denoise {n}/4 ({25 * n}%), about N s left" for n in (1, 2, 3, 4)]
 
 
+@pytest.mark.slow  # a second CCSR run; the spacing itself is checked with a clock below, in the default run
 def test_plain_progress_lines_are_spaced_out_but_every_phase_is_said(tmp_path, tiny_base, ccsr_v2_weights,
                                                                      small_process_size, monkeypatch, capsys):
     """Not a terminal, with lines spaced further apart than the run takes: one line as the phase begins only."""
