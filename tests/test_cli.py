@@ -1,4 +1,5 @@
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -432,3 +433,24 @@ def test_benchmark_checks_knob_values_before_loading(declared_knobs, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and err == "diffsr: error: --fidelity must be at least 0 and at most 1, got -1.0\n"
     assert not (tmp_path / "report").exists()
+
+
+def test_terminal_bars_are_redrawn_while_a_unit_runs(monkeypatch):
+    """tqdm redraws only when a unit ends; the display redraws on a timer so the elapsed time moves on."""
+    from diffsr.display import Display
+    from diffsr.progress import Step
+
+    monkeypatch.setattr(Display, "refresh_every", 0.05)
+    stream = Terminal()
+    display = Display(stream=stream)
+    display.batch("stablesr x4", 1)
+    display.start(Path("a.png"))
+    display.step(Step("denoise", 1, 40))
+    drawn = stream.text.getvalue().count("a.png: denoise")
+    time.sleep(0.5)  # no unit ends meanwhile
+    assert stream.text.getvalue().count("a.png: denoise") >= drawn + 3
+    display.finish(Path("a.png"), 1.0, written=True)
+    display.end()
+    closed = stream.text.getvalue()
+    time.sleep(0.2)
+    assert stream.text.getvalue() == closed  # the timer stops with the batch

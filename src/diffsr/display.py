@@ -2,7 +2,7 @@
 
 One display, fed by diffsr.batch: on a terminal, a tqdm bar over the images and one for the current image's
 phase (encode, denoise, decode: diffsr.progress Steps, whose totals are known when the phase begins) with tqdm's
-ETA; elsewhere (a log, a pipe) plain lines with no escape codes or carriage returns: one when a phase begins,
+ETA, redrawn every few seconds; elsewhere (a log, a pipe) plain lines with no escape codes or carriage returns: one when a phase begins,
 then at most one every `every` seconds, and one when the image is written. A phase of fewer than MIN_UNITS units
 shows nothing: a one-step method on a small image has nothing to wait for. Messages go through `write`, which
 never glues them to a bar (tqdm.write).
@@ -11,6 +11,7 @@ never glues them to a bar (tqdm.write).
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from diffsr.progress import Step
 
 PLAIN_EVERY = 10.0  # seconds between two plain lines of one image's phase
+REFRESH_EVERY = 2.0  # seconds between two redraws of a terminal bar while a unit runs
 MIN_UNITS = 2  # a phase shorter than this gets no bar and no line
 
 
@@ -35,6 +37,7 @@ class Display:
     """Progress of the batches of one command, and its messages. `quiet`: messages only."""
 
     every = PLAIN_EVERY
+    refresh_every = REFRESH_EVERY
 
     def __init__(self, quiet: bool = False, stream=None):
         self.stream = stream if stream is not None else sys.stderr
@@ -45,6 +48,7 @@ class Display:
         self.count = self.index = 0
         self.name, self.phase = "", None
         self.last_unit = self.phase_started = self.last_line = 0.0
+        self.stop_refresh: threading.Event | None = None
 
     def write(self, line: str, file=None) -> None:
         """A message on its own line (above the bars on a terminal), on stderr or `file` (e.g. stdout)."""
@@ -61,6 +65,17 @@ class Display:
         self.count, self.index = count, 0
         if not self.quiet and self.terminal:
             self.images_bar = tqdm(total=count, desc=title, unit="image", file=self.stream)
+            self.stop_refresh = threading.Event()
+            threading.Thread(target=self._refresh, args=(self.stop_refresh,), daemon=True).start()
+
+    def _refresh(self, stop: threading.Event) -> None:
+        """Redraw the bars every refresh_every seconds: tqdm redraws only when a unit ends, and one VAE tile can
+        take a minute on a CPU (the elapsed time and ETA must not stand still). tqdm's lock keeps the redraws
+        apart from the updates; a closed bar does not redraw."""
+        while not stop.wait(self.refresh_every):
+            for bar in (self.images_bar, self.phase_bar):
+                if bar is not None:
+                    bar.refresh()
 
     def start(self, source: Path) -> None:
         self.name, self.phase = Path(source).name, None
@@ -106,6 +121,9 @@ class Display:
 
     def end(self) -> None:
         """The batch is over: its bars are closed."""
+        if self.stop_refresh is not None:
+            self.stop_refresh.set()
+            self.stop_refresh = None
         for bar in (self.phase_bar, self.images_bar):
             if bar is not None:
                 bar.close()
