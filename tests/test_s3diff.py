@@ -121,7 +121,7 @@ def test_modulation_is_per_sample_and_per_block():
 
 
 def test_release_block_ids():
-    from diffsr.methods.s3diff import unet_block, vae_block
+    from diffsr.nets.s3diff_modulation import unet_block, vae_block
 
     assert unet_block("down_blocks.2.resnets.0.conv1") == 2
     assert unet_block("mid_block.attentions.0.proj_in") == 4
@@ -139,23 +139,28 @@ def test_batched_guidance_equals_two_calls_and_scale_one_skips_the_negative(s3di
 
     unet, degradation = s3diff.backbone.unet, (0.3, 0.6)
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # two tiles of one image
+    text, negative = s3diff.backbone.encode_prompt([POSITIVE_PROMPT, NEGATIVE_PROMPT]).chunk(2)
     batches = []
     hook = unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     try:
-        with torch.no_grad():
-            guided = s3diff.denoiser(S3DiffKnobs(degradation=degradation, guidance_scale=1.07))(latent, None)
+        with torch.no_grad(), s3diff.unet_modulation.use(s3diff.conditioner.matrices("unet", torch.tensor([degradation]))):
+            guided = s3diff.noise(latent, text, negative, 1.07)
             assert batches == [4]  # one UNet call for both branches
-            positive_only = s3diff.denoiser(S3DiffKnobs(degradation=degradation, guidance_scale=1))(latent, None)
+            positive_only = s3diff.noise(latent, text, negative, 1)
             assert batches == [4, 2]  # no negative branch
-            text = s3diff.backbone.encode_prompt([POSITIVE_PROMPT, NEGATIVE_PROMPT])
-            matrices = s3diff.conditioner.matrices("unet", torch.tensor([degradation]))
-            with s3diff.unet_modulation.use(matrices):
-                eps_pos = unet(latent, TIMESTEP, encoder_hidden_states=text[:1].expand(2, -1, -1)).sample
-                eps_neg = unet(latent, TIMESTEP, encoder_hidden_states=text[1:].expand(2, -1, -1)).sample
+            eps_pos = unet(latent, TIMESTEP, encoder_hidden_states=text.expand(2, -1, -1)).sample
+            eps_neg = unet(latent, TIMESTEP, encoder_hidden_states=negative.expand(2, -1, -1)).sample
     finally:
         hook.remove()
     assert torch.allclose(guided, eps_neg + 1.07 * (eps_pos - eps_neg), atol=1e-5)
     assert torch.allclose(positive_only, eps_pos, atol=1e-5)
+    # restore's guidance is this one: the whole flow gives the same image at guidance_scale 1.07 given explicitly
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    knobs = S3DiffKnobs(degradation=degradation).as_dict()
+    assert torch.equal(s3diff.restore(lr, torch.Generator(), **knobs),
+                       s3diff.restore(lr, torch.Generator(), **{**knobs, "guidance_scale": 1.07}))
+    assert not torch.equal(s3diff.restore(lr, torch.Generator(), **knobs),
+                           s3diff.restore(lr, torch.Generator(), **{**knobs, "guidance_scale": 1}))
 
 
 # -- knobs -----------------------------------------------------------------------------------------------
@@ -186,7 +191,7 @@ def test_knobs_are_the_release_defaults():
         prompt=POSITIVE_PROMPT, negative_prompt=NEGATIVE_PROMPT, guidance_scale=1.07, degradation=None,
         show_degradation=False, sample_posterior=False)
     assert S3Diff.Knobs.from_call({"degradation": (1, None)}).degradation == (1.0, None)
-    with pytest.raises(UsageError, match="degradation blur 1.5 is outside"):
+    with pytest.raises(UsageError, match="degradation blur must be at most 1 and at least 0, got 1.5"):
         S3Diff.Knobs.from_call({"degradation": (1.5, 0.2)})
 
 
@@ -206,7 +211,7 @@ def test_bad_degradation_and_guidance_values(s3diff):
 
 def test_tiny_weights_have_the_release_format(models, s3diff):
     from diffsr.checkpoints import detect
-    from diffsr.methods.s3diff import UNET_TARGETS, VAE_TARGETS, WEIGHT_KEYS
+    from diffsr.checkpoints.s3diff import KEYS as WEIGHT_KEYS, UNET_TARGETS, VAE_TARGETS
 
     _, weights = models
     state = torch.load(weights)
@@ -225,6 +230,26 @@ def test_tiny_weights_have_the_release_format(models, s3diff):
     assert len(de_net) == 80 and sum(v.numel() for v in de_net.values()) == 2_351_362
     scaling = {module.scaling["default"] for module in s3diff.backbone.unet.modules() if hasattr(module, "scaling")}
     assert scaling == {0.25}  # peft alpha 8 / rank 32
+
+
+def test_release_files_read_and_write_back_unchanged(models, tmp_path):
+    from diffsr.checkpoints import s3diff as release
+    from diffsr.testing import weights_digest
+
+    _, weights = models
+    de_net = weights.parent / "de_net.pth"
+    assert release.detect(weights) and release.detect(torch.load(weights)) and not release.detect(de_net)
+    parts = release.read(weights)
+    assert (parts.rank_unet, parts.rank_vae) == (32, 16) and parts.conditioner["w"].shape == (64,)
+    assert "unet_fuse_mlp.weight" in parts.conditioner and "vae_block_embeddings.weight" in parts.conditioner
+    written = release.write(parts, tmp_path / "s3diff.pkl")
+    assert list(torch.load(written)) == list(torch.load(weights))  # the release's key order
+    assert weights_digest(written) == weights_digest(weights)
+    copy = release.write_de_net(release.read_de_net(de_net), tmp_path / "de_net.pth")
+    assert weights_digest(copy) == weights_digest(de_net)
+    assert release.find_de_net(written) == copy and release.find_de_net(written, "elsewhere.pth").name == "elsewhere.pth"
+    with pytest.raises(UsageError, match="de_net"):
+        release.find_de_net(None)
 
 
 def test_bad_weights_get_clear_errors(models, tmp_path):

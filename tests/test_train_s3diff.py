@@ -41,7 +41,7 @@ def build(tiny_base, s3diff_weights, tiny_dino, metric_weights, one_thread):  # 
         torch.manual_seed(0)
         args = {"de_net": s3diff_weights.parent / "de_net.pth", "dino": tiny_dino, "lpips_weights": metric_weights,
                 **args}
-        return S3DiffTrainer(base=tiny_base, **args)
+        return S3DiffTrainer.build(tiny_base, **args)
 
     return make
 
@@ -184,6 +184,20 @@ def test_what_trains_and_where_gradients_go(build, s3diff_weights):
     assert all(named[name].grad is None for name in trained)
 
 
+def test_trains_the_method_load_upscaler_built(tiny_base, s3diff_weights, tiny_dino, metric_weights,  # noqa: F811
+                                                one_thread):
+    from diffsr.training.s3diff import S3DiffTrainer
+
+    method = diffsr.load_upscaler("s3diff", base=tiny_base, weights=s3diff_weights)
+    trainer = S3DiffTrainer(method, s3diff_weights.parent / "de_net.pth", dino=tiny_dino, lpips_weights=metric_weights)
+    assert trainer.upscaler() is method and trainer.unet is method.backbone.unet
+    assert trainer.conditioner is method.conditioner and trainer.estimator is method.estimator
+    loss, _ = trainer(pictures(), "reconstruction")
+    loss.backward()
+    assert method.conditioner.unet_fuse_mlp.weight.grad.abs().sum() > 0  # the method's own modules learn
+    assert method.backbone.unet.conv_in.weight.grad.abs().sum() > 0
+
+
 def test_training_step_matches_the_release(build, tiny_base, s3diff_weights):
     """The authors' training model (src/s3diff.py) on the same tiny weights, inputs and posterior draw
     (tests/fixtures/s3diff/make_train_parity_fixture.py): output, 2 x MSE with online negative prompting for
@@ -198,7 +212,7 @@ def test_training_step_matches_the_release(build, tiny_base, s3diff_weights):
     assert (batch["scores"] - fixture["scores"]).abs().max() < 1e-6
     negative = fixture["negative"]
     target = torch.where(negative[:, None, None, None], batch["source"], batch["hr"] * 2 - 1)
-    text = trainer.backbone.encode_prompt([NEGATIVE_PROMPT, POSITIVE_PROMPT])
+    text = trainer.method.backbone.encode_prompt([NEGATIVE_PROMPT, POSITIVE_PROMPT])
     torch.manual_seed(fixture["seed"])
     output = trainer.generate(batch["source"], batch["scores"], text)
     loss = F.mse_loss(output, target) * 2.0
@@ -251,7 +265,7 @@ def test_online_negative_prompting(build, monkeypatch):
         batch = pictures(2)
         with torch.no_grad():
             loss, logs = trainer(batch, "reconstruction")
-        expected_text = trainer.backbone.encode_prompt([prompt])
+        expected_text = trainer.method.backbone.encode_prompt([prompt])
         assert torch.equal(seen["text"], expected_text.expand(2, -1, -1))
         upscaled = F.interpolate(batch["lr"], size=(64, 64), mode="bicubic").clamp(0, 1) * 2 - 1
         target = upscaled if probability == 1 else batch["hr"] * 2 - 1
@@ -415,7 +429,7 @@ def test_bad_input(build, tiny_base, tmp_path, s3diff_weights):
     from diffsr.training.s3diff import S3DiffTrainer
 
     with pytest.raises(UsageError, match="de_net"):
-        S3DiffTrainer(base=tiny_base)
+        S3DiffTrainer.build(tiny_base)
     with pytest.raises(WeightsError, match="DINO backbone"):
         build(dino=tmp_path / "no-such-dino")
     with pytest.raises(UsageError, match="lora_rank_unet 8 differs"):

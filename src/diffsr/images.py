@@ -404,3 +404,16 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
         else:
             paths.append(item)  # missing files are reported when read, with the others still processed
     return paths
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad right and bottom to a multiple of `multiple` (as S3Diff's release does). A reflection must be shorter
+    than the side, so small images are reflected repeatedly (1-pixel sides are replicated)."""
+    while True:
+        height, width = image.shape[-2:]
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if not (pad_h or pad_w):
+            return image
+        if min(height, width) < 2:
+            return torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        image = torch.nn.functional.pad(image, (0, min(pad_w, width - 1), 0, min(pad_h, height - 1)), mode="reflect")

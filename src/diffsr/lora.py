@@ -28,8 +28,10 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], rank: int, adapt
         model.add_adapter(config, adapter_name=adapter_name)
 
 
-def load_lora_state(model: torch.nn.Module, state: dict, wanted: Callable[[str], bool], label: str) -> None:
-    """Copy every parameter whose name `wanted` from `state`, checking that names and shapes fit."""
+def load_lora_state(model: torch.nn.Module, state: dict, wanted: Callable[[str], bool], label: str,
+                    complete: bool = False) -> None:
+    """Copy every parameter whose name `wanted` from `state`, checking that names and shapes fit.
+    `complete`: also every tensor in `state` must find its place."""
     for name, param in model.named_parameters():
         if not wanted(name):
             continue
@@ -40,6 +42,12 @@ def load_lora_state(model: torch.nn.Module, state: dict, wanted: Callable[[str],
             raise WeightsError(f"{label}['{name}'] has shape {tuple(value.shape)} but the base model needs "
                                f"{tuple(param.shape)}: the weights were made for another base model")
         param.data.copy_(value)
+    if complete:
+        names = {name for name, _ in model.named_parameters() if wanted(name)}
+        unused = [key for key in state if key not in names]
+        if unused:
+            raise WeightsError(f"{label} has '{unused[0]}' (and {len(unused) - 1} more) that this base model "
+                               "has no place for: the weights were made for another base model")
 
 
 def merge_lora(model: torch.nn.Module) -> None:

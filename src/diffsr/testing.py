@@ -166,10 +166,56 @@ def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, 
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
+    if method in TINY_WRITERS:
+        TINY_WRITERS[method](Path(base_path), out_file, seed)
+    else:
+        get_method(method).write_random_weights(Path(base_path), out_file, seed=seed)
     if method == "osediff":  # its default tagger's files, found beside the weights as the real ones would be
         make_tiny_tagger(out_file.parent, seed)
     return out_file
+
+
+def _write_tiny_s3diff(base_path: Path, out_file: Path, seed: int) -> None:
+    """A random s3diff.pkl with the release's keys, targets, ranks and adapter names, and a random de_net.pth
+    beside it."""
+    import math
+
+    from diffsr.backbone import load_backbone
+    from diffsr.checkpoints import s3diff as release
+    from diffsr.nets.de_net import DEResNet
+    from diffsr.nets.s3diff_modulation import DegradationConditioner, add_modulated_lora
+
+    backbone = load_backbone(base_path)
+    generator = torch.Generator().manual_seed(seed)
+    add_modulated_lora(backbone.vae, backbone.unet, release.VAE_TARGETS, release.UNET_TARGETS, release.RANK_VAE,
+                       release.RANK_UNET, release.VAE_ADAPTER, release.UNET_ADAPTER)
+    parts = release.Parts.of(backbone.unet, backbone.vae, DegradationConditioner(release.RANK_VAE, release.RANK_UNET))
+    for state in (parts.unet, parts.vae):
+        for key, value in state.items():  # views of the parameters: perturbed in place
+            # lora_B starts at zero in training; random here so the adapters visibly act.
+            noise = torch.randn(value.shape, generator=generator)
+            # The UNet's conv_in is fully trained (perturb the base); every other tensor is LoRA state.
+            value.copy_(value + 0.01 * noise if key.startswith("conv_in.") else 0.05 * noise)
+    for name, value in parts.conditioner.items():
+        if "bias" in name:
+            scale = 0.01
+        elif "mlp" in name:  # keep activations O(1); C's entries ~ 1/sqrt(r) keep the LoRA path's size
+            scale = 1 / math.sqrt(value.shape[1]) / (math.sqrt(math.isqrt(value.shape[0])) if "fuse" in name else 1)
+        else:  # w and the block embeddings: standard normal, as initialised in the release
+            scale = 1.0
+        value.copy_(torch.randn(value.shape, generator=generator) * scale)
+    release.write(parts, out_file)
+    estimator = DEResNet().state_dict()
+    for name, value in estimator.items():
+        fan_in = value[0].numel() if value.dim() > 1 else 1
+        # Small residual branches (as the release initialises them) keep the scores away from 0 and 1.
+        scale = (0.1 if name.startswith("body") else 1.0) * math.sqrt(2 / fan_in)
+        value.copy_(torch.randn(value.shape, generator=generator) * (scale if value.dim() > 1 else 0.01))
+    release.write_de_net(estimator, out_file.parent / release.DE_NET_FILE)
+
+
+# Methods whose random release files are written here, through their checkpoints module's writer.
+TINY_WRITERS = {"s3diff": _write_tiny_s3diff}
 
 
 def weights_digest(*paths: str | Path) -> str:

@@ -98,6 +98,15 @@ def detect(weights: dict) -> str | None:
     return None
 
 
+def find_beside(weights: str | Path, *names: str) -> Path | None:
+    """The first of `names` that is a file in the folder of the file `weights` (a release's companion files:
+    S3Diff's de_net.pth, StableSR's CFW autoencoder, the tagger's files), or None."""
+    for name in names:
+        if (Path(weights).parent / name).is_file():
+            return Path(weights).parent / name
+    return None
+
+
 def read_method_weights(path: str | Path, method: str) -> dict:
     """read_weights + a check that the file is `method`'s release format."""
     weights = read_weights(path)

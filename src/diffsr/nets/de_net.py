@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffsr.checkpoints.s3diff import read_de_net
 from diffsr.errors import WeightsError
 
 
@@ -65,16 +66,7 @@ class DEResNet(nn.Module):
 
 def load_de_net(path: str | Path) -> DEResNet:
     """Build DEResNet from `de_net.pth` (a plain state dict), strictly: every tensor must fit."""
-    from diffsr.checkpoints import detect, read_weights
-
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{path}: degradation estimator weights (de_net.pth) not found; "
-                           "pass de_net= (--de-net) or put de_net.pth beside the weights file")
-    state = read_weights(path)
-    other = detect(state)
-    if other is not None:
-        raise WeightsError(f"{path}: this is {other} weights, not the degradation estimator (de_net.pth)")
+    state = read_de_net(path)
     net = DEResNet()
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]

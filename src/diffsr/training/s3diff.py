@@ -14,7 +14,7 @@ text encoder, the degradation estimator (de_net.pth, scores the LR) and the DINO
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import shutil
 from pathlib import Path
 
@@ -23,19 +23,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffsr.backbone import load_backbone
-from diffsr.checkpoints import read_method_weights
-from diffsr.errors import UsageError, WeightsError
-from diffsr.lora import add_degradation_lora
-from diffsr.methods.s3diff import (NEGATIVE_PROMPT, POSITIVE_PROMPT, RANK_UNET, RANK_VAE, TIMESTEP, UNET_ADAPTER,
-                                   UNET_TARGETS, VAE_ADAPTER, VAE_TARGETS, DegradationConditioner, S3Diff,
-                                   _checked_weights, attach_degradation_lora, unet_block, vae_block, write_release)
+from diffsr.checkpoints import s3diff as release
+from diffsr.errors import UsageError
+from diffsr.methods.s3diff import NEGATIVE_PROMPT, POSITIVE_PROMPT, S3Diff
 from diffsr.nets.de_net import load_de_net
-from diffsr.samplers import x0_from_eps
 from diffsr.training.base import Trainer, trainable
 from diffsr.training.gan import DINO, VisionAidedDiscriminator, load_dino
 from diffsr.training.losses import PerceptualLoss
 
 MLP_INIT_SCALE = 1e-5  # the release: basicsr default_init_weights(mlps, 1e-5), i.e. Kaiming normal x 1e-5
+
+
+def initialise_as_release(conditioner: nn.Module) -> None:
+    """As the release's S3Diff.__init__: w and the block embeddings standard normal, the MLPs Kaiming normal
+    scaled by 1e-5 with zero biases (so C starts near zero)."""
+    # w is fixed, not trained, so not in the loop's checkpoints: a fixed seed lets a resumed run rebuild it.
+    conditioner.w.copy_(torch.randn(conditioner.w.shape, generator=torch.Generator().manual_seed(0)))
+    for layer in conditioner.mlps():
+        nn.init.kaiming_normal_(layer.weight)
+        layer.weight.data.mul_(MLP_INIT_SCALE)
+        nn.init.zeros_(layer.bias)
 
 
 def frozen_parts(model: nn.Module) -> nn.ModuleDict:
@@ -59,47 +66,18 @@ class S3DiffTrainer(Trainer):
     stage = 1
     phases = (("reconstruction", "generator"), ("adversarial", "generator"), ("discriminator", "discriminator"))
 
-    def __init__(self, base, weights=None, de_net=None, dino=DINO, lpips_weights=None, lora_rank_unet=None,
-                 lora_rank_vae=None, lambda_l2=2.0, lambda_lpips=5.0, lambda_gan=0.5, negative_prob=0.05,
-                 positive_prompt=POSITIVE_PROMPT, negative_prompt=NEGATIVE_PROMPT, diff_augment=True):
-        """`weights`: an s3diff.pkl to fine-tune (its ranks are used); None: new adapters, initialised as the
-        release does. `de_net`: the frozen degradation estimator (by default de_net.pth beside `weights`).
-        `dino`: transformers hub id or folder of the discriminator's DINO ViT."""
+    def __init__(self, method: S3Diff, de_net: str | Path, dino=DINO, lpips_weights=None, lambda_l2=2.0,
+                 lambda_lpips=5.0, lambda_gan=0.5, negative_prob=0.05, positive_prompt=POSITIVE_PROMPT,
+                 negative_prompt=NEGATIVE_PROMPT, diff_augment=True):
+        """Trains `method` (S3Diff.load to fine-tune a release, or a new one: see `build`) in place. `de_net`: the
+        file of its degradation estimator (copied beside the release files). `dino`: transformers hub id or
+        folder of the discriminator's DINO ViT."""
         super().__init__()
-        if de_net is None:
-            if weights is None:
-                raise UsageError("s3diff training needs the degradation estimator: pass de_net='de_net.pth' "
-                                 "(method_args.de_net; the release's assets/mm-realsr/de_net.pth)")
-            de_net = Path(weights).parent / "de_net.pth"
-        self.de_net_path = Path(de_net)
-        self.estimator = load_de_net(self.de_net_path)
-        self.backbone = load_backbone(base)
-        self.unet, self.vae, self.text_encoder = self.backbone.unet, self.backbone.vae, self.backbone.text_encoder
-        for module in (self.unet, self.vae, self.text_encoder):
+        self.method, self.de_net_path = method, Path(de_net)
+        self.unet, self.vae, self.text_encoder = method.backbone.unet, method.backbone.vae, method.backbone.text_encoder
+        self.conditioner, self.estimator = method.conditioner, method.estimator
+        for module in (self.unet, self.vae, self.text_encoder, self.estimator):
             module.requires_grad_(False)
-
-        if weights is not None:
-            state = read_method_weights(weights, "s3diff")
-            _checked_weights(weights, state)
-            for name, given, stored in (("lora_rank_unet", lora_rank_unet, state["rank_unet"]),
-                                        ("lora_rank_vae", lora_rank_vae, state["rank_vae"])):
-                if given is not None and given != stored:
-                    raise UsageError(f"{name} {given} differs from {weights}'s rank {stored} "
-                                     "(leave it out to fine-tune)")
-            self.conditioner = DegradationConditioner(state["rank_vae"], state["rank_unet"])
-            try:
-                self.conditioner.load_release_state(state)
-                self.vae_modulation, self.unet_modulation = attach_degradation_lora(self.backbone, state)
-            except WeightsError as error:
-                raise WeightsError(f"{weights}: {error}") from None
-        else:
-            self.conditioner = DegradationConditioner(lora_rank_vae or RANK_VAE, lora_rank_unet or RANK_UNET)
-            self._initialise_conditioner()
-            # peft's "gaussian" init: A ~ N(0, 1/r), B = 0, alpha 8 (as the release's LoraConfig).
-            self.vae_modulation = add_degradation_lora(self.vae, VAE_TARGETS, self.conditioner.ranks["vae"],
-                                                       VAE_ADAPTER, vae_block)
-            self.unet_modulation = add_degradation_lora(self.unet, UNET_TARGETS, self.conditioner.ranks["unet"],
-                                                        UNET_ADAPTER, unet_block)
         for model in (self.unet, self.vae):
             for name, param in model.named_parameters():
                 param.requires_grad_("lora" in name)
@@ -111,22 +89,37 @@ class S3DiffTrainer(Trainer):
         self.lambda_l2, self.lambda_lpips, self.lambda_gan = lambda_l2, lambda_lpips, lambda_gan
         self.negative_prob = negative_prob
         # (2, 77, d): positive, negative. Constant, so encoded once (as the other trainers do).
-        self.register_buffer("text", self.backbone.encode_prompt([positive_prompt, negative_prompt]), persistent=False)
-        self.alpha_bar = self.backbone.alphas_cumprod[TIMESTEP].item()
+        self.register_buffer("text", method.backbone.encode_prompt([positive_prompt, negative_prompt]), persistent=False)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def _initialise_conditioner(self) -> None:
-        """As the release's S3Diff.__init__: w and the block embeddings standard normal, the MLPs Kaiming
-        normal scaled by 1e-5 with zero biases (so C starts near zero)."""
-        # w is fixed, not trained, so not in the loop's checkpoints: a fixed seed lets a resumed run rebuild it.
-        self.conditioner.w.copy_(torch.randn(self.conditioner.w.shape, generator=torch.Generator().manual_seed(0)))
-        for part in ("vae", "unet"):
-            for mlp in ("de_mlp", "block_mlp", "fuse_mlp"):
-                for layer in getattr(self.conditioner, f"{part}_{mlp}").modules():
-                    if isinstance(layer, nn.Linear):
-                        nn.init.kaiming_normal_(layer.weight)
-                        layer.weight.data.mul_(MLP_INIT_SCALE)
-                        nn.init.zeros_(layer.bias)
+    @classmethod
+    def build(cls, base, weights=None, de_net=None, lora_rank_unet=None, lora_rank_vae=None, **options):
+        """From files: `weights` (an s3diff.pkl) to fine-tune, its ranks kept; None: new adapters of the given
+        ranks, initialised as the release does. `de_net`: by default de_net.pth beside `weights`."""
+        de_net = release.find_de_net(weights, de_net)
+        if weights is None:
+            method = S3Diff(load_backbone(base), load_de_net(de_net),
+                            (lora_rank_vae or release.RANK_VAE, lora_rank_unet or release.RANK_UNET))
+            initialise_as_release(method.conditioner)
+        else:
+            method = S3Diff.load(base, weights, de_net=de_net)
+            for name, given, stored in (("lora_rank_unet", lora_rank_unet, method.conditioner.ranks["unet"]),
+                                        ("lora_rank_vae", lora_rank_vae, method.conditioner.ranks["vae"])):
+                if given is not None and given != stored:
+                    raise UsageError(f"{name} {given} differs from {weights}'s rank {stored} "
+                                     "(leave it out to fine-tune)")
+        return cls(method, de_net, **options)
+
+    @classmethod
+    def from_config(cls, config) -> "S3DiffTrainer":
+        """`build(base, weights, **method_args)`, method_args checked by name first."""
+        accepted = (set(inspect.signature(cls.build).parameters) | set(inspect.signature(cls).parameters)) - {
+            "base", "weights", "method", "options"}
+        unknown = sorted(set(config.method_args) - accepted)
+        if unknown:
+            raise UsageError(f"{cls.method} stage {cls.stage} has no method_args key {unknown[0]!r} "
+                             f"(known: {', '.join(sorted(accepted))})")
+        return cls.build(config.base, config.weights, **config.method_args)
 
     # -- the trainer contract ------------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -142,15 +135,14 @@ class S3DiffTrainer(Trainer):
         self.vae.enable_gradient_checkpointing()
 
     def upscaler(self) -> S3Diff:
-        backbone = dataclasses.replace(self.backbone, device=self.conditioner.w.device)
-        return S3Diff(backbone, self.conditioner, (self.vae_modulation, self.unet_modulation), self.estimator)
+        return self.method
 
     def save_release(self, folder: Path) -> list[Path]:
         """s3diff.pkl (the release's layout) and a copy of the estimator's de_net.pth beside it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        weights = write_release(folder / "s3diff.pkl", self.unet, self.vae, self.conditioner)
-        de_net = folder / "de_net.pth"
+        weights = release.write(release.Parts.of(self.unet, self.vae, self.conditioner), folder / "s3diff.pkl")
+        de_net = folder / release.DE_NET_FILE
         if de_net.resolve() != self.de_net_path.resolve():
             shutil.copyfile(self.de_net_path, de_net)
         return [weights, de_net]
@@ -158,15 +150,9 @@ class S3DiffTrainer(Trainer):
     # -- the model -----------------------------------------------------------------------------------------
     def generate(self, source: torch.Tensor, scores: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The one-step SR output in [-1, 1] for `source` (the upscaled LR in [-1, 1]), degradation scores
-        (B, 2) and text states (B, 77, d); the VAE posterior is sampled, as in the release's training."""
-        # hold, not use: with gradient checkpointing the backward pass runs the LoRA layers again.
-        self.vae_modulation.hold(self.conditioner.matrices("vae", scores))
-        self.unet_modulation.hold(self.conditioner.matrices("unet", scores))
-        scaling = self.vae.config.scaling_factor
-        latent = self.vae.encode(source).latent_dist.sample() * scaling
-        eps = self.unet(latent, TIMESTEP, encoder_hidden_states=text).sample
-        x0 = x0_from_eps(latent, eps, self.alpha_bar)
-        return self.vae.decode(x0 / scaling).sample.clamp(-1, 1)
+        (B, 2) and text states (B, 77, d): the method's own step; the VAE posterior is sampled, as in the
+        release's training."""
+        return self.method.one_step(source, scores, lambda latent: self.method.noise(latent, text))
 
     def prepare(self, batch: dict) -> None:
         """Once per iteration: the generator's input (the LR upscaled to the HR size, bicubic as in the
