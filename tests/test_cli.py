@@ -1,3 +1,7 @@
+import re
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -123,6 +127,9 @@ def usage_error(args, capsys) -> str:
     (["--method", "stablesr", "--sample-posterior"], "does not take --sample-posterior (a flag of ccsr, osediff, s3diff)"),
     (["--max-memory", "0"], "--max-memory 0.0 GB must be positive"),
     (["--tile-size", "64", "--tile-overlap", "64"], "--tile-size 64 must be larger than --tile-overlap 64"),
+    # a knob's value against its method's Knobs field, before the weights are read
+    (["--method", "stablesr", "--fidelity", "1.5"], "--fidelity must be at most 1 and at least 0, got 1.5"),
+    (["--method", "stablesr", "--steps", "0"], "--steps must be at least 1 and at most 1000, got 0"),
 ])
 def test_flag_errors_come_before_loading_and_name_the_flags(one_image, flags, message, capsys, tmp_path):
     assert message in usage_error(one_image + flags, capsys)
@@ -229,14 +236,14 @@ def progress_run(args, monkeypatch, capsys, terminal=False):
 
 
 @pytest.mark.parametrize("terminal", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_one_step_methods_show_no_pass_count(tmp_path, tiny_base, osediff_weights, small_process_size, terminal,
-                                             monkeypatch, capsys):
+def test_one_step_methods_on_small_images_show_no_phase_progress(tmp_path, tiny_base, osediff_weights,
+                                                                 small_process_size, terminal, monkeypatch, capsys):
     Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
     args = ["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--base", str(tiny_base),
             "--weights", str(osediff_weights)]
-    monkeypatch.setattr("diffsr.cli._PassProgress.PLAIN_EVERY", 0.0)
+    monkeypatch.setattr("diffsr.display.Display.every", 0.0)
     err = progress_run(args, monkeypatch, capsys, terminal)
-    assert "pass" not in err and "wrote 1 image(s)" in err
+    assert not any(phase in err for phase in ("encode", "denoise", "decode", "pass")) and "wrote 1 image(s)" in err
     if terminal:
         assert "\r" in err and "osediff x2" in err  # the image bar
     else:  # not a terminal: plain lines only
@@ -244,18 +251,206 @@ def test_one_step_methods_show_no_pass_count(tmp_path, tiny_base, osediff_weight
         assert "diffsr: [1/1] x.png: upscaled in " in err
 
 
+CCSR_4_PASSES = ["--method", "ccsr", "--steps", "10", "--t-max", "0.5", "--t-min", "0.2"]
+
+
 @pytest.mark.parametrize("terminal", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_multi_step_progress_counts_passes(tmp_path, tiny_base, ccsr_v2_weights, small_process_size, terminal,
-                                           monkeypatch, capsys):
+def test_multi_step_progress_shows_the_phase_with_its_total_and_time_left(tmp_path, tiny_base, ccsr_v2_weights,
+                                                                          small_process_size, terminal, monkeypatch,
+                                                                          capsys):
     Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
-    args = ["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--method", "ccsr",
-            "--base", str(tiny_base), "--weights", str(ccsr_v2_weights), "--steps", "10", "--t-max", "0.5",
-            "--t-min", "0.2"]  # 4 denoiser passes
-    monkeypatch.setattr("diffsr.cli._PassProgress.PLAIN_EVERY", 0.0)
+    args = ["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--base", str(tiny_base),
+            "--weights", str(ccsr_v2_weights)] + CCSR_4_PASSES
+    monkeypatch.setattr("diffsr.display.Display.every", 0.0)
     err = progress_run(args, monkeypatch, capsys, terminal)
-    if terminal:
-        assert "denoise" in err
+    if terminal:  # a bar for the phase: its total and tqdm's elapsed<remaining
+        assert re.search(r"x\.png: denoise: +\d+%.*\| 4/4 \[\d\d:\d\d<\d\d:\d\d", err), err
     else:
         assert "\r" not in err and "\x1b" not in err
         lines = [line for line in err.splitlines() if "denoise" in line]
-        assert lines == [f"diffsr: x.png: denoise {n}/4" for n in (1, 2, 3, 4)]
+        assert [re.sub(r"about \d+ s left", "about N s left", line) for line in lines] == [
+            f"diffsr: x.png: denoise {n}/4 ({25 * n}%), about N s left" for n in (1, 2, 3, 4)]
+
+
+@pytest.mark.slow  # a second CCSR run; the spacing itself is checked with a clock below, in the default run
+def test_plain_progress_lines_are_spaced_out_but_every_phase_is_said(tmp_path, tiny_base, ccsr_v2_weights,
+                                                                     small_process_size, monkeypatch, capsys):
+    """Not a terminal, with lines spaced further apart than the run takes: one line as the phase begins only."""
+    monkeypatch.setattr("diffsr.display.Display.every", 1e6)
+    Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
+    assert main(["upscale", str(tmp_path / "x.png"), "-o", str(tmp_path / "out"), "--scale", "2", "--base",
+                 str(tiny_base), "--weights", str(ccsr_v2_weights)] + CCSR_4_PASSES) == 0
+    err = capsys.readouterr().err
+    assert [line.split(" (")[0] for line in err.splitlines() if "/4" in line] == ["diffsr: x.png: denoise 1/4"]
+    assert err.count("diffsr: [1/1] x.png: upscaled in ") == 1
+
+
+@pytest.mark.slow
+def test_messages_on_a_terminal_are_never_glued_to_a_bar(inputs, tmp_path, tiny_base, osediff_weights,
+                                                         small_process_size, monkeypatch):
+    stream = Terminal()
+    monkeypatch.setattr("sys.stderr", stream)
+    code = main(["upscale", str(inputs), "-o", str(tmp_path / "out"), "--scale", "2", "--base", str(tiny_base),
+                 "--weights", str(osediff_weights)])
+    monkeypatch.undo()
+    err = stream.text.getvalue()
+    assert code == 1 and "osediff x2" in err
+    assert re.search(r"(^|[\r\n])diffsr: error: \S*broken\.png: not an image", err), err
+
+
+def test_the_display_says_each_phase_once_with_its_time_left(monkeypatch):
+    """The plain display on its own, with a clock: a line as each phase begins, then one every `every` s; the
+    time left is the phase's pace so far times the units left; phases of one unit say nothing."""
+    import io
+
+    from diffsr.display import Display
+    from diffsr.progress import Step
+
+    now = [100.0]
+    monkeypatch.setattr("diffsr.display.time.monotonic", lambda: now[0])
+    stream = io.StringIO()
+    display = Display(stream=stream)
+    display.batch("ccsr x4", 1)
+    display.start(Path("a.png"))
+    for seconds, step in [(1, Step("encode", 1, 1)), (2, Step("denoise", 1, 40)), (2, Step("denoise", 2, 40)),
+                          (7, Step("denoise", 6, 40)), (9, Step("denoise", 7, 40)), (1, Step("decode", 1, 2)),
+                          (1, Step("decode", 2, 2))]:
+        now[0] += seconds
+        display.step(step)
+    display.finish(Path("a.png"), 23.0, written=True)
+    display.end()
+    assert stream.getvalue().splitlines() == [
+        "diffsr: a.png: denoise 1/40 (2%), about 78 s left",  # 2 s for the first of 40
+        "diffsr: a.png: denoise 7/40 (17%), about 94 s left",  # 18 s after the last line; 20 s for 7
+        "diffsr: a.png: decode 1/2 (50%), about 1 s left",
+        "diffsr: [1/1] a.png: upscaled in 23.0 s"]
+
+
+# -- method flags from the methods' Knobs dataclasses (diffsr.knobs) ------------------------------------------
+
+@pytest.fixture()
+def declared_knobs(monkeypatch):
+    """Knobs declared for stablesr and ccsr as the methods declare theirs (whatever they declare by now)."""
+    from dataclasses import dataclass
+
+    from diffsr.errors import UsageError
+    from diffsr.knobs import Knobs, knob
+    from diffsr.methods import METHODS
+
+    @dataclass(frozen=True)
+    class StableKnobs(Knobs):
+        prompt: str = knob("", "text prompt")
+        steps: int = knob(200, "sampling steps", low=1)
+        sampler: str = knob("ddpm", "the sampler", choices=("ddpm", "ddim"))
+        fidelity: float = knob(0.5, "CFW weight w: 0 = realism, 1 = fidelity (100% the input's)", low=0, high=1)
+        eta: float = knob(0.0, "DDIM noise", low=0)
+        early: bool = knob(False, "a switch")
+
+    @dataclass(frozen=True)
+    class CcsrKnobs(Knobs):
+        prompt: str = knob("", "text prompt")
+        steps: int = knob(45, "sampling steps", low=1)
+        t_max: float = knob(0.6667, "where the chain starts", low=0, high=1, low_open=True)
+        t_min: float = knob(0.3333, "where the chain stops", low=0, high=1)
+
+        def check(self):
+            if self.t_min >= self.t_max:
+                raise UsageError(f"t_min ({self.t_min}) must be smaller than t_max ({self.t_max})")
+
+    monkeypatch.setattr(METHODS["stablesr"], "Knobs", StableKnobs)
+    monkeypatch.setattr(METHODS["ccsr"], "Knobs", CcsrKnobs)
+
+
+def help_groups(command="upscale") -> dict[str, dict[str, str]]:
+    """{group title: {flag: help}} of a command's parser."""
+    from diffsr.cli import _subparser, build_parser
+
+    parser = _subparser(build_parser(), command)
+    return {group.title: {(action.option_strings or [action.dest])[0]: action.help for action in group._group_actions}
+            for group in parser._action_groups}
+
+
+def test_method_flags_come_from_the_knobs_grouped_per_method_with_defaults(declared_knobs, capsys):
+    groups = help_groups()
+    stablesr, shared = groups["stablesr options"], groups["shared by several methods"]
+    assert stablesr["--fidelity"] == "CFW weight w: 0 = realism, 1 = fidelity (100%% the input's); at least 0 and " \
+                                     "at most 1 (default 0.5)"
+    assert stablesr["--sampler"] == "the sampler (default 'ddpm')" and stablesr["--early"] == "a switch (default False)"
+    assert groups["ccsr options"]["--t-max"] == "where the chain starts; above 0 and at most 1 (default 0.6667)"
+    # a flag several methods take: once, in the shared group, with each method's default
+    assert "--steps" not in stablesr and "--steps" not in groups["ccsr options"]
+    assert shared["--steps"].startswith("sampling steps; at least 1 (default ")
+    assert "stablesr 200" in shared["--steps"] and "ccsr 45" in shared["--steps"]
+    assert "stablesr: text prompt (default '')" in shared["--prompt"]  # meanings differ: each method's help
+    # the tiling group and the load options stay as they were
+    assert "--max-memory" in groups["tiling (large images; sizes in latent pixels = 8 image pixels)"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["upscale", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "stablesr options:" in out and "shared by several methods:" in out
+    assert out.index("shared by several methods:") < out.index("stablesr options:")
+
+
+def test_the_methods_flags_are_grouped_in_help():
+    """The methods' own Knobs, as declared."""
+    groups = help_groups()
+    assert {"--fidelity", "--sampler", "--eta"} <= set(groups["stablesr options"])
+    assert {"--show-degradation", "--degradation-blur", "--degradation-noise"} <= set(groups["s3diff options"])
+    assert {"--prompt", "--negative-prompt", "--steps", "--guidance-scale"} <= set(groups["shared by several methods"])
+    # a knob that is also a load option keeps the load option's one flag
+    assert [title for title, flags in groups.items() if "--sample-posterior" in flags] == ["options"]
+
+
+def test_benchmark_takes_the_same_method_flags(declared_knobs):
+    upscale, benchmark = help_groups("upscale"), help_groups("benchmark")
+    for title in ("shared by several methods", "stablesr options", "ccsr options", "s3diff options"):
+        assert benchmark[title] == upscale[title]
+
+
+def test_flags_from_the_knobs_reach_the_method(declared_knobs):
+    from diffsr.cli import _method_knobs, _subparser, build_parser
+
+    args = _subparser(build_parser(), "upscale").parse_args(["x.png", "-o", "out", "--method", "stablesr", "--steps",
+                                                            "20", "--sampler", "ddim", "--early"])
+    assert _method_knobs(args) == {"steps": 20, "sampler": "ddim", "early": True}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "stablesr", "--fidelity", "1.5"], "--fidelity must be at most 1 and at least 0, got 1.5"),
+    (["--method", "stablesr", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--method", "ccsr", "--t-max", "0"], "--t-max must be above 0 and at most 1, got 0.0"),
+    (["--method", "stablesr", "--early", "--t-max", "0.5"], "--method stablesr does not take --t-max (a flag of ccsr)"),
+])
+def test_knob_values_are_checked_before_loading(declared_knobs, one_image, flags, message, capsys, tmp_path):
+    assert message in usage_error(one_image + flags, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_checks_knob_values_before_loading(declared_knobs, tmp_path, capsys):
+    Image.fromarray(smooth_image(8, 8)).save(tmp_path / "x.png")
+    code = main(["benchmark", "--methods", "bicubic,stablesr", "--lr", str(tmp_path), "-o", str(tmp_path / "report"),
+                 "--base", str(tmp_path), "--weights", f"stablesr={tmp_path / 'missing.ckpt'}", "--fidelity", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "diffsr: error: --fidelity must be at least 0 and at most 1, got -1.0\n"
+    assert not (tmp_path / "report").exists()
+
+
+def test_terminal_bars_are_redrawn_while_a_unit_runs(monkeypatch):
+    """tqdm redraws only when a unit ends; the display redraws on a timer so the elapsed time moves on."""
+    from diffsr.display import Display
+    from diffsr.progress import Step
+
+    monkeypatch.setattr(Display, "refresh_every", 0.05)
+    stream = Terminal()
+    display = Display(stream=stream)
+    display.batch("stablesr x4", 1)
+    display.start(Path("a.png"))
+    display.step(Step("denoise", 1, 40))
+    drawn = stream.text.getvalue().count("a.png: denoise")
+    time.sleep(0.5)  # no unit ends meanwhile
+    assert stream.text.getvalue().count("a.png: denoise") >= drawn + 3
+    display.finish(Path("a.png"), 1.0, written=True)
+    display.end()
+    closed = stream.text.getvalue()
+    time.sleep(0.2)
+    assert stream.text.getvalue() == closed  # the timer stops with the batch

@@ -15,6 +15,7 @@ import synthetic  # noqa: E402
 import diffsr
 from diffsr.cli import main
 from diffsr.images import Picture, resize_picture
+from diffsr.progress import Step
 from diffsr.report.benchmark import run_benchmark, write_outputs
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -45,7 +46,10 @@ class NoisyUpscaler:
     def check_arguments(self, scale, seed, color_fix, knobs):
         assert not knobs
 
-    def upscale(self, picture, scale=4, seed=0):
+    def upscale(self, picture, scale=4, seed=0, callback=None):
+        for done in (1, 2, 3):  # the work it reports, as a multi-step method does (diffsr.progress)
+            if callback is not None:
+                callback(Step("denoise", done, 3))
         width, height = picture.size
         up = resize_picture(picture, (round(width * scale), round(height * scale)))
         noise = np.random.RandomState(seed).randint(-self.strength, self.strength + 1, up.rgb.shape)
@@ -156,10 +160,27 @@ def test_cli_evaluate_runs_upscales_with_each_seed(dataset, tmp_path, fake_metho
     lr, gt = dataset
     code = main(["evaluate", "--lr", str(lr), "--gt", str(gt), "--runs", "3", "--method", "s3diff", "--weights", "s.pkl",
                  "--metrics", "psnr,ssim", "--work-dir", str(tmp_path / "runs"), "--format", "json"])
-    data = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
     assert code == 0 and data["runs"] == 3
     assert sorted(p.name for p in (tmp_path / "runs" / "s3diff").iterdir()) == ["seed0", "seed1", "seed2"]
     assert data["g_std"]["psnr"] > 0 and data["l_std"] > 0
+    # the same progress as `diffsr upscale` while it upscales (stderr is not a terminal here: plain lines)
+    assert captured.err.count("diffsr: a.png: denoise 1/3 (33%), about ") == 3
+    assert captured.err.count(": upscaled in ") == 3 * len(list(lr.iterdir()))
+    assert "\r" not in captured.err and "\x1b" not in captured.err
+
+
+def test_benchmark_shows_the_progress_of_each_image(dataset, tmp_path, fake_methods, monkeypatch, capsys):
+    monkeypatch.setattr("diffsr.display.Display.every", 0.0)
+    lr, gt = dataset
+    assert main(["benchmark", "--methods", "osediff,bicubic", "--lr", str(lr), "-o", str(tmp_path / "o"),
+                 "--metrics", "psnr", "--gt", str(gt)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("diffsr: a.png")]
+    assert [line.split(", about")[0] for line in lines] == [f"diffsr: a.png: denoise {n}/3 ({100 * n // 3}%)"
+                                                            for n in (1, 2, 3)]
+    assert err.count(": upscaled in ") == 2 * len(list(lr.iterdir()))  # osediff's, and the bicubic baseline's
 
 
 @pytest.mark.slow
@@ -197,9 +218,9 @@ def test_benchmark_passes_each_method_the_knobs_it_takes(dataset, tmp_path, monk
         def check_arguments(self, scale, seed, color_fix, knobs):
             received[self.method] = dict(knobs)
 
-        def upscale(self, picture, scale=4, seed=0, **knobs):
+        def upscale(self, picture, scale=4, seed=0, callback=None, **knobs):
             assert knobs == received[self.method]
-            return super().upscale(picture, scale, seed)
+            return super().upscale(picture, scale, seed, callback)
 
     monkeypatch.setattr(diffsr, "load_upscaler", lambda method, **options: Recording(method))
     lr, gt = dataset
@@ -292,11 +313,11 @@ class HungryUpscaler(NoisyUpscaler):
         super().__init__(strength)
         self.megabytes = megabytes
 
-    def upscale(self, picture, scale=4, seed=0):
+    def upscale(self, picture, scale=4, seed=0, callback=None):
         block = np.ones(self.megabytes * 2**20 // 8)
         block.sum()
         del block
-        return super().upscale(picture, scale, seed)
+        return super().upscale(picture, scale, seed, callback)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-method RSS peaks need Linux's clear_refs")

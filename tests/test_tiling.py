@@ -377,7 +377,7 @@ print(before - rss_mb())
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
 def test_cpu_upscaling_returns_freed_feature_maps_to_the_system():
     """Freed 2 MB blocks between live ones stay resident under glibc's raised threshold (the control) and go
-    back to the system once `return_freed_memory` has run (what every CPU upscale does first)."""
+    back to the system once `return_freed_memory` has run (what the command line does first)."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
 
     def returned_mb(mode):
@@ -390,8 +390,13 @@ def test_cpu_upscaling_returns_freed_feature_maps_to_the_system():
     assert returned_mb("apply") > 150
 
 
-def test_upscale_on_cpu_applies_the_allocator_setting(upscaler, monkeypatch):
+def test_the_allocator_setting_is_the_command_lines_not_a_library_calls(upscaler, monkeypatch, capsys):
+    """A process-wide setting: `diffsr` applies it at its entry; an upscale through the library leaves the
+    process's allocator alone."""
+    from diffsr.cli import main
+
     calls = []
-    monkeypatch.setattr("diffsr.methods.base.return_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr("diffsr.tiling.return_freed_memory", lambda: calls.append(1))
     upscaler(np.zeros((16, 16, 3), np.uint8), scale=2)
-    assert calls
+    assert not calls
+    assert main(["methods"]) == 0 and calls == [1]

@@ -1,4 +1,5 @@
-"""The one read -> upscale -> write loop, used by `diffsr upscale` and by the benchmark (and so `evaluate --runs`).
+"""The one read -> upscale -> write loop, with its report: used by `diffsr upscale` (and so the demo), the
+benchmark (and so `evaluate --runs`), the web app and training validation.
 
 First the plan: every input's output name, refusing (one line each, on every run) two inputs that ask for one
 output and an output that is one of the inputs; outputs that exist already are skipped unless overwriting.
@@ -10,14 +11,17 @@ process its part (diffsr.distributed) and `Tally` gathers what every process did
 from __future__ import annotations
 
 import os
+import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from diffsr.distributed import Processes, pixel_counts
 from diffsr.errors import DiffsrError, OutputError, first_line
 from diffsr.images import OUTPUT_FORMATS, Picture, write_image
+from diffsr.progress import Callback, Step
 
 
 @dataclass
@@ -106,24 +110,71 @@ def summarize(tallies: list[Tally], what: str = "image(s)") -> list[str]:
     return lines
 
 
-def upscale_all(jobs: Iterable[tuple[Path, Path]], upscale: Callable[[Path], Picture],
-                report: Callable[[str, str], None]) -> int:
-    """Upscale and write every (input, output) job; `report(kind, line)` gets each 'error' (the image is
-    left out, the others go on) and 'warning' as it happens. Returns how many images were written."""
-    written = 0
-    for source, target in jobs:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                result = upscale(source)
-                write_image(target, result.rgb, result.alpha, result.icc_profile, result.exif)
-                written += 1
-            except OutputError as error:  # names the output: say which input it was for
-                report("error", f"{source}: not written: {error}")
-            except DiffsrError as error:  # names the input already
-                report("error", str(error))
-            except (RuntimeError, MemoryError) as error:  # e.g. out of memory on the device
-                report("error", f"{source}: {first_line(error)}")
-        for warning in caught:
-            report("warning", str(warning.message))
-    return written
+@dataclass
+class Report:
+    """What one batch did."""
+
+    written: list[Path] = field(default_factory=list)  # the outputs written
+    skipped: int = 0  # inputs whose output was there already (not overwriting)
+    failures: list[str] = field(default_factory=list)  # one line per input not written, the plan's refusals first
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # spent reading and upscaling (not writing)
+
+    def tally(self) -> Tally:
+        return Tally(len(self.written), self.skipped, len(self.failures))
+
+
+class Display(Protocol):
+    """What the loop tells of its progress (diffsr.display.Display on the command line)."""
+
+    def batch(self, title: str, count: int) -> None: ...
+    def start(self, source: Path) -> None: ...
+    def step(self, step: Step) -> None: ...
+    def finish(self, source: Path, seconds: float, written: bool) -> None: ...
+    def end(self) -> None: ...
+
+
+def upscale_all(plan: Plan, upscale: Callable[[Path, Callback | None], Picture],
+                say: Callable[[str, str], None] | None = None, display: Display | None = None,
+                title: str = "") -> Report:
+    """THE read -> upscale -> write loop: `upscale(source, callback)` reads and upscales one input (passing
+    `callback` on as Upscaler.upscale's, for the display), the loop writes it through a temporary. A failure of
+    one image is one line (the image is left out, the others go on); `say(kind, line)` hears each 'error' and
+    'warning' as it happens, and the report keeps them."""
+    report = Report(skipped=plan.skipped, failures=list(plan.refused))
+
+    def tell(kind: str, line: str) -> None:
+        (report.failures if kind == "error" else report.warnings).append(line)
+        if say is not None:
+            say(kind, line)
+
+    if display is not None:
+        display.batch(title, len(plan.jobs))
+    try:
+        for source, target in plan.jobs:
+            written = False
+            if display is not None:
+                display.start(source)
+            start = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    result = upscale(source, display.step if display is not None else None)
+                    report.seconds += time.perf_counter() - start
+                    write_image(target, result.rgb, result.alpha, result.icc_profile, result.exif)
+                    report.written.append(target)
+                    written = True
+                except OutputError as error:  # names the output: say which input it was for
+                    tell("error", f"{source}: not written: {error}")
+                except DiffsrError as error:  # names the input already
+                    tell("error", str(error))
+                except (RuntimeError, MemoryError) as error:  # e.g. out of memory on the device
+                    tell("error", f"{source}: {first_line(error)}")
+            if display is not None:
+                display.finish(source, time.perf_counter() - start, written)
+            for warning in caught:
+                tell("warning", str(warning.message))
+    finally:
+        if display is not None:
+            display.end()
+    return report

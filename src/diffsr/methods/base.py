@@ -21,7 +21,7 @@ from diffsr.errors import ArgumentTypeError, UsageError
 from diffsr.images import (MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, Picture, as_picture, check_pixels, image_size, resize,
                            tensor_to_array, to_pil)
 from diffsr.progress import Callback, Progress
-from diffsr.tiling import TILING_KNOBS, TilingOptions, return_freed_memory
+from diffsr.tiling import TILING_KNOBS, TilingOptions
 
 MIN_SCALE, MAX_SCALE = 1, 8
 
@@ -183,8 +183,6 @@ class Upscaler:
         picture = read_input(image, scale, *limits)
         knobs = self.prepare_knobs(picture, dict(knobs))
         tiling = replace(TilingOptions.from_knobs(knobs), progress=Progress(callback, self.denoiser_passes(knobs)))
-        if self.device.type == "cpu":
-            return_freed_memory()
         prepared = self.preprocess(picture, scale)
         lr = prepared.lr.to(self.device, torch.float32)
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import resource
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffsr.batch import plan_share, upscale_all
+from diffsr.batch import Display, plan_share, upscale_all
 from diffsr.distributed import Processes
 from diffsr.errors import DiffsrError, UsageError, first_line
 from diffsr.images import MAX_INPUT_PIXELS, check_output_folder, collect_inputs, read_image, resize_picture
@@ -100,19 +99,17 @@ RSS_SO_FAR = "process RSS, process-wide peak so far (not resettable here: only g
 def start_peak_memory(device) -> str:
     """Reset the peak-memory counter before a method upscales; returns what peak_memory_mb will measure.
     CUDA: torch's peak allocation. CPU on Linux: the process's peak resident size (VmHWM), reset through
-    /proc/self/clear_refs after freed memory is returned to the system, so each method's figure is its own
-    (the loaded model and the process's baseline included); elsewhere the process-wide peak."""
+    /proc/self/clear_refs, so each method's figure is its own (the loaded model and the process's baseline
+    included; freed memory goes back to the system first where the command line's allocator setting is on,
+    tiling.return_freed_memory); elsewhere the process-wide peak."""
     import gc
 
     import torch
-
-    from diffsr.tiling import return_freed_memory
 
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return GPU_PEAK
-    return_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -133,36 +130,26 @@ def peak_memory_mb(device, kind: str) -> float:
 
 
 def upscale_folder(upscale, lr_paths: list[Path], out_dir: Path, seed: int, failures: list[str],
-                   processes: Processes | None = None) -> float:
-    """Upscale every LR image into out_dir (PNG, same stem) through diffsr.batch, each process its part; returns
-    the seconds all processes spent upscaling, once every process is done (the outputs are all there)."""
+                   processes: Processes | None = None, display: Display | None = None, title: str = "") -> float:
+    """Upscale every LR image into out_dir (PNG, same stem) through diffsr.batch, each process its part
+    (`upscale(picture, seed, callback)`; `display`: its progress); returns the seconds all processes spent
+    reading and upscaling, once every process is done (the outputs are all there)."""
     processes = processes or Processes()
     plan = plan_share(lr_paths, out_dir, "png", True, processes)
-    mine = list(plan.refused)
-    spent = 0.0
 
-    def timed(path):
-        nonlocal spent
-        picture = read_image(path, MAX_INPUT_PIXELS)
-        start = time.perf_counter()
-        result = upscale(picture, seed)
-        spent += time.perf_counter() - start
-        return result
+    def read_and_upscale(path, callback):
+        return upscale(read_image(path, MAX_INPUT_PIXELS), seed, callback)
 
-    def report(kind, line):
-        if kind == "error":
-            mine.append(line)
-        else:
-            warnings.warn(line, stacklevel=2)
-
-    upscale_all(plan.jobs, timed, report)
-    done = processes.gather((spent, mine))
+    report = upscale_all(plan, read_and_upscale, display=display, title=title)
+    for line in report.warnings:
+        warnings.warn(line, stacklevel=2)
+    done = processes.gather((report.seconds, report.failures))
     failures.extend(line for _, lines in done for line in lines)
     return sum(seconds for seconds, _ in done)
 
 
 def bicubic(scale: float):
-    def upscale(picture, seed):
+    def upscale(picture, seed, callback=None):
         width, height = picture.size
         return resize_picture(picture, (round(width * scale), round(height * scale)), "bicubic")
     return upscale
@@ -170,10 +157,12 @@ def bicubic(scale: float):
 
 def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seeds: list[int], device: str,
                dtype: str, base: str | None, weights: str | None, options: dict, failures: list[str],
-               knobs: dict | None = None, processes: Processes | None = None) -> MethodResult:
+               knobs: dict | None = None, processes: Processes | None = None,
+               display: Display | None = None) -> MethodResult:
     """Upscale the LR images once per seed; in a launched job each process loads the model once, on its own
     device, and upscales its part. seconds_per_image is the time of one process per image. `knobs`: upscale
-    knobs (steps, fidelity, tile_size, ...); the method gets those it takes, checked before any image."""
+    knobs (steps, fidelity, tile_size, ...); the method gets those it takes, checked before any image.
+    `display`: the progress of each image (diffsr.batch.Display)."""
     import diffsr
     from diffsr.tiling import TILING_KNOBS
 
@@ -200,10 +189,11 @@ def run_method(name: str, lr_paths: list[Path], output: Path, scale: float, seed
         if others:
             raise UsageError(f"another process: {others[0]}")
 
-        def upscale(picture, seed):
-            return upscaler.upscale(picture, scale=scale, seed=seed, **own)
+        def upscale(picture, seed, callback):
+            return upscaler.upscale(picture, scale=scale, seed=seed, callback=callback, **own)
     memory_kind = start_peak_memory(device)
-    spent = sum(upscale_folder(upscale, lr_paths, folder, seed, failures, processes)
+    spent = sum(upscale_folder(upscale, lr_paths, folder, seed, failures, processes, display,
+                               f"{name} x{scale:g}" + (f" seed {seed}" if len(seeds) > 1 else ""))
                 for folder, seed in zip(folders, seeds))
     done = len(lr_paths) * len(seeds)
     result = MethodResult(name, folders, seconds_per_image=spent / done if done else None)
@@ -228,8 +218,9 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
                   weights: list[str] = (), de_nets: list[str] = (), results: list[str] = (), metric_device=None,
                   metric_backend: str = "auto", metric_weights=None, download: bool = True, crop_border: int = 0,
                   dataset: str | None = None, knobs: dict | None = None, progress=None, log=print,
-                  processes: Processes | None = None) -> Benchmark:
-    """`knobs`: upscale knobs, each passed to the methods that take it (one no listed method takes is refused)."""
+                  processes: Processes | None = None, display: Display | None = None) -> Benchmark:
+    """`knobs`: upscale knobs, each passed to the methods that take it (one no listed method takes is refused).
+    `display`: the progress of each image while upscaling (diffsr.batch.Display); `progress`: evaluation's."""
     lr_dir, output = Path(lr_dir), Path(output)
     gt_dir = Path(gt_dir) if gt_dir else None
     lr_paths = collect_inputs([lr_dir])
@@ -255,7 +246,7 @@ def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scal
         try:
             options = {"de_net": de_net_for[name]} if name in de_net_for else {}
             result = run_method(name, lr_paths, output, scale, seeds, device, dtype, base_for.get(name, default_base),
-                                weights_for.get(name), options, failures, knobs, processes)
+                                weights_for.get(name), options, failures, knobs, processes, display)
         except (DiffsrError, TypeError, RuntimeError) as error:
             bench.methods.append(MethodResult(name, [], error=first_line(error)))
             log(f"{name}: cannot run: {bench.methods[-1].error}")

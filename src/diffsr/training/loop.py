@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffsr.checkpoints import read_weights
-from diffsr.errors import DiffsrError, UsageError, WeightsError
+from diffsr.errors import UsageError, WeightsError
 from diffsr.training import trainer_class
 from diffsr.training.config import OptimizerConfig, TrainConfig
 
@@ -397,30 +397,33 @@ def validate(accelerator, trainer, config: TrainConfig, step: int) -> list[Path]
     """Upscale the validation images with the model as trained so far; save them (and show them in TensorBoard)."""
     if not accelerator.is_main_process:
         return []
-    from diffsr.images import collect_inputs, write_image
+    from diffsr.batch import plan_outputs, upscale_all
+    from diffsr.images import collect_inputs
 
     folder = Path(config.output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     trainer.eval()
-    written = []
     try:
         upscaler = trainer.upscaler()
-        for path in collect_inputs(config.validation.images):
-            try:
-                with accelerator.autocast():
-                    picture = upscaler.upscale(path, scale=config.validation.scale, seed=0)
-            except DiffsrError as error:  # a bad validation image must not stop a long training run
-                warnings.warn(f"validation skipped {error}", stacklevel=2)
-                continue
-            target = folder / (path.stem + ".png")
-            write_image(target, picture.rgb, picture.alpha)
-            written.append(target)
+
+        def upscale(path, callback):
+            with accelerator.autocast():
+                picture = upscaler.upscale(path, scale=config.validation.scale, seed=0)
             if accelerator.trackers:  # TensorBoard, when asked for and installed
                 writer = accelerator.get_tracker("tensorboard", unwrap=True)
                 writer.add_image(f"validation/{path.stem}", picture.rgb, step, dataformats="HWC")
+            return picture
+
+        report = upscale_all(plan_outputs(collect_inputs(config.validation.images), folder, "png", overwrite=True),
+                             upscale)
+        # a bad validation image must not stop a long training run
+        for line in report.failures:
+            warnings.warn(f"validation skipped {line}", stacklevel=2)
+        for line in report.warnings:
+            warnings.warn(line, stacklevel=2)
     finally:
         trainer.train()
-    return written
+    return report.written
 
 
 def _tracker(log_with: str) -> str | None:

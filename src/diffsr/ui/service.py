@@ -310,11 +310,10 @@ def upscale_files(models: ModelCache, settings: Settings, paths: list[Path], out
     upscaler = models.get(settings.method, settings.weights)
     upscaler.check_arguments(settings.scale, settings.seed, settings.color_fix, {**knobs, **tiling})
     plan = plan_outputs([Path(p) for p in paths], out_dir, overwrite=True)
-    outcome.errors += plan.refused
     tracker = Tracker(report, len(plan.jobs))
     results: dict[Path, Result] = {}
 
-    def upscale(source: Path) -> Picture:
+    def upscale(source: Path, callback) -> Picture:  # (no display: the tracker reports to the app)
         tracker.next_image()
         tracker.phase(f"image {tracker.index + 1}/{tracker.images}: reading {source.name}")
         picture = read_image(source, MAX_INPUT_PIXELS)  # the limit checked from the header, before decoding
@@ -332,10 +331,9 @@ def upscale_files(models: ModelCache, settings: Settings, paths: list[Path], out
             models.base_for(settings.method, settings.weights)), degradation)
         return result
 
-    def collect(kind: str, line: str) -> None:
-        (outcome.errors if kind == "error" else outcome.warnings).append(line)
-
-    upscale_all(plan.jobs, upscale, collect)
+    done = upscale_all(plan, upscale)
+    outcome.errors += done.failures
+    outcome.warnings += done.warnings
     for source, target in plan.jobs:
         if source not in results or not target.exists():
             continue
