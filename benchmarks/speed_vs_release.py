@@ -58,17 +58,37 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def parse_side(spec: str, args) -> dict:
+    """'release', or 'diffsr' with options joined by '+': a dtype (float32, bfloat16, float16) and for OSEDiff
+    'merged' / 'unmerged' (LoRA; default: --merge-lora, else the library's default)."""
+    name, *options = spec.split("+")
+    side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora}
+    for option in options:
+        if option in ("float32", "bfloat16", "float16"):
+            side["dtype"] = option
+        elif option in ("merged", "unmerged"):
+            side["merge_lora"] = option == "merged"
+        else:
+            raise SystemExit(f"speed_vs_release: unknown option {option!r} in side {spec!r}")
+    if name not in ("diffsr", "release") or (name == "release" and options):
+        raise SystemExit(f"speed_vs_release: a side is 'release' or 'diffsr[+dtype][+merged|+unmerged]', not {spec!r}")
+    return side
+
+
 def diffsr_runner(args):
     """diffsr's public API, as a user calls it: load_upscaler + upscale (preprocess, restore, colour fix)."""
     import diffsr
 
+    side = parse_side(args.worker, args)
     base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
     if args.method == "osediff":
+        merge = {} if side["merge_lora"] is None else {"merge_lora": side["merge_lora"]}
         upscaler = diffsr.load_upscaler("osediff", base=base, weights=weights, device=args.device,
-                                        dtype=args.dtype, tagger="none", merge_lora=args.merge_lora)
+                                        dtype=side["dtype"], tagger="none", **merge)
         knobs = {"prompt": OSEDIFF_PROMPT, "sample_posterior": True}  # the release samples the posterior
     else:
-        upscaler = diffsr.load_upscaler("s3diff", base=base, weights=weights, device=args.device, dtype=args.dtype)
+        upscaler = diffsr.load_upscaler("s3diff", base=base, weights=weights, device=args.device,
+                                        dtype=side["dtype"])
         knobs = {}
     return lambda image: upscaler.upscale(image, scale=4, seed=0, **knobs).rgb
 
@@ -208,7 +228,7 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     start = time.perf_counter()
-    run = diffsr_runner(args) if args.worker == "diffsr" else release_runner(args)
+    run = release_runner(args) if args.worker == "release" else diffsr_runner(args)
     image = smooth_image(args.size // 4)
     for _ in range(args.warmup):
         run(image)
@@ -231,7 +251,7 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gb()
-        np.save(args.out / f"{args.worker}.npy", np.asarray(output))
+        np.save(args.out / f"{args.worker}.npy", np.asarray(output))  # the last image, compared by the driver
         report(event="image", seconds=seconds, cpu_seconds=cpu, peak_gb=peak, shape=list(np.shape(output)))
 
 
@@ -239,7 +259,7 @@ def worker(args) -> None:
 
 def start_worker(side: str, args, python: str) -> subprocess.Popen:
     command = [python, str(Path(__file__).resolve()), "--worker", side] + args.worker_args
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src") if side == "diffsr" else "",
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src") if side != "release" else "",
                                                                         os.environ.get("PYTHONPATH", "")])))
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                stderr=None if args.verbose else subprocess.DEVNULL)
@@ -305,14 +325,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="diffsr's dtype")
     parser.add_argument("--release-dtype", default="fp32", choices=["fp32", "fp16"],
                         help="the release's precision (its scripts: --mixed_precision fp16 on GPU)")
-    parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=False,
-                        help="diffsr OSEDiff: merge the LoRA into the base weights at load")
+    parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=None,
+                        help="diffsr OSEDiff: merge the LoRA into the base weights at load (default: the library's)")
     parser.add_argument("--release-merge-lora", action=argparse.BooleanOptionalAction, default=False,
                         help="OSEDiff release: --merge_and_unload_lora (off in test_osediff.py)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--sides", nargs="+", default=["diffsr", "release"], choices=["diffsr", "release"])
+    parser.add_argument("--sides", nargs="+", default=["diffsr", "release"],
+                        help="what runs, interleaved: 'release' and 'diffsr[+dtype][+merged|+unmerged]' (e.g. "
+                             "diffsr+bfloat16); ratios and output differences are against the last one")
     parser.add_argument("--verbose", action="store_true", help="show the workers' own output on stderr")
-    parser.add_argument("--worker", choices=["diffsr", "release"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warmup is None:
@@ -328,11 +350,20 @@ def main() -> None:
                         str(args.models), "--size", str(args.size), "--warmup", str(args.warmup), "--device",
                         args.device, "--dtype", args.dtype, "--release-dtype", args.release_dtype, "--threads",
                         str(args.threads), "--out", str(out),
-                        "--merge-lora" if args.merge_lora else "--no-merge-lora",
                         "--release-merge-lora" if args.release_merge_lora else "--no-release-merge-lora"]
-    pythons = {"diffsr": sys.executable, "release": args.release_python}
-    labels = {"diffsr": f"diffsr {args.dtype}" + (" merged LoRA" if args.merge_lora and args.method == "osediff" else ""),
-              "release": f"release {args.release_dtype}" + (" merged LoRA" if args.release_merge_lora and args.method == "osediff" else "")}
+    if args.merge_lora is not None:
+        args.worker_args.append("--merge-lora" if args.merge_lora else "--no-merge-lora")
+    pythons = {side: args.release_python if side == "release" else sys.executable for side in args.sides}
+    labels = {}
+    for spec in args.sides:
+        side = parse_side(spec, args)
+        if spec == "release":
+            merged = " merged LoRA" if args.release_merge_lora and args.method == "osediff" else ""
+            labels[spec] = f"release {args.release_dtype}{merged}"
+        else:
+            merge = side["merge_lora"]
+            merged = "" if args.method != "osediff" or merge is None else " merged LoRA" if merge else " unmerged LoRA"
+            labels[spec] = f"diffsr {side['dtype']}{merged}"
     cuda = args.device.startswith("cuda")
     print(f"# speed_vs_release {args.method} x4, {args.size} px output, "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, diffsr {git_commit()}, {device_name(args.device)}, "
@@ -364,29 +395,26 @@ def main() -> None:
     print(f"| side | s / image (median) | all s | images / s | {peak_name} | loaded GB | time ratio | "
           f"throughput ratio | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
-    summary = {}
-    for side in args.sides:
-        seconds = statistics.median(r["seconds"] for r in times[side])
-        peak = max(r["peak_gb"] for r in times[side])
-        summary[side] = seconds, peak
+    summary = {side: (statistics.median(r["seconds"] for r in times[side]), max(r["peak_gb"] for r in times[side]))
+               for side in args.sides}
+    reference = args.sides[-1]
+    ref_seconds, ref_peak = summary[reference]
     for side in args.sides:
         seconds, peak = summary[side]
-        if "release" in summary and side == "diffsr":
-            ratios = (f"{seconds / summary['release'][0]:.2f}x | {summary['release'][0] / seconds:.2f}x | "
-                      f"{peak / summary['release'][1]:.2f}x")
-        else:
-            ratios = "1 | 1 | 1" if "diffsr" in summary else "- | - | -"
         every = ", ".join(f"{r['seconds']:.2f}" for r in times[side])
         print(f"| {labels[side]} | {seconds:.2f} | {every} | {1 / seconds:.3f} | {peak:.2f} | "
-              f"{ready[side]['loaded_gb']:.2f} | {ratios} |")
-    if len(args.sides) == 2:
-        a, b = (np.load(out / f"{side}.npy").astype(np.int16) for side in ("diffsr", "release"))
-        if a.shape == b.shape:
-            difference = np.abs(a - b)
-            print(f"# outputs {a.shape}: mean |diffsr - release| {difference.mean():.2f}, max {difference.max()} "
-                  f"(8-bit levels)")
+              f"{ready[side]['loaded_gb']:.2f} | {seconds / ref_seconds:.2f}x | {ref_seconds / seconds:.2f}x | "
+              f"{peak / ref_peak:.2f}x |")
+    print(f"# ratios: each side / {labels[reference]} (time, memory) and {labels[reference]} / each side (throughput)")
+    last = np.load(out / f"{reference}.npy").astype(np.int16)
+    for side in args.sides[:-1]:
+        output = np.load(out / f"{side}.npy").astype(np.int16)
+        if output.shape == last.shape:
+            difference = np.abs(output - last)
+            print(f"# output of {labels[side]} against {labels[reference]}, {output.shape}: mean |difference| "
+                  f"{difference.mean():.3f}, max {difference.max()} (8-bit levels)")
         else:
-            print(f"# output shapes differ: diffsr {a.shape}, release {b.shape}")
+            print(f"# output shapes differ: {labels[side]} {output.shape}, {labels[reference]} {last.shape}")
 
 
 if __name__ == "__main__":
