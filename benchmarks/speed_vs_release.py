@@ -11,8 +11,10 @@ reset after loading and warm-up), and the ratios diffsr / release. Model loading
 The authors' code is imported from --release-checkout (a local checkout, never copied into this repository)
 and driven as their test scripts drive it: OSEDiff's OSEDiff_test with test_osediff.py's per-image steps,
 S3Diff's S3Diff (s3diff_tile) + DEResNet with inference_s3diff.py's. Their tagger (OSEDiff's RAM/DAPE) is off
-on both sides: a fixed prompt. Where torchvision cannot be imported (this CPU machine) small stand-ins
-supply the two transforms their colour fix uses; CUDA calls are mapped to the CPU with --device cpu.
+on both sides: a fixed prompt; both take the VAE posterior's mean (the release's draw replaced, as in the
+parity fixtures), so the printed output differences show whether the two did the same work. Where torchvision
+cannot be imported (this CPU machine) small stand-ins supply the two transforms their colour fix uses; CUDA
+calls are mapped to the CPU with --device cpu.
 
     PYTHONPATH=src python benchmarks/speed_vs_release.py --method osediff \\
         --release-checkout /tmp/OSEDiff --release-python /tmp/relvenv/bin/python --size 512 --repeats 3
@@ -85,7 +87,7 @@ def diffsr_runner(args):
         merge = {} if side["merge_lora"] is None else {"merge_lora": side["merge_lora"]}
         upscaler = diffsr.load_upscaler("osediff", base=base, weights=weights, device=args.device,
                                         dtype=side["dtype"], tagger="none", **merge)
-        knobs = {"prompt": OSEDIFF_PROMPT, "sample_posterior": True}  # the release samples the posterior
+        knobs = {"prompt": OSEDIFF_PROMPT}
     else:
         upscaler = diffsr.load_upscaler("s3diff", base=base, weights=weights, device=args.device,
                                         dtype=side["dtype"])
@@ -135,6 +137,11 @@ def _release_imports(checkout: Path, device: str) -> None:
         spec.loader.exec_module(arch_util)
     if device == "cpu":
         _cpu_only()
+    # The posterior's mean on both sides (diffsr's default; the release draws from torch's global generator,
+    # which diffsr cannot reproduce), so the outputs can be compared; one draw less is no measurable time.
+    from diffusers.models.autoencoders import vae
+
+    vae.DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
 
 
 def release_runner(args):
@@ -257,10 +264,16 @@ def worker(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ driver
 
+def worker_env(side: str, args) -> dict:
+    """diffsr: this checkout's src before the driver's path; the release: only --release-path (its pinned
+    packages), never diffsr's."""
+    path = args.release_path if side == "release" else [REPO / "src", os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, map(str, path))))
+
+
 def start_worker(side: str, args, python: str) -> subprocess.Popen:
     command = [python, str(Path(__file__).resolve()), "--worker", side] + args.worker_args
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src") if side != "release" else "",
-                                                                        os.environ.get("PYTHONPATH", "")])))
+    env = worker_env(side, args)
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                stderr=None if args.verbose else subprocess.DEVNULL)
     return process
@@ -275,10 +288,10 @@ def read_report(process: subprocess.Popen, side: str, verbose: bool) -> dict:
     raise SystemExit(f"speed_vs_release: the {side} worker stopped (exit {process.wait()}); rerun with --verbose")
 
 
-def versions(python: str) -> str:
+def versions(python: str, env: dict | None = None) -> str:
     code = ("import importlib.metadata as m\nout=[]\nfor p in ('torch','diffusers','peft','transformers'):\n"
             " try: out.append(p+' '+m.version(p))\n except Exception: pass\nprint(', '.join(out))")
-    return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
 
 
 def device_name(device: str) -> str:
@@ -315,6 +328,9 @@ def main() -> None:
     parser.add_argument("--release-checkout", type=Path, required=True, help="local checkout of the authors' repo")
     parser.add_argument("--release-python", default=sys.executable,
                         help="Python of an environment with the release's pinned versions")
+    parser.add_argument("--release-path", type=Path, nargs="*", default=[],
+                        help="folders put on the release worker's PYTHONPATH (e.g. its pinned packages installed "
+                             "with pip --target), instead of the driver's")
     parser.add_argument("--models", type=Path, default=Path("/tmp/diffsr-speed-models"),
                         help="full-size random weights, written here once")
     parser.add_argument("--size", type=int, default=512, help="output size in px (input: size/4, square)")
@@ -370,7 +386,7 @@ def main() -> None:
           f"{args.threads} threads, full-size random weights (SD 2.1-base architecture), fixed prompt (no tagger), "
           f"{args.repeats} images per side interleaved, {args.warmup} warm-up")
     for side in args.sides:
-        print(f"# {labels[side]}: {versions(pythons[side])}")
+        print(f"# {labels[side]}: {versions(pythons[side], worker_env(side, args))}")
     workers, ready = {}, {}
     try:
         for side in args.sides:  # one at a time: the loads do not compete
@@ -392,20 +408,23 @@ def main() -> None:
                 process.stdin.close()
                 process.wait(timeout=120)
     peak_name = "peak GPU GB (max allocated)" if cuda else "peak RSS GB"
-    print(f"| side | s / image (median) | all s | images / s | {peak_name} | loaded GB | time ratio | "
-          f"throughput ratio | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    summary = {side: (statistics.median(r["seconds"] for r in times[side]), max(r["peak_gb"] for r in times[side]))
-               for side in args.sides}
+    print(f"| side | s / image (median) | all s | images / s | CPU s / image (median) | {peak_name} | loaded GB | "
+          f"time ratio | throughput ratio | CPU time ratio | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    summary = {side: (statistics.median(r["seconds"] for r in times[side]),
+                      statistics.median(r["cpu_seconds"] for r in times[side]),
+                      max(r["peak_gb"] for r in times[side])) for side in args.sides}
     reference = args.sides[-1]
-    ref_seconds, ref_peak = summary[reference]
+    ref_seconds, ref_cpu, ref_peak = summary[reference]
     for side in args.sides:
-        seconds, peak = summary[side]
+        seconds, cpu, peak = summary[side]
         every = ", ".join(f"{r['seconds']:.2f}" for r in times[side])
-        print(f"| {labels[side]} | {seconds:.2f} | {every} | {1 / seconds:.3f} | {peak:.2f} | "
+        print(f"| {labels[side]} | {seconds:.2f} | {every} | {1 / seconds:.3f} | {cpu:.1f} | {peak:.2f} | "
               f"{ready[side]['loaded_gb']:.2f} | {seconds / ref_seconds:.2f}x | {ref_seconds / seconds:.2f}x | "
-              f"{peak / ref_peak:.2f}x |")
-    print(f"# ratios: each side / {labels[reference]} (time, memory) and {labels[reference]} / each side (throughput)")
+              f"{cpu / ref_cpu:.2f}x | {peak / ref_peak:.2f}x |")
+    print(f"# ratios: each side / {labels[reference]} (times, memory) and {labels[reference]} / each side "
+          f"(throughput); CPU time: user + system of the worker process (on a loaded machine, less affected by "
+          f"the neighbours than wall time)")
     last = np.load(out / f"{reference}.npy").astype(np.int16)
     for side in args.sides[:-1]:
         output = np.load(out / f"{side}.npy").astype(np.int16)
