@@ -100,7 +100,6 @@ def _release_imports(checkout: Path, device: str) -> None:
     imported (only ToTensor/ToPILImage are used, by the colour fix) and for BasicSR's compiled ops and logger
     (S3Diff's arch_util imports them, never calls them); 'cuda' mapped to the CPU on a CPU run."""
     import importlib.util
-    import types
 
     import torch
 
