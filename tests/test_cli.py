@@ -122,6 +122,7 @@ def usage_error(args, capsys) -> str:
     (["--steps", "4", "--t-max", "0.5"], "does not take --steps (a flag of ccsr, stablesr); --t-max (a flag of ccsr)"),
     (["--de-net", "d.pth"], "--method osediff does not take --de-net (a flag of s3diff)"),
     (["--method", "stablesr", "--merge-lora"], "--method stablesr does not take --merge-lora (a flag of osediff, s3diff)"),
+    (["--method", "stablesr", "--no-merge-lora"], "--method stablesr does not take --merge-lora"),
     (["--method", "ccsr", "--degradation-blur", "0.5"],
      "--method ccsr does not take --degradation-blur/--degradation-noise (a flag of s3diff)"),
     (["--method", "stablesr", "--sample-posterior"], "does not take --sample-posterior (a flag of ccsr, osediff, s3diff)"),
@@ -183,6 +184,29 @@ def test_methods_shows_variants_defaults_and_flags(capsys):
     stablesr = out.split("stablesr: ")[1]
     assert "--fidelity" in stablesr and "--merge-lora" not in stablesr
     assert "--fidelity" not in out.split("osediff: ")[1].split("s3diff: ")[0]
+
+
+@pytest.mark.parametrize("flags, given", [([], None), (["--merge-lora"], True), (["--no-merge-lora"], False)])
+def test_merge_lora_flag_reaches_the_loader_and_merging_is_the_default(tmp_path, tiny_base, osediff_weights,
+                                                                       monkeypatch, flags, given):
+    import diffsr
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    load, loaded = diffsr.load_upscaler, {}
+
+    def recording_load(*args, **options):
+        loaded["options"] = options
+        loaded["upscaler"] = load(*args, **options, process_size=64)
+        return loaded["upscaler"]
+
+    monkeypatch.setattr(diffsr, "load_upscaler", recording_load)
+    Image.fromarray(smooth_image(12, 12)).save(tmp_path / "a.png")
+    args = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--tagger", "none"]
+    assert main(args + model_args(tiny_base, osediff_weights) + flags) == 0
+    assert loaded["options"].get("merge_lora") == given
+    unet = loaded["upscaler"].backbone.unet
+    layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+    assert layers and all(layer.merged is (given is not False) for layer in layers)
 
 
 def test_float16_on_cpu_warns_and_suggests_bfloat16(tmp_path, capsys):

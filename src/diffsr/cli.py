@@ -32,7 +32,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                                           "(default: the method's, fetched on first use)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights (faster, same output)")
+    parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction,
+                        help="osediff: fold LoRA into the base weights (on by default: faster, same output within "
+                             "float error); --no-merge-lora keeps the adapters apart")
     _add_tagger_options(parser)
     parser.add_argument("--process-size", type=_process_size, metavar="PX",
                         help="osediff, ccsr, stablesr: the size small inputs are enlarged to before upscaling (the "
@@ -503,7 +505,8 @@ def _load_options(args) -> dict:
     given = {"merge_lora": args.merge_lora, "sample_posterior": args.sample_posterior, "tagger": args.tagger,
              "tagger_device": args.tagger_device, "ram_weights": args.ram_weights, "dape_weights": args.dape_weights,
              "de_net": args.de_net, "cfw_weights": args.cfw_weights, "process_size": args.process_size}
-    return {name: value for name, value in given.items() if value}
+    # --no-merge-lora is an explicit False; the other flags are left out unless set
+    return {name: value for name, value in given.items() if value or (name == "merge_lora" and value is not None)}
 
 
 def run_upscale(args) -> int:

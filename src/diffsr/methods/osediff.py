@@ -79,10 +79,12 @@ class OSEDiff(Upscaler):
         self.alpha_bar = backbone.alphas_cumprod[TIMESTEP].item()
 
     @classmethod
-    def load(cls, base, weights, device="cpu", dtype="float32", merge_lora: bool = False, tagger="dape",
+    def load(cls, base, weights, device="cpu", dtype="float32", merge_lora: bool = True, tagger="dape",
              tagger_device=None, ram_weights=None, dape_weights=None, sample_posterior: bool = False,
              process_size: int = PROCESS_SIZE) -> "OSEDiff":
-        """`tagger`: "dape" (the release's: RAM + DAPE from `ram_weights` and `dape_weights`, by default
+        """`merge_lora` (default True) folds the LoRA into the base weights: the same output within float error,
+        and faster (benchmarks/results/speed_vs_release.md); False keeps the adapters apart.
+        `tagger`: "dape" (the release's: RAM + DAPE from `ram_weights` and `dape_weights`, by default
         ram_swin_large_14m.pth and DAPE.pth beside `weights` or in the weights cache), "ram", "none"/None, or a
         callable images -> tag strings. It runs on `tagger_device` (default `device`) in `dtype`, once per image."""
         if weights is None:

@@ -1,0 +1,439 @@
+"""diffsr against the authors' released inference code: per-image time, throughput and peak memory, one run.
+
+Both sides load the same full-size random weights (SD 2.1-base architecture, written once to --models) and
+upscale the same picture x4. Each side runs in its own long-lived worker process (the release needs its own
+pinned diffusers/peft/transformers: --release-python), loads once, then the driver asks the two workers for
+one image at a time, interleaved (A B, B A, A B ...), so load on a shared machine hits both alike. Per side:
+median wall time of --repeats images, throughput (images/s = 1 / median), peak memory of the upscaling
+(CPU: resident high-water mark, reset after loading, weights included; CUDA: torch.cuda.max_memory_allocated,
+reset after loading and warm-up), and the ratios diffsr / release. Model loading is excluded.
+
+The authors' code is imported from --release-checkout (a local checkout, never copied into this repository)
+and driven as their test scripts drive it: OSEDiff's OSEDiff_test with test_osediff.py's per-image steps,
+S3Diff's S3Diff (s3diff_tile) + DEResNet with inference_s3diff.py's. Their tagger (OSEDiff's RAM/DAPE) is off
+on both sides: a fixed prompt; both take the VAE posterior's mean (the release's draw replaced, as in the
+parity fixtures), so the printed output differences show whether the two did the same work. Where torchvision
+cannot be imported (this CPU machine) small stand-ins supply the two transforms their colour fix uses; CUDA
+calls are mapped to the CPU with --device cpu.
+
+    PYTHONPATH=src python benchmarks/speed_vs_release.py --method osediff \\
+        --release-checkout /tmp/OSEDiff --release-python /tmp/relvenv/bin/python --size 512 --repeats 3
+    ... --device cuda --dtype float16 --release-dtype fp16    # on a GPU (the releases run fp16 there)
+
+The release environment used here: diffusers==0.25.1 peft==0.10.0 transformers==4.45.2
+huggingface_hub==0.25.2 tokenizers==0.20.3 numpy<2 (the versions the parity fixtures were made with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # tiling_memory: the full-size base writer and the memory probes
+
+RESULT = "@@speed "  # prefix of the workers' report lines (the release prints its own lines on stdout)
+OSEDIFF_PROMPT = "a photo of a city street, clean, high-resolution, 8k"
+WEIGHTS = {"osediff": "osediff.pkl", "s3diff": "s3diff/s3diff.pkl"}
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+def report(**fields) -> None:
+    print(RESULT + json.dumps(fields), flush=True)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def parse_side(spec: str, args) -> dict:
+    """'release', or 'diffsr' with options joined by '+': a dtype (float32, bfloat16, float16) and for OSEDiff
+    'merged' / 'unmerged' (LoRA; default: --merge-lora, else the library's default)."""
+    name, *options = spec.split("+")
+    side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora}
+    for option in options:
+        if option in ("float32", "bfloat16", "float16"):
+            side["dtype"] = option
+        elif option in ("merged", "unmerged"):
+            side["merge_lora"] = option == "merged"
+        else:
+            raise SystemExit(f"speed_vs_release: unknown option {option!r} in side {spec!r}")
+    if name not in ("diffsr", "release") or (name == "release" and options):
+        raise SystemExit(f"speed_vs_release: a side is 'release' or 'diffsr[+dtype][+merged|+unmerged]', not {spec!r}")
+    return side
+
+
+def diffsr_runner(args):
+    """diffsr's public API, as a user calls it: load_upscaler + upscale (preprocess, restore, colour fix)."""
+    import diffsr
+
+    side = parse_side(args.worker, args)
+    base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
+    if args.method == "osediff":
+        merge = {} if side["merge_lora"] is None else {"merge_lora": side["merge_lora"]}
+        upscaler = diffsr.load_upscaler("osediff", base=base, weights=weights, device=args.device,
+                                        dtype=side["dtype"], tagger="none", **merge)
+        knobs = {"prompt": OSEDIFF_PROMPT}
+    else:
+        upscaler = diffsr.load_upscaler("s3diff", base=base, weights=weights, device=args.device,
+                                        dtype=side["dtype"])
+        knobs = {}
+    return lambda image: upscaler.upscale(image, scale=4, seed=0, **knobs).rgb
+
+
+def _release_imports(checkout: Path, device: str) -> None:
+    """What the release's imports need here, its code untouched: stand-ins for torchvision where it cannot be
+    imported (only ToTensor/ToPILImage are used, by the colour fix) and for BasicSR's compiled ops and logger
+    (S3Diff's arch_util imports them, never calls them); 'cuda' mapped to the CPU on a CPU run."""
+    import importlib.util
+
+    import torch
+
+    import diffusers, peft, transformers  # noqa: E401,F401  (before any stand-in: they probe for torchvision)
+
+    sys.path.insert(0, str(REPO / "tests" / "fixtures" / "s3diff"))
+    from make_parity_fixture import _cpu_only, _stub_modules  # the stand-ins the S3Diff fixture uses
+
+    try:
+        import torchvision  # noqa: F401
+        have_torchvision = True
+    except ImportError:
+        have_torchvision = False
+    torchvision_modules = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.transforms")}
+    _stub_modules()
+    if have_torchvision:  # keep the real one
+        sys.modules.update({k: v for k, v in torchvision_modules.items() if v is not None})
+    else:
+        from PIL import Image
+
+        transforms = sys.modules["torchvision.transforms"]
+
+        def to_tensor():  # torchvision.transforms.ToTensor on an 8-bit RGB PIL image
+            return lambda picture: torch.from_numpy(np.asarray(picture, np.float32) / 255).permute(2, 0, 1).contiguous()
+
+        def to_pil():  # torchvision.transforms.ToPILImage on a float CHW tensor: mul(255).byte()
+            return lambda tensor: Image.fromarray(tensor.mul(255).byte().permute(1, 2, 0).numpy())
+
+        transforms.ToTensor, transforms.ToPILImage = to_tensor, to_pil
+    if (checkout / "basicsr").is_dir():  # S3Diff: its arch_util, with the stand-in ops above
+        spec = importlib.util.spec_from_file_location("basicsr.archs.arch_util", checkout / "basicsr/archs/arch_util.py")
+        arch_util = importlib.util.module_from_spec(spec)
+        sys.modules["basicsr.archs.arch_util"] = arch_util
+        spec.loader.exec_module(arch_util)
+    if device == "cpu":
+        _cpu_only()
+    # The posterior's mean on both sides (diffsr's default; the release draws from torch's global generator,
+    # which diffsr cannot reproduce), so the outputs can be compared; one draw less is no measurable time.
+    from diffusers.models.autoencoders import vae
+
+    vae.DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
+
+
+def release_runner(args):
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    checkout = args.release_checkout.resolve()
+    _release_imports(checkout, args.device)
+    base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
+    half = args.release_dtype == "fp16"
+    tiles = dict(vae_encoder_tiled_size=1024, vae_decoder_tiled_size=224, latent_tiled_size=96,
+                 latent_tiled_overlap=32)  # both test scripts' defaults
+    from argparse import Namespace
+
+    if args.method == "osediff":
+        sys.path.insert(0, str(checkout))
+        from my_utils.wavelet_color_fix import adain_color_fix
+        from osediff import OSEDiff_test
+        from torchvision.transforms import ToPILImage, ToTensor
+
+        model = OSEDiff_test(Namespace(pretrained_model_name_or_path=str(base), osediff_path=str(weights),
+                                       mixed_precision=args.release_dtype,
+                                       merge_and_unload_lora=args.release_merge_lora, **tiles))
+
+        def run(image: np.ndarray) -> np.ndarray:  # test_osediff.py's loop body, the tagger left out
+            input_image = Image.fromarray(image)
+            ori_width, ori_height = input_image.size
+            rscale = 4
+            if ori_width < 512 // rscale or ori_height < 512 // rscale:
+                scale = (512 // rscale) / min(ori_width, ori_height)
+                input_image = input_image.resize((int(scale * ori_width), int(scale * ori_height)))
+            input_image = input_image.resize((input_image.size[0] * rscale, input_image.size[1] * rscale))
+            new_width, new_height = input_image.width - input_image.width % 8, input_image.height - input_image.height % 8
+            input_image = input_image.resize((new_width, new_height), Image.LANCZOS)
+            lq = ToTensor()(input_image).unsqueeze(0).to(args.device)
+            with torch.no_grad():
+                output_image = model(lq * 2 - 1, prompt=OSEDIFF_PROMPT)
+                output_pil = ToPILImage()(output_image[0].cpu() * 0.5 + 0.5)
+                output_pil = adain_color_fix(target=output_pil, source=input_image)
+            return np.asarray(output_pil)
+        return run
+
+    sys.path[:0] = [str(checkout / "src"), str(checkout)]
+    from de_net import DEResNet
+    from s3diff_tile import S3Diff
+    from torchvision.transforms import ToPILImage, ToTensor
+    from utils.wavelet_color import wavelet_color_fix
+
+    dtype = torch.float16 if half else torch.float32
+    net_de = DEResNet(num_in_ch=3, num_degradation=2)
+    net_de.load_model(str(weights.parent / "de_net.pth"))
+    net_de.eval()
+    net_sr = S3Diff(lora_rank_unet=32, lora_rank_vae=16, sd_path=str(base), pretrained_path=str(weights),
+                    args=Namespace(**tiles))
+    net_sr.set_eval()
+    net_sr.to(args.device, dtype=dtype)
+    net_de.to(args.device, dtype=dtype)
+    # accelerate's prepare() wraps the forward passes in autocast when mixed precision is on
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=half and args.device.startswith("cuda"))
+    positive = ("A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural "
+                "lighting.")
+    negative = ("oil painting, cartoon, blur, dirty, messy, low quality, deformation, low resolution, "
+                "oversmooth")  # parse_args_paired_testing's defaults
+
+    def run(image: np.ndarray) -> np.ndarray:  # inference_s3diff.py's loop body
+        im_lr = ToTensor()(Image.fromarray(image)).unsqueeze(0).to(args.device).float()
+        ori_h, ori_w = im_lr.shape[2:]
+        im_lr_resize = F.interpolate(im_lr, size=(ori_h * 4, ori_w * 4), mode="bilinear", align_corners=False)
+        im_lr_resize_norm = torch.clamp(im_lr_resize.contiguous() * 2 - 1.0, -1.0, 1.0)
+        resize_h, resize_w = im_lr_resize_norm.shape[2:]
+        pad_h, pad_w = (-resize_h) % 64, (-resize_w) % 64
+        im_lr_resize_norm = F.pad(im_lr_resize_norm, pad=(0, pad_w, 0, pad_h), mode="reflect")
+        with torch.no_grad(), autocast:
+            deg_score = net_de(im_lr)
+            x_tgt_pred = net_sr(im_lr_resize_norm, deg_score, pos_prompt=[positive], neg_prompt=[negative])
+            x_tgt_pred = x_tgt_pred[:, :, :resize_h, :resize_w]
+            out_img = (x_tgt_pred * 0.5 + 0.5).cpu().detach()
+        output_pil = ToPILImage()(out_img[0].float())
+        output_pil = wavelet_color_fix(output_pil, ToPILImage()(im_lr_resize[0].cpu().detach()))
+        return np.asarray(output_pil)
+    return run
+
+
+def worker(args) -> None:
+    """Load one side, then upscale one picture per 'run' line on stdin, reporting time and peak memory."""
+    import torch
+
+    from tiling_memory import peak_rss_gb, reset_peak, smooth_image
+
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    start = time.perf_counter()
+    run = release_runner(args) if args.worker == "release" else diffsr_runner(args)
+    image = smooth_image(args.size // 4)
+    for _ in range(args.warmup):
+        run(image)
+    if cuda:
+        torch.cuda.synchronize()
+        loaded = torch.cuda.memory_allocated() / 2**30
+    else:
+        loaded = peak_rss_gb()
+    report(event="ready", load_seconds=time.perf_counter() - start, loaded_gb=loaded)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        output = run(image)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gb()
+        np.save(args.out / f"{args.worker}.npy", np.asarray(output))  # the last image, compared by the driver
+        report(event="image", seconds=seconds, cpu_seconds=cpu, peak_gb=peak, shape=list(np.shape(output)))
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def worker_env(side: str, args) -> dict:
+    """diffsr: this checkout's src before the driver's path; the release: only --release-path (its pinned
+    packages), never diffsr's."""
+    path = args.release_path if side == "release" else [REPO / "src", os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, map(str, path))))
+
+
+def start_worker(side: str, args, python: str) -> subprocess.Popen:
+    command = [python, str(Path(__file__).resolve()), "--worker", side] + args.worker_args
+    env = worker_env(side, args)
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                               stderr=None if args.verbose else subprocess.DEVNULL)
+    return process
+
+
+def read_report(process: subprocess.Popen, side: str, verbose: bool) -> dict:
+    for line in process.stdout:
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+        if verbose:
+            print(f"  [{side}] {line.rstrip()}", file=sys.stderr)
+    raise SystemExit(f"speed_vs_release: the {side} worker stopped (exit {process.wait()}); rerun with --verbose")
+
+
+def versions(python: str, env: dict | None = None) -> str:
+    code = ("import importlib.metadata as m\nout=[]\nfor p in ('torch','diffusers','peft','transformers'):\n"
+            " try: out.append(p+' '+m.version(p))\n except Exception: pass\nprint(', '.join(out))")
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return result.stdout.strip() + ("+changes" if dirty else "")
+
+
+def ensure_models(models: Path, method: str) -> None:
+    from diffsr.testing import _prefix_text_encoder_keys, make_tiny_weights
+    from tiling_memory import write_full_size_base
+
+    base = models / "sd21-full"
+    if not (base / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        write_full_size_base(base)
+        _prefix_text_encoder_keys(base / "text_encoder" / "model.safetensors")  # older transformers need it
+    if not (models / WEIGHTS[method]).exists():
+        make_tiny_weights(method, base, models / WEIGHTS[method])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=sorted(WEIGHTS), default="osediff")
+    parser.add_argument("--release-checkout", type=Path, required=True, help="local checkout of the authors' repo")
+    parser.add_argument("--release-python", default=sys.executable,
+                        help="Python of an environment with the release's pinned versions")
+    parser.add_argument("--release-path", type=Path, nargs="*", default=[],
+                        help="folders put on the release worker's PYTHONPATH (e.g. its pinned packages installed "
+                             "with pip --target), instead of the driver's")
+    parser.add_argument("--models", type=Path, default=Path("/tmp/diffsr-speed-models"),
+                        help="full-size random weights, written here once")
+    parser.add_argument("--size", type=int, default=512, help="output size in px (input: size/4, square)")
+    parser.add_argument("--repeats", type=int, default=3, help="images per side (median reported)")
+    parser.add_argument("--warmup", type=int, help="untimed images per side after loading (default: 1 on "
+                                                   "CUDA, 0 on the CPU where one image takes tens of seconds)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="diffsr's dtype")
+    parser.add_argument("--release-dtype", default="fp32", choices=["fp32", "fp16"],
+                        help="the release's precision (its scripts: --mixed_precision fp16 on GPU)")
+    parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=None,
+                        help="diffsr OSEDiff: merge the LoRA into the base weights at load (default: the library's)")
+    parser.add_argument("--release-merge-lora", action=argparse.BooleanOptionalAction, default=False,
+                        help="OSEDiff release: --merge_and_unload_lora (off in test_osediff.py)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--sides", nargs="+", default=["diffsr", "release"],
+                        help="what runs, interleaved: 'release' and 'diffsr[+dtype][+merged|+unmerged]' (e.g. "
+                             "diffsr+bfloat16); ratios and output differences are against the last one")
+    parser.add_argument("--verbose", action="store_true", help="show the workers' own output on stderr")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warmup is None:
+        args.warmup = 1 if args.device.startswith("cuda") else 0
+    if args.worker:
+        return worker(args)
+
+    import tempfile
+
+    ensure_models(args.models, args.method)
+    out = Path(tempfile.mkdtemp(prefix="speed_vs_release_"))
+    args.worker_args = ["--method", args.method, "--release-checkout", str(args.release_checkout), "--models",
+                        str(args.models), "--size", str(args.size), "--warmup", str(args.warmup), "--device",
+                        args.device, "--dtype", args.dtype, "--release-dtype", args.release_dtype, "--threads",
+                        str(args.threads), "--out", str(out),
+                        "--release-merge-lora" if args.release_merge_lora else "--no-release-merge-lora"]
+    if args.merge_lora is not None:
+        args.worker_args.append("--merge-lora" if args.merge_lora else "--no-merge-lora")
+    pythons = {side: args.release_python if side == "release" else sys.executable for side in args.sides}
+    labels = {}
+    for spec in args.sides:
+        side = parse_side(spec, args)
+        if spec == "release":
+            merged = " merged LoRA" if args.release_merge_lora and args.method == "osediff" else ""
+            labels[spec] = f"release {args.release_dtype}{merged}"
+        else:
+            merge = side["merge_lora"]
+            merged = "" if args.method != "osediff" or merge is None else " merged LoRA" if merge else " unmerged LoRA"
+            labels[spec] = f"diffsr {side['dtype']}{merged}"
+    cuda = args.device.startswith("cuda")
+    print(f"# speed_vs_release {args.method} x4, {args.size} px output, "
+          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, diffsr {git_commit()}, {device_name(args.device)}, "
+          f"{args.threads} threads, full-size random weights (SD 2.1-base architecture), fixed prompt (no tagger), "
+          f"{args.repeats} images per side interleaved, {args.warmup} warm-up")
+    for side in args.sides:
+        print(f"# {labels[side]}: {versions(pythons[side], worker_env(side, args))}")
+    workers, ready = {}, {}
+    try:
+        for side in args.sides:  # one at a time: the loads do not compete
+            workers[side] = start_worker(side, args, pythons[side])
+            ready[side] = read_report(workers[side], side, args.verbose)
+        times = {side: [] for side in args.sides}
+        for repeat in range(args.repeats):
+            order = args.sides if repeat % 2 == 0 else args.sides[::-1]
+            for side in order:
+                workers[side].stdin.write("run\n")
+                workers[side].stdin.flush()
+                result = read_report(workers[side], side, args.verbose)
+                times[side].append(result)
+                print(f"#   {labels[side]}: image {repeat + 1}: {result['seconds']:.2f} s wall, "
+                      f"{result['cpu_seconds']:.1f} s CPU, peak {result['peak_gb']:.2f} GB", flush=True)
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                process.stdin.close()
+                process.wait(timeout=120)
+    peak_name = "peak GPU GB (max allocated)" if cuda else "peak RSS GB"
+    print(f"| side | s / image (median) | all s | images / s | CPU s / image (median) | {peak_name} | loaded GB | "
+          f"time ratio | throughput ratio | CPU time ratio | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    summary = {side: (statistics.median(r["seconds"] for r in times[side]),
+                      statistics.median(r["cpu_seconds"] for r in times[side]),
+                      max(r["peak_gb"] for r in times[side])) for side in args.sides}
+    reference = args.sides[-1]
+    ref_seconds, ref_cpu, ref_peak = summary[reference]
+    for side in args.sides:
+        seconds, cpu, peak = summary[side]
+        every = ", ".join(f"{r['seconds']:.2f}" for r in times[side])
+        print(f"| {labels[side]} | {seconds:.2f} | {every} | {1 / seconds:.3f} | {cpu:.1f} | {peak:.2f} | "
+              f"{ready[side]['loaded_gb']:.2f} | {seconds / ref_seconds:.2f}x | {ref_seconds / seconds:.2f}x | "
+              f"{cpu / ref_cpu:.2f}x | {peak / ref_peak:.2f}x |")
+    print(f"# ratios: each side / {labels[reference]} (times, memory) and {labels[reference]} / each side "
+          f"(throughput); CPU time: user + system of the worker process (on a loaded machine, less affected by "
+          f"the neighbours than wall time)")
+    last = np.load(out / f"{reference}.npy").astype(np.int16)
+    for side in args.sides[:-1]:
+        output = np.load(out / f"{side}.npy").astype(np.int16)
+        if output.shape == last.shape:
+            difference = np.abs(output - last)
+            print(f"# output of {labels[side]} against {labels[reference]}, {output.shape}: mean |difference| "
+                  f"{difference.mean():.3f}, max {difference.max()} (8-bit levels)")
+        else:
+            print(f"# output shapes differ: {labels[side]} {output.shape}, {labels[reference]} {last.shape}")
+
+
+if __name__ == "__main__":
+    main()
