@@ -94,7 +94,7 @@ class Upscaler:
     # as CCSR v1's release colour-fixes its decoded image), clamped only after the fix
     clamp_before_color_fix: bool = True
     weights_name: str = ""  # the release's file name, for messages
-    Knobs: type[knobs_module.Knobs] | None = None  # the per-call knobs (diffsr.knobs), declared by each method
+    Knobs: type[knobs_module.Knobs] = knobs_module.Knobs  # the per-call knobs (diffsr.knobs): each method declares its own
 
     backbone: "Backbone"  # set by each method's __init__
 
@@ -133,16 +133,25 @@ class Upscaler:
 
     # -- the shared flow -------------------------------------------------------------------------
     def check_knobs(self, knobs: dict) -> None:
-        """Reject unknown knobs by name (a typo must not silently do nothing)."""
+        """Reject unknown knobs by name (a typo must not silently do nothing), then check the values once."""
         allowed = set(self.knob_names()) | set(TILING_KNOBS)
         unknown = sorted(set(knobs) - allowed)
         if unknown:
             raise UsageError(f"{self.name} has no option {', '.join(unknown)} (options: {', '.join(sorted(allowed))})")
+        self.settings(knobs)
+
+    def knob_defaults(self) -> dict:
+        """This model's defaults over the Knobs fields' own: a released variant's values, load-time options."""
+        return {}
+
+    def settings(self, given: dict) -> knobs_module.Knobs:
+        """One call's knobs (the tiling ones aside), checked: given values over `knob_defaults()`."""
+        return self.Knobs.from_call({k: v for k, v in given.items() if k not in TILING_KNOBS}, self.knob_defaults())
 
     @classmethod
     def knob_names(cls) -> tuple[str, ...]:
         """The knobs `upscale` takes besides the tiling ones (known without loading, for the command line)."""
-        return ("prompt",)
+        return cls.Knobs.names()
 
     @classmethod
     def load_option_names(cls) -> tuple[str, ...]:

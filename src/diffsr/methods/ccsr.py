@@ -95,17 +95,8 @@ class CCSR(Upscaler):
         backbone = load_backbone(base, vae=parts and parts.vae)
         return cls(backbone, parts.controlnet if parts else controlnet_from_unet(backbone.unet, condition_seed=0), 2)
 
-    @classmethod
-    def knob_names(cls):
-        return Knobs.names()
-
-    def settings(self, given: dict) -> Knobs:
-        """The call's knobs (tiling ones left out) over this variant's release defaults, checked."""
-        return Knobs.from_call({k: v for k, v in given.items() if k in Knobs.names()}, self.defaults)
-
-    def check_knobs(self, knobs: dict) -> None:
-        super().check_knobs(knobs)  # unknown names first
-        self.settings(knobs)
+    def knob_defaults(self) -> dict:
+        return self.defaults  # this release's (v1 or v2)
 
     def denoiser_passes(self, knobs: dict) -> int:
         """The chain's evaluations; v1 guides each with two separate calls (v2 batches the pair)."""

@@ -115,9 +115,8 @@ class OSEDiff(Upscaler):
             return frozenset({"dape_weights"})
         return frozenset() if tagger == "dape" else frozenset({"ram_weights", "dape_weights"})
 
-    @classmethod
-    def knob_names(cls):
-        return cls.Knobs.names()
+    def knob_defaults(self) -> dict:
+        return {"sample_posterior": self.sample_posterior}  # the load option
 
     def preprocess(self, picture: Picture, scale: float) -> Prepared:
         """As test_osediff.py: enlarge small inputs, resize by `scale` (bicubic), then to a multiple of 8
@@ -162,12 +161,14 @@ class OSEDiff(Upscaler):
     def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
                 **given) -> torch.Tensor:
         """`given`: the knobs (OSEDiffKnobs), checked here once."""
-        knobs = self.Knobs.from_call(given)
-        sample = self.sample_posterior if knobs.sample_posterior is None else knobs.sample_posterior
+        knobs = self.settings(given)
         prompt = self.prompt_for(lr, knobs.prompt)
         if knobs.on_prompt is not None:
             knobs.on_prompt(prompt)
         text = self.backbone.encode_prompt([prompt])
-        draw = (lambda posterior: posterior.sample(generator)) if sample else (lambda posterior: posterior.mode())
+        if knobs.sample_posterior:
+            draw = lambda posterior: posterior.sample(generator)  # noqa: E731
+        else:
+            draw = lambda posterior: posterior.mode()  # noqa: E731
         _, image = self.one_step(lr * 2 - 1, text, draw, tiling)
         return image.float().mul_(0.5).add_(0.5)

@@ -22,7 +22,7 @@ from diffsr.methods.base import Prepared, Upscaler, output_size
 from diffsr.nets.de_net import DEResNet, load_de_net
 from diffsr.nets.s3diff_modulation import DegradationConditioner, add_modulated_lora
 from diffsr.samplers import guide, one_step
-from diffsr.tiling import TILING_KNOBS, TilingOptions, vae_decode, vae_encode
+from diffsr.tiling import TilingOptions, vae_decode, vae_encode
 
 TIMESTEP = 999
 TILE_SIZE = 96  # latent px, the release's default (overlap 32)
@@ -115,17 +115,8 @@ class S3Diff(Upscaler):
         load_lora_state(self.backbone.unet, parts.unet, release.stored_by_unet, "state_dict_unet", complete=True)
         load_lora_state(self.backbone.vae, parts.vae, release.stored_by_vae, "state_dict_vae", complete=True)
 
-    @classmethod
-    def knob_names(cls):
-        return S3DiffKnobs.names()
-
-    def check_knobs(self, knobs: dict) -> None:
-        super().check_knobs(knobs)
-        self.call_knobs({name: value for name, value in knobs.items() if name not in TILING_KNOBS})
-
-    def call_knobs(self, given: dict) -> S3DiffKnobs:
-        """One call's knobs, checked; sample_posterior defaults to the load option."""
-        return S3DiffKnobs.from_call(given, {"sample_posterior": self.sample_posterior})
+    def knob_defaults(self) -> dict:
+        return {"sample_posterior": self.sample_posterior}  # the load option
 
     @torch.no_grad()
     def estimate_degradation(self, image) -> tuple[float, float]:
@@ -177,7 +168,7 @@ class S3Diff(Upscaler):
     @torch.no_grad()
     def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
                 **given) -> torch.Tensor:
-        knobs = self.call_knobs(given)
+        knobs = self.settings(given)
         if knobs.degradation is None or None in knobs.degradation:
             raise UsageError("restore needs both degradation scores (blur, noise); upscale() estimates them")
         vae, dtype = self.backbone.vae, self.dtype

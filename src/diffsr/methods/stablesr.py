@@ -113,17 +113,8 @@ class StableSR(Upscaler):
     # A release .ckpt (model or CFW file) as the safetensors copy `load` also reads (diffsr convert, the registry).
     convert_weights = staticmethod(checkpoint.convert)
 
-    @classmethod
-    def knob_names(cls):
-        return cls.Knobs.names()
-
-    def settings(self, given: dict) -> StableSRKnobs:
-        """The knobs of one call (the tiling ones aside), checked: given values over the variant's defaults."""
-        return self.Knobs.from_call({k: v for k, v in given.items() if k in self.Knobs.names()}, self.defaults)
-
-    def check_knobs(self, knobs: dict) -> None:
-        super().check_knobs(knobs)
-        self.settings(knobs)
+    def knob_defaults(self) -> dict:
+        return self.defaults  # the variant's (VARIANT_KNOBS)
 
     def denoiser_passes(self, knobs: dict) -> int:
         return len(space_timesteps(len(self.backbone.alphas_cumprod), self.settings(knobs).steps))
