@@ -187,8 +187,8 @@ def test_bounded_vae_shares_statistics_across_tiles(backbone):
     # Many tiles: an approximation, closer to the untiled image than tiles decoded with their own statistics.
     tiled = tiling.vae_decode(vae, latent, TilingOptions(vae_tile_size=16), mode="bounded")
     own = torch.zeros_like(reference)
-    for top, bottom in tiling._tile_boxes(40, 16):
-        for left, right in tiling._tile_boxes(24, 16):
+    for top, bottom in tiling.tile_boxes(40, 16):
+        for left, right in tiling.tile_boxes(24, 16):
             y0, x0, halo = max(top - 11, 0), max(left - 11, 0), 11
             decoded = vae.decode(latent[..., y0:bottom + halo, x0:right + halo]).sample
             own[..., 8 * top:8 * bottom, 8 * left:8 * right] = decoded[..., 8 * (top - y0):8 * (bottom - y0),
