@@ -265,6 +265,26 @@ def test_stablesr_upscales_through_the_bounded_vae_without_seams(cfw, base):
     assert ratio < 1.1
 
 
+@pytest.mark.parametrize("max_memory", [BIG_BUDGET, 1e-6])  # exact, then bounded VAE modes
+def test_vae_phases_report_every_block_or_tile(upscaler, max_memory):
+    """A long encode or decode shows movement: exact mode reports each block of the network, bounded mode each
+    tile run (tiles x 2 passes), with the phase's total known at its first unit."""
+    vae = upscaler.backbone.vae
+    steps = []
+    image = (smooth((1, 3, 32, 40), 4)[0].permute(1, 2, 0).numpy() * 40 + 128).clip(0, 255).astype(np.uint8)
+    # x4: 128x160 px, a 16x20 latent in 8-px VAE tiles: 2x3 tiles for the decoder and for the encoder's image
+    upscaler(image, scale=4, callback=steps.append, tile_size=16, tile_overlap=8, vae_tile_size=8,
+             max_memory=max_memory)
+    levels, layers = len(vae.config.block_out_channels), vae.config.layers_per_block
+    blocks = {"encode": 1 + levels * layers + (levels - 1) + 3 + 1,  # conv_in, resnets, downsamplers, mid, head
+              "decode": 1 + 3 + levels * (layers + 1) + (levels - 1) + 1}  # conv_in, mid, resnets, upsamplers, head
+    for phase in ("encode", "decode"):
+        units = [(step.done, step.total) for step in steps if step.phase == phase]
+        total = units[0][1]
+        assert units == [(n, total) for n in range(1, total + 1)]
+        assert total == (blocks[phase] if max_memory == BIG_BUDGET else 2 * 2 * 3)
+
+
 @pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_denoiser_passes_are_reported(upscaler, base):
     """The callback hears of every batch of denoiser tiles, with the total known from the first: one pass of

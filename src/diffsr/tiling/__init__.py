@@ -15,9 +15,12 @@ Tiled VAE, three ways, chosen by size and the memory budget:
   its own GroupNorm statistics, which are pooled over all tiles, then with the pooled statistics, shared by all
   tiles (so no brightness jumps); attention stays within the tile. Memory stops growing at the tile size; the
   result approximates the untiled one.
-Forward hooks on the VAE's resnet blocks see whole maps in the first two modes and one tile at a time in the
-third (`bounded_tile()` says which); StableSR's CFW decoder relies on this. The work done is reported to the
-options' `progress` (diffsr.progress): encoder and decoder runs, and every batch of denoiser tiles.
+The tiled modes run the VAE with our own block-by-block code (vae_exact.VaeRunner), which is told what each
+GroupNorm normalises with (a function passed in, norms.StatisticsOf) rather than patching the modules.
+`callbacks` {resnet block: callback(block, output, region)} run after given blocks and see whole maps in the
+first two modes and one tile at a time in the third, the Region saying which part and which statistics their
+own GroupNorms must use; StableSR's CFW decoder relies on this. The work done is reported to the options'
+`progress` (diffsr.progress): encoder and decoder runs, and every batch of denoiser tiles.
 The parts: options (TilingOptions), budget (memory and tile sizes), aggregate (latent aggregation),
 vae (the entry points), vae_exact and vae_bounded (the runners), norms (GroupNorm with given statistics).
 Written by hand: diffusers' own VAE tiling normalises each tile with its own statistics (visible seams).
@@ -28,12 +31,15 @@ from diffsr.tiling.budget import (DECODER_HALO, DECODER_TILE, ENCODER_HALO, ENCO
                                   UNET_BYTES_PER_LATENT_PX, available_memory, return_freed_memory,
                                   vae_bytes_per_latent_px, vae_plan, vae_tile)
 from diffsr.tiling.options import TILING_KNOBS, TilingOptions
+from diffsr.tiling.norms import Statistics, StatisticsOf, given_statistics, group_norm
 from diffsr.tiling.vae import encode_plan, vae_decode, vae_encode
-from diffsr.tiling.vae_bounded import bounded_tile, shared_statistics, tile_boxes
+from diffsr.tiling.vae_bounded import tile_boxes
+from diffsr.tiling.vae_exact import Callback, Region, resnet_block
 
 __all__ = [
+    "Callback", "Region", "Statistics", "StatisticsOf", "given_statistics", "group_norm", "resnet_block",
     "DECODER_HALO", "DECODER_TILE", "DEFAULT_OVERLAP", "ENCODER_HALO", "ENCODER_TILE", "GAUSSIAN_VAR", "LIVE_MAPS",
     "TILING_KNOBS", "UNET_BYTES_PER_LATENT_PX", "Denoiser", "TilingOptions", "aggregate", "available_memory",
-    "bounded_tile", "encode_plan", "gaussian_weights", "return_freed_memory", "shared_statistics", "tile_boxes",
+    "encode_plan", "gaussian_weights", "return_freed_memory", "tile_boxes",
     "tile_starts", "vae_bytes_per_latent_px", "vae_decode", "vae_encode", "vae_plan", "vae_tile",
 ]

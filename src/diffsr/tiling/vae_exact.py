@@ -1,25 +1,92 @@
-"""Exact tiled VAE: a diffusers Encoder/Decoder run module by module over row bands of the feature maps. Each
-GroupNorm pools its statistics over all bands before normalising and the mid-block attention attends over the
-whole map, so the result equals the untiled one up to float error. The feature maps are held whole (on the
-compute device); only the per-operation working memory is bounded."""
+"""The VAE runner: a diffusers Encoder/Decoder run block by block, by our own code, so that what each GroupNorm
+normalises with and what the callbacks see are passed in rather than patched onto the modules.
+
+Exact tiled mode runs it over row bands of whole feature maps: each GroupNorm pools its statistics over all
+bands before normalising and the mid-block attention attends over the whole map, so the result equals the
+untiled one up to float error. The feature maps are held whole (on the compute device); only the per-operation
+working memory is bounded. The bounded mode (vae_bounded) runs it on one tile at a time, in one band."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from diffsr.tiling.norms import group_norm, map_statistics
+from diffsr.tiling.norms import StatisticsOf, group_norm, map_statistics
 
-class ExactRunner:
-    """Runs a diffusers VAE Encoder/Decoder module by module over row bands of `rows` rows."""
+WHOLE_MAP = 1 << 30  # rows of a band that is always the whole map
 
-    def __init__(self, net: torch.nn.Module, rows: int):
+
+@dataclass(frozen=True)
+class Region:
+    """What a callback's feature map covers: `box` (top, bottom, left, right) of the VAE's input, halo
+    included, or None for the whole input; `statistics`: what any GroupNorm the callback runs on that map must
+    normalise with (None: its own statistics, as the map is whole)."""
+
+    box: tuple[int, int, int, int] | None = None
+    statistics: StatisticsOf | None = None
+
+
+WHOLE = Region()
+
+# Called with a resnet block's output after the block; a returned tensor replaces the output (StableSR's CFW).
+Callback = Callable[[torch.nn.Module, torch.Tensor, Region], "torch.Tensor | None"]
+
+
+def resnet_block(block: torch.nn.Module, x: torch.Tensor, statistics: StatisticsOf | None = None) -> torch.Tensor:
+    """A diffusers ResnetBlock2D without time embedding, its GroupNorms normalising with `statistics`
+    (None: the block as it is, its own statistics)."""
+    if statistics is None:
+        return block(x, None)
+    return VaeRunner(block, statistics=statistics).resnet(block, x)
+
+
+class VaeRunner:
+    """Runs a diffusers VAE Encoder or Decoder block by block over row bands of `rows` rows (None: whole maps).
+
+    `statistics`: what each GroupNorm normalises with (None: its input's statistics over the whole map,
+    measured band by band). `callbacks`: called after the given resnet blocks with (block, output, region)."""
+
+    def __init__(self, net: torch.nn.Module, rows: int | None = None, statistics: StatisticsOf | None = None,
+                 callbacks: dict[torch.nn.Module, Callback] | None = None, region: Region = WHOLE):
         self.net = net
-        self.rows = max(rows, 8)
+        self.rows = WHOLE_MAP if rows is None else max(rows, 8)
+        self.statistics = statistics if statistics is not None else (
+            lambda norm, x: map_statistics(x, norm.num_groups, self.rows))
+        self.callbacks = callbacks or {}
+        self.region = region
+
+    def steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The network as a list of blocks (conv_in, resnets, attention, resamplers, head), each x -> x."""
+        net = self.net
+        steps = [partial(self._local, net.conv_in)]
+        if hasattr(net, "up_blocks"):  # a Decoder
+            steps += self._mid_steps(net.mid_block)
+            for block in net.up_blocks:
+                steps += [partial(self.resnet, resnet) for resnet in block.resnets]
+                steps += [partial(self._local, up, halo=1, up=2) for up in block.upsamplers or ()]
+        else:
+            for block in net.down_blocks:
+                steps += [partial(self.resnet, resnet) for resnet in block.resnets]
+                steps += [partial(self._downsample, down) for down in block.downsamplers or ()]
+            steps += self._mid_steps(net.mid_block)
+        return steps + [self._head]
+
+    def __call__(self, x: torch.Tensor, advance: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """The network's output for `x`; `advance()` after every block."""
+        for step in self.steps():
+            x = step(x)
+            advance()
+        return x
 
     def _local(self, fn, x: torch.Tensor, halo: int = 1, up: int = 1) -> torch.Tensor:
         """fn applied band by band; fn is local with `halo` rows of context and scales rows by `up`."""
         height = x.shape[2]
+        if height <= self.rows:
+            return fn(x)
         out = None
         for top in range(0, height, self.rows):
             bottom = min(top + self.rows, height)
@@ -36,6 +103,8 @@ class ExactRunner:
         height = x.shape[2]
         out_height = (height - 2) // 2 + 1
         band_rows = max(self.rows // 2, 1)
+        if out_height <= band_rows:
+            return down(x)
         out = None
         for top in range(0, out_height, band_rows):
             bottom = min(top + band_rows, out_height)
@@ -46,10 +115,10 @@ class ExactRunner:
         return out
 
     def _norm_act(self, norm, act, x):
-        stats = map_statistics(x, norm.num_groups, self.rows)
-        return lambda band: act(group_norm(band, norm, stats))
+        statistics = self.statistics(norm, x)
+        return lambda band: act(group_norm(band, norm, statistics))
 
-    def _resnet(self, block, x: torch.Tensor) -> torch.Tensor:
+    def resnet(self, block, x: torch.Tensor) -> torch.Tensor:
         if block.time_emb_proj is not None or block.upsample is not None or block.downsample is not None:
             raise NotImplementedError("tiled VAE supports plain resnet blocks only")
         pre1 = self._norm_act(block.norm1, block.nonlinearity, x)
@@ -58,9 +127,9 @@ class ExactRunner:
         hidden = self._local(lambda b: block.conv2(block.dropout(pre2(b))), hidden)
         shortcut = x if block.conv_shortcut is None else self._local(block.conv_shortcut, x, halo=0)
         out = (shortcut + hidden) / block.output_scale_factor
-        # The block never runs as a module here, so its forward hooks (StableSR's CFW) are called by hand.
-        for hook in block._forward_hooks.values():
-            changed = hook(block, (x,), out)
+        callback = self.callbacks.get(block)
+        if callback is not None:
+            changed = callback(block, out, self.region)
             out = out if changed is None else changed
         return out
 
@@ -68,10 +137,10 @@ class ExactRunner:
         if attn.spatial_norm is not None or attn.group_norm is None:
             raise NotImplementedError("tiled VAE supports group-norm self-attention only")
         batch, channels, height, width = x.shape
-        stats = map_statistics(x, attn.group_norm.num_groups, self.rows)
+        statistics = self.statistics(attn.group_norm, x)
 
         def tokens(band):
-            return group_norm(band, attn.group_norm, stats).flatten(2).transpose(1, 2)
+            return group_norm(band, attn.group_norm, statistics).flatten(2).transpose(1, 2)
 
         def heads(t):
             return t.reshape(batch, t.shape[1], attn.heads, -1).transpose(1, 2)
@@ -96,37 +165,15 @@ class ExactRunner:
 
         return self._local(attend, x, halo=0)
 
-    def _mid(self, mid, x):
-        x = self._resnet(mid.resnets[0], x)
+    def _mid_steps(self, mid) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        steps = [partial(self.resnet, mid.resnets[0])]
         for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
             if attn is not None:
-                x = self._attention(attn, x)
-            x = self._resnet(resnet, x)
-        return x
+                steps.append(partial(self._attention, attn))
+            steps.append(partial(self.resnet, resnet))
+        return steps
 
     def _head(self, x):
         net = self.net
         pre = self._norm_act(net.conv_norm_out, net.conv_act, x)
         return self._local(lambda b: net.conv_out(pre(b)), x)
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        x = self._local(net.conv_in, image)
-        for block in net.down_blocks:
-            for resnet in block.resnets:
-                x = self._resnet(resnet, x)
-            for down in block.downsamplers or ():
-                x = self._downsample(down, x)
-        return self._head(self._mid(net.mid_block, x))
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        x = self._local(net.conv_in, latent)
-        x = self._mid(net.mid_block, x)
-        for block in net.up_blocks:
-            for resnet in block.resnets:
-                x = self._resnet(resnet, x)
-            for up in block.upsamplers or ():
-                x = self._local(up, x, halo=1, up=2)
-        return self._head(x)
-
