@@ -1,5 +1,6 @@
 """Tiling: latent aggregation, tiled VAE, the automatic choice and bad input (diffsr.tiling, issue #3)."""
 
+import math
 import os
 import platform
 import subprocess
@@ -187,8 +188,8 @@ def test_bounded_vae_shares_statistics_across_tiles(backbone):
     # Many tiles: an approximation, closer to the untiled image than tiles decoded with their own statistics.
     tiled = tiling.vae_decode(vae, latent, TilingOptions(vae_tile_size=16), mode="bounded")
     own = torch.zeros_like(reference)
-    for top, bottom in tiling._tile_boxes(40, 16):
-        for left, right in tiling._tile_boxes(24, 16):
+    for top, bottom in tiling.tile_boxes(40, 16):
+        for left, right in tiling.tile_boxes(24, 16):
             y0, x0, halo = max(top - 11, 0), max(left - 11, 0), 11
             decoded = vae.decode(latent[..., y0:bottom + halo, x0:right + halo]).sample
             own[..., 8 * top:8 * bottom, 8 * left:8 * right] = decoded[..., 8 * (top - y0):8 * (bottom - y0),
@@ -263,6 +264,32 @@ def test_stablesr_upscales_through_the_bounded_vae_without_seams(cfw, base):
     ratio = seam_ratio(out[0] * 255, borders, borders)
     print(f"StableSR, bounded VAE: seam ratio {ratio:.3f}")
     assert ratio < 1.1
+
+
+@pytest.mark.parametrize("max_memory", [BIG_BUDGET, 1e-6])  # exact, then bounded VAE modes
+def test_vae_phases_report_every_block_or_tile(upscaler, max_memory):
+    """A long encode or decode shows movement: exact mode reports each block of the network, bounded mode each
+    tile run (tiles x 2 passes), with the phase's total known at its first unit."""
+    vae = upscaler.backbone.vae
+    steps, latents = [], []
+    image = (smooth((1, 3, 32, 40), 4)[0].permute(1, 2, 0).numpy() * 40 + 128).clip(0, 255).astype(np.uint8)
+    # The decoder's latent (OSEDiff enlarges small inputs first): its 8-px VAE tiles, the same for the encoder
+    handle = vae.post_quant_conv.register_forward_pre_hook(lambda module, args: latents.append(args[0].shape[-2:]))
+    try:
+        upscaler(image, scale=4, callback=steps.append, tile_size=16, tile_overlap=8, vae_tile_size=8,
+                 max_memory=max_memory)
+    finally:
+        handle.remove()
+    tiles = math.ceil(latents[0][0] / 8) * math.ceil(latents[0][1] / 8)
+    assert tiles > 1
+    levels, layers = len(vae.config.block_out_channels), vae.config.layers_per_block
+    blocks = {"encode": 1 + levels * layers + (levels - 1) + 3 + 1,  # conv_in, resnets, downsamplers, mid, head
+              "decode": 1 + 3 + levels * (layers + 1) + (levels - 1) + 1}  # conv_in, mid, resnets, upsamplers, head
+    for phase in ("encode", "decode"):
+        units = [(step.done, step.total) for step in steps if step.phase == phase]
+        total = units[0][1]
+        assert units == [(n, total) for n in range(1, total + 1)]
+        assert total == (blocks[phase] if max_memory == BIG_BUDGET else 2 * tiles)
 
 
 @pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes

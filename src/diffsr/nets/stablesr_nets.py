@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffsr import tiling
-from diffsr.tiling import ENCODER_HALO, TilingOptions, shared_statistics
+from diffsr.tiling import ENCODER_HALO, TilingOptions, resnet_block
 
 SFT_HIDDEN = 128  # the release's SPADE hard-codes its hidden width
 
@@ -194,9 +194,11 @@ class FusionLayer(nn.Module):
         self.encode_enc_3 = ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=None,
                                           groups=groups, eps=1e-6)
 
-    def forward(self, enc: torch.Tensor, dec: torch.Tensor, w: float) -> torch.Tensor:
-        fused = self.encode_enc_1(torch.cat([enc, dec], dim=1), None)
-        fused = self.encode_enc_3(self.encode_enc_2(fused), None)
+    def forward(self, enc: torch.Tensor, dec: torch.Tensor, w: float,
+                statistics: tiling.StatisticsOf | None = None) -> torch.Tensor:
+        """`statistics`: what the GroupNorms normalise with when dec is one tile of a bounded-mode decode."""
+        fused = resnet_block(self.encode_enc_1, torch.cat([enc, dec], dim=1), statistics)
+        fused = resnet_block(self.encode_enc_3, self.encode_enc_2(fused), statistics)
         return dec + w * fused
 
 
@@ -238,17 +240,16 @@ class EncoderFeatures:
         top, bottom, left, right = (0, height, 0, width) if box is None else (side * to_image for side in box)
         halo = ENCODER_HALO * to_image
         y0, y1, x0, x1 = max(top - halo, 0), min(bottom + halo, height), max(left - halo, 0), min(right + halo, width)
-        maps = {}
-        with shared_statistics(self.encoder, self.statistics):
-            x = self.encoder.conv_in(image[..., y0:y1, x0:x1])
-            for index, block in enumerate(self.encoder.down_blocks[:self.levels[-1] + 1]):
-                for resnet in block.resnets:
-                    x = resnet(x, None)
-                if index in self.levels:
-                    step = 2 ** index
-                    maps[index] = x[..., (top - y0) // step:(bottom - y0) // step, (left - x0) // step:(right - x0) // step]
-                for down in block.downsamplers or ():
-                    x = down(x)
+        maps, statistics = {}, tiling.given_statistics(self.statistics)
+        x = self.encoder.conv_in(image[..., y0:y1, x0:x1])
+        for index, block in enumerate(self.encoder.down_blocks[:self.levels[-1] + 1]):
+            for resnet in block.resnets:
+                x = resnet_block(resnet, x, statistics)
+            if index in self.levels:
+                step = 2 ** index
+                maps[index] = x[..., (top - y0) // step:(bottom - y0) // step, (left - x0) // step:(right - x0) // step]
+            for down in block.downsamplers or ():
+                x = down(x)
         return maps
 
 
@@ -270,15 +271,6 @@ class CFWAutoencoder(nn.Module):
     def levels(self) -> int:
         return len(self.vae.config.block_out_channels)
 
-    @contextmanager
-    def _hooks(self, modules_and_hooks):
-        handles = [module.register_forward_hook(hook) for module, hook in modules_and_hooks]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
     def encode(self, image: torch.Tensor, options: TilingOptions = TilingOptions()):
         """(latent distribution, EncoderFeatures at the fusion levels)."""
         mode, _ = tiling.encode_plan(options, self.vae, image)
@@ -290,11 +282,10 @@ class CFWAutoencoder(nn.Module):
         maps: dict[int, torch.Tensor] = {}
 
         def keep(level):
-            return lambda module, inputs, output: maps.__setitem__(level, output)
+            return lambda module, output, region: maps.__setitem__(level, output)
 
-        hooks = [(self.vae.encoder.down_blocks[level].resnets[-1], keep(level)) for level in levels]
-        with self._hooks(hooks):
-            dist = tiling.vae_encode(self.vae, image, options, mode)
+        keeps = {self.vae.encoder.down_blocks[level].resnets[-1]: keep(level) for level in levels}
+        dist = tiling.vae_encode(self.vae, image, options, mode, callbacks=keeps)
         return dist, EncoderFeatures(self.vae.encoder, levels, maps=maps)
 
     def decode(self, z: torch.Tensor, features: EncoderFeatures | None = None, w: float = 0.0,
@@ -304,10 +295,10 @@ class CFWAutoencoder(nn.Module):
 
         def fuse(level):
             layer = self.fusion[str(level)]
-            return lambda module, inputs, output: layer(features.region(level, tiling.bounded_tile()), output, w)
+            return lambda module, output, region: layer(features.region(level, region.box), output, w,
+                                                        region.statistics)
 
         # diffusers orders decoder up-blocks from the lowest resolution: LDM level l is up_blocks[-1 - l].
-        hooks = [(self.vae.decoder.up_blocks[self.levels - 1 - int(level)].resnets[-1], fuse(int(level)))
-                 for level in self.fusion]
-        with self._hooks(hooks):
-            return tiling.vae_decode(self.vae, z, options, hooked=tuple(self.fusion.values()))
+        fuses = {self.vae.decoder.up_blocks[self.levels - 1 - int(level)].resnets[-1]: fuse(int(level))
+                 for level in self.fusion}
+        return tiling.vae_decode(self.vae, z, options, callbacks=fuses)

@@ -1,0 +1,129 @@
+"""The memory budget: how much working memory there is, how much the networks need per latent pixel (hints
+declared as data below), and from those the tile sizes and the VAE mode (untiled, exact or bounded)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class UnetHint:
+    """Rough peak working memory of a UNet pass per latent pixel (float32, batch 1) at a base width; other
+    widths scale linearly."""
+
+    bytes_per_latent_px: float
+    base_channels: int
+
+
+@dataclass(frozen=True)
+class VaeHint:
+    """A VAE encoder's or decoder's tiling: the releases' tile, the context around a bounded-mode tile, and the
+    feature maps alive at once (measured: SD VAE decoder tile, bf16, ~4 maps of its widest stage)."""
+
+    tile: int  # latent px
+    halo: int  # latent px
+    live_maps: int = 4
+
+
+SD_UNET = UnetHint(bytes_per_latent_px=64 * 1024, base_channels=320)  # SD-2.x UNet
+ENCODER = VaeHint(tile=128, halo=4)  # 1024 image px tiles as the releases, 32 px of context
+DECODER = VaeHint(tile=224, halo=11)  # as the releases
+
+UNET_BYTES_PER_LATENT_PX = SD_UNET.bytes_per_latent_px
+ENCODER_TILE, ENCODER_HALO = ENCODER.tile, ENCODER.halo
+DECODER_TILE, DECODER_HALO = DECODER.tile, DECODER.halo
+LIVE_MAPS = DECODER.live_maps
+
+
+def available_memory(device: torch.device) -> float:
+    """Bytes a computation may use now: most of the free accelerator memory, or half the free RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.8 * free
+    try:
+        import psutil
+
+        return 0.5 * psutil.virtual_memory().available
+    except ImportError:
+        return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def denoiser_tile(budget: float, unet: torch.nn.Module, dtype: torch.dtype, tile_batch: int,
+                  hint: UnetHint = SD_UNET) -> int:
+    """The largest denoiser tile (latent px, a multiple of 8) of which `tile_batch` fit `budget` bytes."""
+    width = unet.config.block_out_channels[0] / hint.base_channels
+    per_px = hint.bytes_per_latent_px * width * _itemsize(dtype) / 4 * tile_batch
+    return _multiple_of_8(math.sqrt(budget / per_px))
+
+
+def _stage_channels_scales(block_out_channels, decoder: bool) -> list[tuple[int, float]]:
+    """(channels, area relative to the latent) of every feature map size the encoder/decoder produces."""
+    levels = len(block_out_channels)
+    if decoder:
+        channels = list(reversed(block_out_channels))
+        return [(c, 4.0 ** i) for i, c in enumerate(channels)] + [
+            (c, 4.0 ** (i + 1)) for i, c in enumerate(channels[:-1])]  # upsampler outputs
+    scales = [4.0 ** (levels - 1 - i) for i in range(levels)]
+    return list(zip(block_out_channels, scales)) + [(c, s / 4) for c, s in zip(block_out_channels[:-1], scales[:-1])]
+
+
+def vae_bytes_per_latent_px(vae, decoder: bool, dtype: torch.dtype) -> float:
+    """Memory of the live feature maps per latent pixel at the widest stage of the encoder or decoder."""
+    stages = _stage_channels_scales(vae.config.block_out_channels, decoder)
+    hint = DECODER if decoder else ENCODER
+    return hint.live_maps * max(c * s for c, s in stages) * _itemsize(dtype)
+
+
+def vae_tile(options, vae, decoder: bool, device, dtype) -> int:
+    """The VAE tile in latent pixels for `options` (a TilingOptions): given, else the release default shrunk
+    until one tile with its halo of context fits the budget."""
+    if options.vae_tile_size is not None:
+        return options.vae_tile_size
+    hint = DECODER if decoder else ENCODER
+    per_px = vae_bytes_per_latent_px(vae, decoder, dtype)
+    fitting = math.sqrt(options.budget_bytes(torch.device(device)) / per_px) - 2 * hint.halo
+    return min(hint.tile, _multiple_of_8(fitting))
+
+
+def vae_plan(options, vae, latent_hw, decoder: bool, device, dtype) -> tuple[str, int]:
+    """(mode, tile) for encoding/decoding a latent of `latent_hw`: untiled when it is no larger than a tile
+    in area; exact when the whole feature maps fit the budget (exact mode bounds only the per-operation
+    working memory: attention, convolution buffers); bounded otherwise."""
+    tile = vae_tile(options, vae, decoder, device, dtype)
+    height, width = latent_hw
+    if height * width <= tile * tile:
+        return "untiled", tile
+    whole_maps = height * width * vae_bytes_per_latent_px(vae, decoder, dtype)
+    return ("exact" if whole_maps <= options.budget_bytes(torch.device(device)) else "bounded"), tile
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+HEAP_BLOCK_LIMIT = 1 << 20  # bytes
+
+
+@functools.cache
+def return_freed_memory() -> bool:
+    """On glibc, serve every block of 1 MB or more with its own mmap, so that freed feature maps go straight back
+    to the system. glibc's default raises this threshold to 32 MB once large blocks are freed (loading a model
+    does), and tile-sized buffers then come from heaps that fragment: the first full-size VAE decoder tile after
+    loading OSEDiff peaked 1.4 GB higher (+3.20 against +1.84 GB) and kept 1.4 GB after it returned. Costs about
+    6% CPU time (benchmarks/bounded_decode_memory.py). Once per process; does nothing elsewhere or when
+    MALLOC_MMAP_THRESHOLD_ is set. True if applied."""
+    if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _multiple_of_8(value: float) -> int:
+    return max(8, int(value) // 8 * 8)
