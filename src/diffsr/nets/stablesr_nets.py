@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
 from torch import nn

@@ -2,7 +2,7 @@
 one upscale request (through diffsr.batch, the library's one read -> upscale -> write loop).
 
 Everything here is the library's public surface (load_upscaler, the weights registry, Upscaler.upscale,
-tiling.report_passes); the gradio layer in diffsr.ui.app only lays it out.
+its callback= progress); the gradio layer in diffsr.ui.app only lays it out.
 """
 
 from __future__ import annotations
