@@ -24,11 +24,15 @@ class StandIn:
     def check_arguments(self, scale, seed, color_fix, knobs):
         return scale, seed, color_fix
 
-    def upscale(self, picture, scale, seed, color_fix=None, **knobs):
+    def upscale(self, picture, scale, seed, color_fix=None, callback=None, **knobs):
+        from diffsr.progress import Step
+
         with self.lock:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
         time.sleep(self.seconds)  # long enough for a second request to arrive while this one runs
+        if callback is not None:  # progress as the real Upscaler.upscale reports it
+            callback(Step("denoise", 1, 1))
         self.calls.append(("upscale", picture.name, scale, knobs))
         with self.lock:
             self.running -= 1
