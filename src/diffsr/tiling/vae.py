@@ -33,11 +33,7 @@ def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(
     mode = mode or auto
     progress = options.progress or Progress()
     if mode == "untiled":
-        progress.start("encode", 1)
-        with _forward_hooks(callbacks):
-            posterior = vae.encode(image).latent_dist
-        progress.advance("encode")
-        return posterior
+        return _run_untiled(lambda: vae.encode(image).latent_dist, callbacks, progress, "encode")
     with torch.no_grad():  # the tiled modes are for inference
         if mode == "exact":
             moments = _run_exact(VaeRunner(vae.encoder, rows=tile, callbacks=callbacks), image, progress, "encode")
@@ -47,6 +43,15 @@ def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(
         if vae.quant_conv is not None:
             moments = vae.quant_conv(moments)
     return DiagonalGaussianDistribution(moments)
+
+
+def _run_untiled(run, callbacks: Callbacks | None, progress: Progress, phase: str):
+    """One whole-tensor run (the autograd mode kept: training goes through here), reported as one unit."""
+    progress.start(phase, 1)
+    with _forward_hooks(callbacks):
+        result = run()
+    progress.advance(phase)
+    return result
 
 
 def encode_plan(options: TilingOptions, vae, image: torch.Tensor) -> tuple[str, int]:
@@ -67,11 +72,7 @@ def vae_decode(vae, latent: torch.Tensor, options: TilingOptions = TilingOptions
     mode = mode or auto
     progress = options.progress or Progress()
     if mode == "untiled":
-        progress.start("decode", 1)
-        with _forward_hooks(callbacks):
-            image = vae.decode(latent).sample
-        progress.advance("decode")
-        return image
+        return _run_untiled(lambda: vae.decode(latent).sample, callbacks, progress, "decode")
     with torch.no_grad():
         if vae.post_quant_conv is not None:
             latent = vae.post_quant_conv(latent)
