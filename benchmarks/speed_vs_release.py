@@ -61,19 +61,23 @@ def cpu_seconds() -> float:
 
 
 def parse_side(spec: str, args) -> dict:
-    """'release', or 'diffsr' with options joined by '+': a dtype (float32, bfloat16, float16) and for OSEDiff
-    'merged' / 'unmerged' (LoRA; default: --merge-lora, else the library's default)."""
+    """'release', or 'diffsr' with options joined by '+': a dtype (float32, bfloat16, float16), for OSEDiff
+    'merged' / 'unmerged' (LoRA; default: --merge-lora, else the library's default), and 'winograd' / 'direct'
+    (CPU float32 convolutions; default: the library's, Winograd)."""
     name, *options = spec.split("+")
-    side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora}
+    side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora, "winograd": None}
     for option in options:
         if option in ("float32", "bfloat16", "float16"):
             side["dtype"] = option
         elif option in ("merged", "unmerged"):
             side["merge_lora"] = option == "merged"
+        elif option in ("winograd", "direct"):
+            side["winograd"] = option == "winograd"
         else:
             raise SystemExit(f"speed_vs_release: unknown option {option!r} in side {spec!r}")
     if name not in ("diffsr", "release") or (name == "release" and options):
-        raise SystemExit(f"speed_vs_release: a side is 'release' or 'diffsr[+dtype][+merged|+unmerged]', not {spec!r}")
+        raise SystemExit(f"speed_vs_release: a side is 'release' or "
+                         f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct]', not {spec!r}")
     return side
 
 
@@ -83,14 +87,16 @@ def diffsr_runner(args):
 
     side = parse_side(args.worker, args)
     base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
+    options = {} if side["winograd"] is None else {"winograd": side["winograd"]}
     if args.method == "osediff":
-        merge = {} if side["merge_lora"] is None else {"merge_lora": side["merge_lora"]}
+        if side["merge_lora"] is not None:
+            options["merge_lora"] = side["merge_lora"]
         upscaler = diffsr.load_upscaler("osediff", base=base, weights=weights, device=args.device,
-                                        dtype=side["dtype"], tagger="none", **merge)
+                                        dtype=side["dtype"], tagger="none", **options)
         knobs = {"prompt": OSEDIFF_PROMPT}
     else:
         upscaler = diffsr.load_upscaler("s3diff", base=base, weights=weights, device=args.device,
-                                        dtype=side["dtype"])
+                                        dtype=side["dtype"], **options)
         knobs = {}
     return lambda image: upscaler.upscale(image, scale=4, seed=0, **knobs).rgb
 
@@ -378,7 +384,8 @@ def main() -> None:
         else:
             merge = side["merge_lora"]
             merged = "" if args.method != "osediff" or merge is None else " merged LoRA" if merge else " unmerged LoRA"
-            labels[spec] = f"diffsr {side['dtype']}{merged}"
+            conv = {None: "", True: " winograd", False: " direct conv"}[side["winograd"]]
+            labels[spec] = f"diffsr {side['dtype']}{merged}{conv}"
     cuda = args.device.startswith("cuda")
     print(f"# speed_vs_release {args.method} x4, {args.size} px output, "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, diffsr {git_commit()}, {device_name(args.device)}, "

@@ -209,11 +209,11 @@ def test_merge_lora_flag_reaches_the_loader_and_merging_is_the_default(tmp_path,
     assert layers and all(layer.merged is (given is not False) for layer in layers)
 
 
-def test_float16_on_cpu_warns_and_suggests_bfloat16(tmp_path, capsys):
+def test_float16_on_cpu_warns_and_suggests_float32(tmp_path, capsys):
     args = ["upscale", str(tmp_path), "-o", str(tmp_path / "out"), "--dtype", "float16"]
     assert main(args) == 2  # an empty folder: the warning comes before that
     err = capsys.readouterr().err
-    assert "warning: --dtype float16 on the CPU is very slow" in err and "--dtype bfloat16" in err
+    assert "warning: --dtype float16 on the CPU is very slow" in err and "float32, the default" in err
     main(args[:-2] + ["--dtype", "bfloat16"])
     assert "warning" not in capsys.readouterr().err
 

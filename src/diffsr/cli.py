@@ -32,6 +32,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                                           "(default: the method's, fetched on first use)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--winograd", action=argparse.BooleanOptionalAction,
+                        help="CPU float32: 3x3 convolutions by NNPACK's Winograd transform (on by default: about "
+                             "2.5x faster, same output within float32 rounding); --no-winograd: direct convolution")
     parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction,
                         help="osediff: fold LoRA into the base weights (on by default: faster, same output within "
                              "float error); --no-merge-lora keeps the adapters apart")
@@ -504,9 +507,11 @@ def _load_options(args) -> dict:
     """The model-loading options given on the command line (_add_model_options), for load_upscaler."""
     given = {"merge_lora": args.merge_lora, "sample_posterior": args.sample_posterior, "tagger": args.tagger,
              "tagger_device": args.tagger_device, "ram_weights": args.ram_weights, "dape_weights": args.dape_weights,
-             "de_net": args.de_net, "cfw_weights": args.cfw_weights, "process_size": args.process_size}
-    # --no-merge-lora is an explicit False; the other flags are left out unless set
-    return {name: value for name, value in given.items() if value or (name == "merge_lora" and value is not None)}
+             "de_net": args.de_net, "cfw_weights": args.cfw_weights, "process_size": args.process_size,
+             "winograd": args.winograd}
+    # --no-merge-lora and --no-winograd are an explicit False; the other flags are left out unless set
+    return {name: value for name, value in given.items()
+            if value or (name in ("merge_lora", "winograd") and value is not None)}
 
 
 def run_upscale(args) -> int:
@@ -633,12 +638,12 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 
 def _warn_if_slow_dtype(device: str, dtype: str) -> None:
-    """float16 on a CPU runs in emulation (about 12x slower than bfloat16 on the test machine)."""
+    """float16 on a CPU runs in emulation (far slower than float32, whose convolutions run by Winograd there)."""
     import torch
 
     if dtype in ("float16", "fp16") and torch.device(device).type == "cpu":
-        print("diffsr: warning: --dtype float16 on the CPU is very slow (emulated); --dtype bfloat16 is much "
-              "faster there, or float32 for the reference numerics", file=sys.stderr)
+        print("diffsr: warning: --dtype float16 on the CPU is very slow (emulated); float32, the default, is the "
+              "fastest CPU mode measured (benchmarks/results/speed_vs_release.md)", file=sys.stderr)
 
 
 # -- tags and prompts (OSEDiff's DAPE tagger) ------------------------------------------------------------------

@@ -108,6 +108,12 @@ class Upscaler:
     def dtype(self) -> torch.dtype:
         return self.backbone.dtype
 
+    def networks(self) -> list[torch.nn.Module]:
+        """Every network this upscaler runs: the backbone's and the method's own (ControlNet, DE-Net, ...)."""
+        found = [self.backbone.unet, self.backbone.vae, self.backbone.text_encoder]
+        return found + [value for value in vars(self).values()
+                        if isinstance(value, torch.nn.Module) and all(value is not known for known in found)]
+
     # -- what a method supplies ------------------------------------------------------------------
     @classmethod
     def load(cls, base: str | Path, weights: str | Path, device, dtype, **options) -> "Upscaler":
