@@ -122,3 +122,18 @@ def test_winograd_off_or_not_float32_keeps_direct_convolutions(tiny_base, osedif
         assert not any(type(m) is WinogradConv2d for network in upscaler.networks() for m in network.modules())
     with pytest.raises(diffsr.ArgumentTypeError, match="winograd must be True or False"):
         diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, winograd="yes")
+
+
+def test_the_memory_budget_counts_nnpack_workspace(tiny_base, osediff_weights):
+    """NNPACK's workspace is about twice the input of the convolution it runs: 1024 px full-size decode, 4.0 GB
+    working memory direct against 6.0 GB by Winograd (3.7 and 5.6 maps of the widest stage); the VAE tiles
+    are planned with two maps more."""
+    from diffsr.tiling.budget import DECODER, vae_bytes_per_latent_px
+
+    vae = diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, tagger=None).backbone.vae
+    fast = vae_bytes_per_latent_px(vae, True, torch.float32)
+    use_winograd([vae], enabled=False)
+    direct = vae_bytes_per_latent_px(vae, True, torch.float32)
+    assert fast / direct == pytest.approx((DECODER.live_maps + DECODER.winograd_maps) / DECODER.live_maps)
+    use_winograd([vae])
+    assert vae_bytes_per_latent_px(vae, True, torch.bfloat16) < fast  # NNPACK runs float32 only

@@ -34,6 +34,11 @@ class WinogradConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def runs_winograd(network: nn.Module) -> bool:
+    """Whether `network` has convolutions switched to Winograd and sits on the CPU (where they take NNPACK)."""
+    return any(type(module) is WinogradConv2d and module.weight.device.type == "cpu" for module in network.modules())
+
+
 def eligible(module: nn.Module) -> bool:
     return (type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
             and module.dilation == (1, 1) and module.groups == 1 and module.padding_mode == "zeros"

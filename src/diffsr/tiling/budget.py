@@ -30,6 +30,9 @@ class VaeHint:
     tile: int  # latent px
     halo: int  # latent px
     live_maps: int = 4
+    # more where the convolutions run by NNPACK (CPU float32): its workspace is about twice the input of the
+    # convolution it runs (full-size decoder at 1024 px: 3.7 maps direct, 5.6 by Winograd)
+    winograd_maps: int = 2
 
 
 SD_UNET = UnetHint(bytes_per_latent_px=64 * 1024, base_channels=320)  # SD-2.x UNet
@@ -76,9 +79,12 @@ def _stage_channels_scales(block_out_channels, decoder: bool) -> list[tuple[int,
 
 def vae_bytes_per_latent_px(vae, decoder: bool, dtype: torch.dtype) -> float:
     """Memory of the live feature maps per latent pixel at the widest stage of the encoder or decoder."""
+    from diffsr.nets.winograd import runs_winograd
+
     stages = _stage_channels_scales(vae.config.block_out_channels, decoder)
     hint = DECODER if decoder else ENCODER
-    return hint.live_maps * max(c * s for c, s in stages) * _itemsize(dtype)
+    maps = hint.live_maps + (hint.winograd_maps if dtype == torch.float32 and runs_winograd(vae) else 0)
+    return maps * max(c * s for c, s in stages) * _itemsize(dtype)
 
 
 def vae_tile(options, vae, decoder: bool, device, dtype) -> int:
