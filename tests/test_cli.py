@@ -186,11 +186,9 @@ def test_methods_shows_variants_defaults_and_flags(capsys):
     assert "--fidelity" not in out.split("osediff: ")[1].split("s3diff: ")[0]
 
 
-@pytest.mark.parametrize("flags, given", [([], None), (["--merge-lora"], True), (["--no-merge-lora"], False)])
-def test_merge_lora_flag_reaches_the_loader_and_merging_is_the_default(tmp_path, tiny_base, osediff_weights,
-                                                                       monkeypatch, flags, given):
+def upscale_recording_the_load(tmp_path, tiny_base, osediff_weights, monkeypatch, flags) -> dict:
+    """Run `diffsr upscale` with `flags` on a tiny OSEDiff; the load_upscaler options it gave and the upscaler."""
     import diffsr
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     load, loaded = diffsr.load_upscaler, {}
 
@@ -203,6 +201,26 @@ def test_merge_lora_flag_reaches_the_loader_and_merging_is_the_default(tmp_path,
     Image.fromarray(smooth_image(12, 12)).save(tmp_path / "a.png")
     args = ["upscale", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--tagger", "none"]
     assert main(args + model_args(tiny_base, osediff_weights) + flags) == 0
+    return loaded
+
+
+@pytest.mark.parametrize("flags, given", [([], None), (["--winograd"], True), (["--no-winograd"], False)])
+def test_winograd_flag_reaches_the_loader_and_is_the_default(tmp_path, tiny_base, osediff_weights, monkeypatch,
+                                                             flags, given):
+    from diffsr.nets.winograd import WinogradConv2d, available
+
+    loaded = upscale_recording_the_load(tmp_path, tiny_base, osediff_weights, monkeypatch, flags)
+    assert loaded["options"].get("winograd") == given
+    switched = [m for n in loaded["upscaler"].networks() for m in n.modules() if isinstance(m, WinogradConv2d)]
+    assert bool(switched) is (given is not False and available())
+
+
+@pytest.mark.parametrize("flags, given", [([], None), (["--merge-lora"], True), (["--no-merge-lora"], False)])
+def test_merge_lora_flag_reaches_the_loader_and_merging_is_the_default(tmp_path, tiny_base, osediff_weights,
+                                                                       monkeypatch, flags, given):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    loaded = upscale_recording_the_load(tmp_path, tiny_base, osediff_weights, monkeypatch, flags)
     assert loaded["options"].get("merge_lora") == given
     unet = loaded["upscaler"].backbone.unet
     layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]

@@ -47,11 +47,11 @@ def convolution(in_channels, out_channels, bias=True, padding=1):
 
 
 @pytest.mark.parametrize("shape, out_channels, bias, padding, layout", [
-    ((1, 4, 1, 1), 4, True, 1, "contiguous"),
-    ((1, 3, 2, 5), 8, True, 1, "contiguous"),
-    ((2, 32, 17, 9), 16, False, 1, "channels_last"),
+    ((1, 4, 32, 32), 4, True, 1, "contiguous"),
+    ((1, 3, 37, 50), 8, True, 1, "contiguous"),
+    ((2, 32, 40, 33), 16, False, 1, "channels_last"),
     ((3, 8, 64, 64), 8, True, 0, "transposed"),
-    ((1, 64, 40, 24), 128, True, 1, "contiguous"),
+    ((1, 64, 40, 32), 128, True, 1, "contiguous"),
 ])
 def test_winograd_convolution_equals_direct(shape, out_channels, bias, padding, layout):
     conv = convolution(shape[1], out_channels, bias, padding)
@@ -65,7 +65,19 @@ def test_winograd_convolution_equals_direct(shape, out_channels, bias, padding, 
     assert fast.shape == direct.shape
     # Winograd's transforms cost a few bits: about 1e-5 of the output's range, not float32's 1e-7
     assert (fast - direct).abs().max().item() <= 5e-5 * direct.abs().max().item() + 1e-6
-    assert not torch.equal(fast, direct) or shape[-1] == 1  # it did run another algorithm
+    assert not torch.equal(fast, direct)  # it did run another algorithm
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 31, 33), (2, 16, 8, 8), (1, 3, 1, 1)])
+def test_maps_smaller_than_min_area_run_direct_convolution(shape):
+    """Where NNPACK measured slower (its kernel transform is redone every call), direct convolution runs."""
+    conv = convolution(shape[1], 8)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        direct = conv(x)
+        use_winograd([conv])
+        assert torch.equal(conv(x), direct)
+    assert shape[-2] * shape[-1] < winograd.MIN_AREA
 
 
 def test_winograd_leaves_gradients_and_other_dtypes_to_direct_convolution():

@@ -34,7 +34,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--winograd", action=argparse.BooleanOptionalAction,
                         help="CPU float32: 3x3 convolutions by NNPACK's Winograd transform (on by default: about "
-                             "2.5x faster, same output within float32 rounding); --no-winograd: direct convolution")
+                             "1.3-1.7x faster per image, same output within float32 rounding); --no-winograd: direct "
+                             "convolution")
     parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction,
                         help="osediff: fold LoRA into the base weights (on by default: faster, same output within "
                              "float error); --no-merge-lora keeps the adapters apart")
@@ -240,7 +241,7 @@ def _check_flags(args, method) -> None:
         resolve_device(args.device)
     except UsageError as error:
         raise UsageError(_with_flags(str(error), ("scale", "device"))) from None
-    takes = set(_knob_names(method)) | set(method.load_option_names())
+    takes = set(_knob_names(method)) | set(method.load_option_names()) | set(SHARED_LOAD_OPTIONS)
     # --show-prompt / --save-prompts report through the on_prompt knob: only methods with prompts from a tagger take it
     reports = ["on_prompt"] if args.show_prompt or args.save_prompts else []
     foreign = [name for name in (*_method_knobs(args), *_load_options(args), *reports) if name not in takes]
@@ -501,6 +502,9 @@ def _add_evaluation_commands(commands) -> None:
                                 "two most detailed regions of each image)")
     benchmark.add_argument("--quiet", action="store_true")
     _add_knob_options(benchmark)  # each method gets the knobs it takes
+
+
+SHARED_LOAD_OPTIONS = ("winograd",)  # load_upscaler's own options, for every method
 
 
 def _load_options(args) -> dict:
