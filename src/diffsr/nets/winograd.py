@@ -1,8 +1,8 @@
 """3x3 convolutions by NNPACK's Winograd transform on the CPU: the float32 fast path.
 
-The VAE and UNet spend over 90% of their CPU time in 3x3 convolutions, and oneDNN's direct convolution already
-runs them near the CPU's peak; Winograd's transform does the same convolution in about a third of the
-multiplications (benchmarks/results/cpu_winograd.md: up to 3.3x faster per convolution, the VAE 2.6-2.8x, the UNet 1.2x). The
+The VAE spends over 90% of its CPU time in 3x3 convolutions, and oneDNN's direct convolution already runs them
+near the CPU's peak; Winograd's transform does the same convolution in about a third of the multiplications
+(benchmarks/results/cpu_winograd.md: up to 3.3x faster per convolution, the VAE 2.6-2.8x, the UNet 1.2x). The
 result differs from direct convolution by float32 rounding (about 1e-5 relative per convolution).
 
 torch ships NNPACK but picks it by itself only for batches of 16 or more, so the eligible Conv2d modules are
