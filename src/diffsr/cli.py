@@ -34,7 +34,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--winograd", action=argparse.BooleanOptionalAction,
                         help="CPU float32: 3x3 convolutions by NNPACK's Winograd transform (on by default: about "
-                             "1.3-1.7x faster per image, same output within float32 rounding); --no-winograd: direct "
+                             "1.6-2.1x faster per image, same output within float32 rounding); --no-winograd: direct "
                              "convolution")
     parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction,
                         help="osediff: fold LoRA into the base weights (on by default: faster, same output within "
