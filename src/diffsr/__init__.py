@@ -29,7 +29,7 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
     left out, the method's default weights, the base they were trained on and the files they need beside
     them come from the weights registry (fetched and checked on first use; offline=True or HF_HUB_OFFLINE=1:
     the cache only). Options are method knobs fixed at load time (e.g. merge_lora=True).
-    winograd: on the CPU in float32, run 3x3 convolutions by NNPACK's Winograd transform (1.3-1.7x faster
+    winograd: on the CPU in float32, run 3x3 convolutions by NNPACK's Winograd transform (1.6-2.1x faster
     per image, output within float32 rounding of direct convolution: diffsr.nets.winograd); False: direct.
     Bad arguments are refused here, before anything is read or fetched: UsageError, or ArgumentTypeError for a
     wrong type."""
