@@ -51,16 +51,20 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=64, help="VAE tile, latent px (the bounded mode's tiles)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
+                        help="Winograd convolutions, as load_upscaler does on the CPU (default: on)")
     parser.add_argument("--phases", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
     args = parser.parse_args()
 
     from diffusers import AutoencoderKL
 
     from diffsr import tiling
+    from diffsr.nets.winograd import use_winograd
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     vae = AutoencoderKL(**SD21_VAE).eval()
+    use_winograd([vae], args.winograd)
     options = tiling.TilingOptions(vae_tile_size=args.tile)
     latent = smooth((1, 4, args.size // 8, args.size // 8), 1)
     image = (smooth((1, 3, args.size, args.size), 2) * 0.5).clamp(-1, 1)
@@ -72,7 +76,8 @@ def main() -> None:
     }
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, float32, {args.threads} thread(s); {args.size} px image "
+          f"torch {torch.__version__}, float32, {'Winograd' if args.winograd else 'direct'} convolutions, "
+          f"{args.threads} thread(s); {args.size} px image "
           f"({args.size // 8} px latent), bounded tiles of {args.tile} latent px")
     for phase in args.phases:
         seconds = {"untiled": [], "bounded": []}

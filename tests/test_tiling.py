@@ -178,19 +178,33 @@ def test_exact_tiled_vae_equals_untiled(backbone):
     assert encode_diff < 1e-3 and decode_diff < 1e-3
 
 
-def test_bounded_vae_shares_statistics_across_tiles(backbone):
-    vae = backbone.vae
+def test_bounded_vae_of_one_tile_is_the_untiled_vae(backbone):
+    """One tile: the statistics pass samples the whole latent, so the result is the untiled one."""
     latent = smooth((1, 4, 40, 24), 9, cells=6)
+    whole = tiling.vae_decode(backbone.vae, latent, TilingOptions(vae_tile_size=40), mode="bounded")
+    torch.testing.assert_close(whole, backbone.vae.decode(latent).sample, rtol=0, atol=1e-4)
+
+
+def half_dark(shape, seed):
+    """A latent whose left half is much darker: tiles there have other statistics than the image's."""
+    latent = smooth(shape, seed, cells=8)
+    latent[..., : shape[-1] // 2] -= 1.5
+    return latent
+
+
+@pytest.mark.parametrize("latent", [smooth((1, 4, 40, 24), 9, cells=6), half_dark((1, 4, 96, 96), 4)],
+                         ids=["6 tiles", "36 tiles, sampled 9"])
+def test_bounded_vae_shares_statistics_across_tiles(backbone, latent):
+    """Many tiles: an approximation, closer to the untiled image than tiles decoded with their own statistics,
+    also where the statistics pass samples only a quarter of the tiles' boxes."""
+    vae, tile, halo = backbone.vae, 16, tiling.DECODER_HALO
     reference = vae.decode(latent).sample
-    # One tile: the shared statistics are the tile's own, so the result is the untiled one.
-    whole = tiling.vae_decode(vae, latent, TilingOptions(vae_tile_size=40), mode="bounded")
-    torch.testing.assert_close(whole, reference, rtol=0, atol=1e-4)
-    # Many tiles: an approximation, closer to the untiled image than tiles decoded with their own statistics.
-    tiled = tiling.vae_decode(vae, latent, TilingOptions(vae_tile_size=16), mode="bounded")
+    tiled = tiling.vae_decode(vae, latent, TilingOptions(vae_tile_size=tile), mode="bounded")
+    height, width = latent.shape[-2:]
     own = torch.zeros_like(reference)
-    for top, bottom in tiling.tile_boxes(40, 16):
-        for left, right in tiling.tile_boxes(24, 16):
-            y0, x0, halo = max(top - 11, 0), max(left - 11, 0), 11
+    for top, bottom in tiling.tile_boxes(height, tile):
+        for left, right in tiling.tile_boxes(width, tile):
+            y0, x0 = max(top - halo, 0), max(left - halo, 0)
             decoded = vae.decode(latent[..., y0:bottom + halo, x0:right + halo]).sample
             own[..., 8 * top:8 * bottom, 8 * left:8 * right] = decoded[..., 8 * (top - y0):8 * (bottom - y0),
                                                                        8 * (left - x0):8 * (right - x0)]
@@ -198,6 +212,19 @@ def test_bounded_vae_shares_statistics_across_tiles(backbone):
     print(f"bounded VAE decode mean abs error {shared_error:.4f} (tiles with their own statistics: {own_error:.4f})")
     assert shared_error < 0.5 * reference.abs().mean()
     assert shared_error < own_error
+
+
+@pytest.mark.parametrize("size, tile, unit", [(40, 16, 1), (96, 16, 1), (100, 7, 1), (320, 128, 8), (512, 64, 8),
+                                              (24, 40, 1)])
+def test_statistics_sample_spans_a_quarter_of_a_large_image(size, tile, unit):
+    spans = tiling.sample_spans(size, tile, unit)
+    assert len(spans) == math.ceil(len(tiling.tile_boxes(size, tile, unit)) / 2)
+    for start, end in spans:
+        assert 0 <= start and end <= size and end - start == min(tile, size) and start % unit == 0
+    starts = [start for start, _ in spans]
+    assert starts == sorted(set(starts))  # distinct, in order
+    if len(spans) > 1:  # spread over the side, the first and last near its ends
+        assert starts[0] <= size / len(spans) and spans[-1][1] >= size - size / len(spans)
 
 
 def test_bounded_encode_of_a_size_the_tile_does_not_divide(backbone):
@@ -269,7 +296,7 @@ def test_stablesr_upscales_through_the_bounded_vae_without_seams(cfw, base):
 @pytest.mark.parametrize("max_memory", [BIG_BUDGET, 1e-6])  # exact, then bounded VAE modes
 def test_vae_phases_report_every_block_or_tile(upscaler, max_memory):
     """A long encode or decode shows movement: exact mode reports each block of the network, bounded mode each
-    tile run (tiles x 2 passes), with the phase's total known at its first unit."""
+    tile run (the statistics pass's sample boxes, then every tile), with the phase's total known at its first unit."""
     vae = upscaler.backbone.vae
     steps, latents = [], []
     image = (smooth((1, 3, 32, 40), 4)[0].permute(1, 2, 0).numpy() * 40 + 128).clip(0, 255).astype(np.uint8)
@@ -280,8 +307,10 @@ def test_vae_phases_report_every_block_or_tile(upscaler, max_memory):
                  max_memory=max_memory)
     finally:
         handle.remove()
-    tiles = math.ceil(latents[0][0] / 8) * math.ceil(latents[0][1] / 8)
-    assert tiles > 1
+    height, width = latents[0]
+    tiles = math.ceil(height / 8) * math.ceil(width / 8)
+    sample = len(tiling.sample_spans(height, 8)) * len(tiling.sample_spans(width, 8))
+    assert 1 < sample < tiles
     levels, layers = len(vae.config.block_out_channels), vae.config.layers_per_block
     blocks = {"encode": 1 + levels * layers + (levels - 1) + 3 + 1,  # conv_in, resnets, downsamplers, mid, head
               "decode": 1 + 3 + levels * (layers + 1) + (levels - 1) + 1}  # conv_in, mid, resnets, upsamplers, head
@@ -289,7 +318,7 @@ def test_vae_phases_report_every_block_or_tile(upscaler, max_memory):
         units = [(step.done, step.total) for step in steps if step.phase == phase]
         total = units[0][1]
         assert units == [(n, total) for n in range(1, total + 1)]
-        assert total == (blocks[phase] if max_memory == BIG_BUDGET else 2 * tiles)
+        assert total == (blocks[phase] if max_memory == BIG_BUDGET else sample + tiles)
 
 
 @pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes

@@ -11,10 +11,11 @@ Tiled VAE, three ways, chosen by size and the memory budget:
   statistics over all bands before normalising and the mid-block attention attends over the whole map, so the
   result equals the untiled one up to float error. The feature maps are held whole (on the compute device),
   only the per-operation working memory is bounded;
-- bounded: each tile (with a halo of context) runs through the whole network on its own, twice: first with
-  its own GroupNorm statistics, which are pooled over all tiles, then with the pooled statistics, shared by all
-  tiles (so no brightness jumps); attention stays within the tile. Memory stops growing at the tile size; the
-  result approximates the untiled one.
+- bounded: each tile (with a halo of context) runs through the whole network on its own, normalised with
+  GroupNorm statistics shared by all tiles (so no brightness jumps); attention stays within the tile. The
+  shared statistics are pooled from a first pass over a sample of tile-sized boxes spread over the image
+  (about a quarter of a large one), each run with its own statistics. Memory stops growing at the tile size;
+  the result approximates the untiled one.
 The tiled modes run the VAE with our own block-by-block code (vae_exact.VaeRunner), which is told what each
 GroupNorm normalises with (a function passed in, norms.StatisticsOf) rather than patching the modules.
 `callbacks` {resnet block: callback(block, output, region)} run after given blocks and see whole maps in the
@@ -33,13 +34,13 @@ from diffsr.tiling.budget import (DECODER_HALO, DECODER_TILE, ENCODER_HALO, ENCO
 from diffsr.tiling.options import TILING_KNOBS, TilingOptions
 from diffsr.tiling.norms import Statistics, StatisticsOf, given_statistics, group_norm
 from diffsr.tiling.vae import encode_plan, vae_decode, vae_encode
-from diffsr.tiling.vae_bounded import tile_boxes
+from diffsr.tiling.vae_bounded import sample_spans, tile_boxes
 from diffsr.tiling.vae_exact import Callback, Region, resnet_block
 
 __all__ = [
     "Callback", "Region", "Statistics", "StatisticsOf", "given_statistics", "group_norm", "resnet_block",
     "DECODER_HALO", "DECODER_TILE", "DEFAULT_OVERLAP", "ENCODER_HALO", "ENCODER_TILE", "GAUSSIAN_VAR", "LIVE_MAPS",
     "TILING_KNOBS", "UNET_BYTES_PER_LATENT_PX", "Denoiser", "TilingOptions", "aggregate", "available_memory",
-    "encode_plan", "gaussian_weights", "return_freed_memory", "tile_boxes",
+    "encode_plan", "gaussian_weights", "return_freed_memory", "sample_spans", "tile_boxes",
     "tile_starts", "vae_bytes_per_latent_px", "vae_decode", "vae_encode", "vae_plan", "vae_tile",
 ]
