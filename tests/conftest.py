@@ -64,6 +64,22 @@ def smooth_image(height, width, seed=0, channels=3):
 
 
 @pytest.fixture(scope="session")
+def s3diff_weights(tiny_base):
+    """Tiny random s3diff.pkl, de_net.pth beside it (seed 0, as the parity fixtures). Read only: copy to change."""
+    from diffsr.testing import make_tiny_weights
+
+    return make_tiny_weights("s3diff", tiny_base, tiny_base.parent / "s3diff" / "s3diff.pkl")
+
+
+@pytest.fixture(scope="session")
+def stablesr_weights(tiny_base):
+    """Tiny random stablesr_000117.ckpt, vqgan_cfw_00011.ckpt beside it (seed 0). Read only: copy to change."""
+    from diffsr.testing import make_tiny_weights
+
+    return make_tiny_weights("stablesr", tiny_base, tiny_base.parent / "stablesr" / "stablesr_000117.ckpt")
+
+
+@pytest.fixture(scope="session")
 def ccsr_v2_weights(tiny_base):
     from diffsr.testing import make_tiny_weights
 

@@ -14,11 +14,9 @@ from conftest import parity_fixture, smooth_image
 
 
 @pytest.fixture(scope="module")
-def models(tiny_base):
+def models(tiny_base, s3diff_weights):
     """conftest's tiny SD-Turbo-shaped base with random s3diff.pkl and de_net.pth (seed 0, as in the fixture)."""
-    from diffsr.testing import make_tiny_weights
-
-    return tiny_base, make_tiny_weights("s3diff", tiny_base, tiny_base.parent / "s3diff" / "s3diff.pkl")
+    return tiny_base, s3diff_weights
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,9 @@ from diffsr.samplers import Schedule, guide, sample_ddim, sample_ddpm, space_tim
 from conftest import parity_fixture
 
 @pytest.fixture(scope="module")
-def files(tiny_base, tmp_path_factory):
+def files(tiny_base, stablesr_weights):
     """conftest's tiny base (the one the fixtures were made on, as parity_fixture checks) and StableSR weights."""
-    from diffsr.testing import make_tiny_weights
-
-    return tiny_base, make_tiny_weights("stablesr", tiny_base, tmp_path_factory.mktemp("stablesr") / "stablesr_000117.ckpt")
+    return tiny_base, stablesr_weights
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,6 @@ def tiny_dino(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3diff_weights(tiny_base):
-    from diffsr.testing import make_tiny_weights
-
-    return make_tiny_weights("s3diff", tiny_base, tiny_base.parent / "s3diff-train" / "s3diff.pkl")
-
-
-@pytest.fixture(scope="module")
 def build(tiny_base, s3diff_weights, tiny_dino, metric_weights, one_thread):  # noqa: F811
     """build(**method_args) -> S3DiffTrainer on the tiny models (from scratch unless weights= is given)."""
     from diffsr.training.s3diff import S3DiffTrainer

@@ -71,18 +71,8 @@ def copy_poisoned(source: Path, target: Path, marker: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stablesr_files(tiny_base, tmp_path_factory):
-    from diffsr.testing import make_tiny_weights
-
-    weights = make_tiny_weights("stablesr", tiny_base, tmp_path_factory.mktemp("stablesr") / "stablesr_000117.ckpt")
-    return weights, weights.parent / "vqgan_cfw_00011.ckpt"
-
-
-@pytest.fixture(scope="module")
-def s3diff_weights(tiny_base, tmp_path_factory):
-    from diffsr.testing import make_tiny_weights
-
-    return make_tiny_weights("s3diff", tiny_base, tmp_path_factory.mktemp("s3diff") / "s3diff.pkl")
+def stablesr_files(stablesr_weights):
+    return stablesr_weights, stablesr_weights.parent / "vqgan_cfw_00011.ckpt"
 
 
 def test_the_payload_is_live(tmp_path, osediff_weights):

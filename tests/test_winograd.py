@@ -27,20 +27,6 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module")
-def s3diff_weights(tiny_base):
-    from diffsr.testing import make_tiny_weights
-
-    return make_tiny_weights("s3diff", tiny_base, tiny_base.parent / "winograd" / "s3diff" / "s3diff.pkl")
-
-
-@pytest.fixture(scope="module")
-def stablesr_weights(tiny_base):
-    from diffsr.testing import make_tiny_weights
-
-    return make_tiny_weights("stablesr", tiny_base, tiny_base.parent / "winograd" / "stablesr_000117.ckpt")
-
-
 def convolution(in_channels, out_channels, bias=True, padding=1):
     torch.manual_seed(0)
     return nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=bias)
