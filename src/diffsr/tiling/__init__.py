@@ -13,9 +13,9 @@ Tiled VAE, three ways, chosen by size and the memory budget:
   only the per-operation working memory is bounded;
 - bounded: each tile (with a halo of context) runs through the whole network on its own, normalised with
   GroupNorm statistics shared by all tiles (so no brightness jumps); attention stays within the tile. The
-  shared statistics are pooled from a first pass over a sample of tile-sized boxes spread over the image
-  (about a quarter of a large one), each run with its own statistics. Memory stops growing at the tile size;
-  the result approximates the untiled one.
+  shared statistics are pooled from a first pass, each box with its own statistics, over every tile (encoder)
+  or a sample of tile-sized boxes spread from edge to edge (decoder: about a quarter of a large latent).
+  Memory stops growing at the tile size; the result approximates the untiled one.
 The tiled modes run the VAE with our own block-by-block code (vae_exact.VaeRunner), which is told what each
 GroupNorm normalises with (a function passed in, norms.StatisticsOf) rather than patching the modules.
 `callbacks` {resnet block: callback(block, output, region)} run after given blocks and see whole maps in the

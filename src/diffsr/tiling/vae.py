@@ -38,7 +38,7 @@ def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(
         if mode == "exact":
             moments = _run_exact(VaeRunner(vae.encoder, rows=tile, callbacks=callbacks), image, progress, "encode")
         else:
-            moments = run_bounded(vae.encoder, image, 8 * tile, 8 * ENCODER_HALO, 1 / 8, unit=8,
+            moments = run_bounded(vae.encoder, image, 8 * tile, 8 * ENCODER_HALO, 1 / 8, unit=8, sampled=False,
                                   callbacks=callbacks, statistics=statistics, progress=progress, phase="encode")
         if vae.quant_conv is not None:
             moments = vae.quant_conv(moments)

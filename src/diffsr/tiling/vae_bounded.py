@@ -25,24 +25,25 @@ def tile_boxes(size: int, tile: int, unit: int = 1) -> list[tuple[int, int]]:
 def sample_spans(size: int, tile: int, unit: int = 1) -> list[tuple[int, int]]:
     """The statistics pass's spans along one side: half as many as the tiles (rounded up), each a whole tile
     long, spread evenly from one end to the other (the ends matter: the zero padding there shapes the untiled
-    statistics; one span is centred). A quarter to a ninth of the area of a large image, all of a one-tile one.
+    statistics; one span is centred). About a quarter of the area of a large image, all of a one-tile one.
     Measured on the full-size SD VAE decoder (random weights) and the test VAE: the output is as close to the
-    untiled one as with statistics from every tile (benchmarks/results/bounded_vae_cost.md)."""
+    untiled one as with statistics from every tile; not on the encoder, whose output moved 2.5x further, so
+    the encoder takes every tile (benchmarks/results/bounded_vae_cost.md)."""
     count = math.ceil(size / tile / 2)
     length = min(tile, size)
     starts = [(size - length) / 2] if count == 1 else [k * (size - length) / (count - 1) for k in range(count)]
     return [(start, start + length) for start in (int(s // unit) * unit for s in starts)]
 
 
-def run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float, unit: int = 1,
+def run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float, unit: int = 1, sampled: bool = True,
                 callbacks: dict[torch.nn.Module, Callback] | None = None,
                 statistics: dict[torch.nn.Module, Statistics] | None = None, progress: Progress | None = None,
                 phase: str = "decode") -> torch.Tensor:
     """Each core tile of `x` (tile x tile, plus `halo` of context) through `net`; outputs `scale` x the input.
 
-    Two passes: the first runs a sample of tile-sized boxes (`sample_spans`) with their own GroupNorm
-    statistics and pools them; the second runs every tile normalised with the pooled statistics, so all tiles
-    share one brightness.
+    Two passes: the first runs a sample of tile-sized boxes (`sample_spans`; every tile where not `sampled`)
+    with their own GroupNorm statistics and pools them; the second runs every tile normalised with the pooled
+    statistics, so all tiles share one brightness.
     `callbacks` (see VaeRunner) get the tile's Region: its box and the statistics any GroupNorm they run
     must use, so that theirs are pooled too. `statistics`, if given, receives the pooled statistics. Each tile
     run is one unit of `phase` in `progress`, the total (sample boxes + tiles) announced before the first."""
@@ -54,7 +55,8 @@ def run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float, unit: 
     boxes = [((top, bottom, left, right), with_halo(top, bottom, left, right))
              for top, bottom in tile_boxes(height, tile, unit) for left, right in tile_boxes(width, tile, unit)]
     sample = [with_halo(top, bottom, left, right)  # with halos: statistics of halo-less tiles came out 2-3x worse
-              for top, bottom in sample_spans(height, tile, unit) for left, right in sample_spans(width, tile, unit)]
+              for top, bottom in sample_spans(height, tile, unit) for left, right in sample_spans(width, tile, unit)
+              ] if sampled else [padded for _, padded in boxes]
 
     progress = progress or Progress()
     progress.start(phase, len(sample) + len(boxes))
