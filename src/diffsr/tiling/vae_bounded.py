@@ -1,7 +1,8 @@
 """Bounded tiled VAE: each tile (with a halo of context) runs through the whole network on its own, with
 GroupNorm statistics shared by all tiles (so no brightness jumps); attention stays within the tile. The shared
-statistics come from a first pass over a sample of tile-sized boxes spread over the image, each run with its
-own statistics, pooled. Memory stops growing at the tile size; the result approximates the untiled one."""
+statistics come from a first pass, each box run with its own statistics, pooled: over every tile, or over a
+sample of tile-sized boxes spread over the image (`sample_spans`). Memory stops growing at the tile size; the
+result approximates the untiled one."""
 
 from __future__ import annotations
 
@@ -52,11 +53,13 @@ def run_bounded(net, x: torch.Tensor, tile: int, halo: int, scale: float, unit: 
     def with_halo(top, bottom, left, right):
         return max(top - halo, 0), min(bottom + halo, height), max(left - halo, 0), min(right + halo, width)
 
-    boxes = [((top, bottom, left, right), with_halo(top, bottom, left, right))
-             for top, bottom in tile_boxes(height, tile, unit) for left, right in tile_boxes(width, tile, unit)]
-    sample = [with_halo(top, bottom, left, right)  # with halos: statistics of halo-less tiles came out 2-3x worse
-              for top, bottom in sample_spans(height, tile, unit) for left, right in sample_spans(width, tile, unit)
-              ] if sampled else [padded for _, padded in boxes]
+    def grid(spans):
+        return [(top, bottom, left, right) for top, bottom in spans(height, tile, unit)
+                for left, right in spans(width, tile, unit)]
+
+    boxes = [(core, with_halo(*core)) for core in grid(tile_boxes)]
+    # with halos: statistics of halo-less tiles came out 2-3x worse
+    sample = [with_halo(*box) for box in grid(sample_spans if sampled else tile_boxes)]
 
     progress = progress or Progress()
     progress.start(phase, len(sample) + len(boxes))
