@@ -111,7 +111,9 @@ def _add_knob_options(parser: argparse.ArgumentParser) -> None:
     tiles = parser.add_argument_group("tiling (large images; sizes in latent pixels = 8 image pixels)")
     tiles.add_argument("--tile-size", type=int, help="denoiser tile (default: the method's, shrunk to fit --max-memory)")
     tiles.add_argument("--tile-overlap", type=int, help="overlap of denoiser tiles (default 32)")
-    tiles.add_argument("--vae-tile-size", type=int, help="VAE encoder/decoder tile (default 128/224, shrunk to fit)")
+    tiles.add_argument("--vae-tile-size", type=int,
+                       help="VAE encoder/decoder tile; larger latents run in bands of this many rows "
+                            "(default 128/224, shrunk to fit)")
     tiles.add_argument("--tile-batch", type=int, help="denoiser tiles per network call (default 1)")
     tiles.add_argument("--max-memory", type=float, help="working-memory budget in GB (default: from the device)")
     tiles.add_argument("--release-gaussian", action="store_true",

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffsr import tiling
-from diffsr.tiling import ENCODER_HALO, TilingOptions, resnet_block
+from diffsr.tiling import FeatureMap, TilingOptions, VaeRunner
 
 SFT_HIDDEN = 128  # the release's SPADE hard-codes its hidden width
 
@@ -193,63 +193,22 @@ class FusionLayer(nn.Module):
         self.encode_enc_3 = ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=None,
                                           groups=groups, eps=1e-6)
 
-    def forward(self, enc: torch.Tensor, dec: torch.Tensor, w: float,
-                statistics: tiling.StatisticsOf | None = None) -> torch.Tensor:
-        """`statistics`: what the GroupNorms normalise with when dec is one tile of a bounded-mode decode."""
-        fused = resnet_block(self.encode_enc_1, torch.cat([enc, dec], dim=1), statistics)
-        fused = resnet_block(self.encode_enc_3, self.encode_enc_2(fused), statistics)
-        return dec + w * fused
+    def forward(self, enc: FeatureMap, dec: FeatureMap, w: float, runner: VaeRunner | None = None) -> FeatureMap:
+        """On whole tensors, or through the tiled VAE's `runner` on the maps it gives (bands, shared norms)."""
+        if runner is None:  # the decoder runs untiled (if the encoder did not, its map may be spilled)
+            enc = VaeRunner.band(enc, 0, enc.shape[2])
+            fused = self.encode_enc_1(torch.cat([enc, dec], dim=1), None)
+            return dec + w * self.encode_enc_3(self.encode_enc_2(fused), None)
+        fused = runner.resnet(self.encode_enc_1, runner.local(lambda e, d: torch.cat([e, d], dim=1), enc, dec))
+        # each dense block's 5 convolutions see 5 rows further, 3 blocks per RRDB
+        fused = runner.local(self.encode_enc_2, fused, halo=15 * len(self.encode_enc_2))
+        fused = runner.resnet(self.encode_enc_3, fused)
+        return runner.local(lambda d, f: d + w * f, dec, fused)
 
 
 def fusion_levels(vae: nn.Module) -> list[int]:
     """LDM level indices that get a fusion layer: every level but the first and the last."""
     return list(range(1, len(vae.config.block_out_channels) - 1))
-
-
-class EncoderFeatures:
-    """The encoder's feature maps at the fusion levels, for the CFW decoder. Held whole when the encoder ran
-    untiled or in the exact tiled mode; in the bounded mode they are re-computed for each decoder tile from
-    the image, with the encoder's pooled GroupNorm statistics, so memory stays bounded (costs about one more
-    encoder pass per decoder pass: little beside StableSR's many UNet steps)."""
-
-    def __init__(self, encoder: nn.Module, levels: list[int], maps: dict[int, torch.Tensor] | None = None,
-                 image: torch.Tensor | None = None, statistics: dict | None = None):
-        self.encoder, self.levels, self.maps = encoder, sorted(levels), maps
-        self.image, self.statistics = image, statistics
-        self._last: tuple = (None, {})  # (box, maps): a decoder tile asks for every level in turn
-
-    def region(self, level: int, box: tuple[int, int, int, int] | None) -> torch.Tensor:
-        """Level `level` features under the latent box (top, bottom, left, right), or whole when box is None."""
-        to_level = 2 ** (len(self.encoder.down_blocks) - 1 - level)  # latent px -> this level's px
-        if self.maps is not None:
-            whole = self.maps[level]
-            if box is None:
-                return whole
-            top, bottom, left, right = (side * to_level for side in box)
-            return whole[..., top:bottom, left:right]
-        if self._last[0] != box:
-            self._last = (box, self._compute(box))
-        return self._last[1][level]
-
-    @torch.no_grad()
-    def _compute(self, box) -> dict[int, torch.Tensor]:
-        image = self.image
-        to_image = 2 ** (len(self.encoder.down_blocks) - 1)
-        height, width = image.shape[-2:]
-        top, bottom, left, right = (0, height, 0, width) if box is None else (side * to_image for side in box)
-        halo = ENCODER_HALO * to_image
-        y0, y1, x0, x1 = max(top - halo, 0), min(bottom + halo, height), max(left - halo, 0), min(right + halo, width)
-        maps, statistics = {}, tiling.given_statistics(self.statistics)
-        x = self.encoder.conv_in(image[..., y0:y1, x0:x1])
-        for index, block in enumerate(self.encoder.down_blocks[:self.levels[-1] + 1]):
-            for resnet in block.resnets:
-                x = resnet_block(resnet, x, statistics)
-            if index in self.levels:
-                step = 2 ** index
-                maps[index] = x[..., (top - y0) // step:(bottom - y0) // step, (left - x0) // step:(right - x0) // step]
-            for down in block.downsamplers or ():
-                x = down(x)
-        return maps
 
 
 class CFWAutoencoder(nn.Module):
@@ -271,31 +230,24 @@ class CFWAutoencoder(nn.Module):
         return len(self.vae.config.block_out_channels)
 
     def encode(self, image: torch.Tensor, options: TilingOptions = TilingOptions()):
-        """(latent distribution, EncoderFeatures at the fusion levels)."""
-        mode, _ = tiling.encode_plan(options, self.vae, image)
-        levels = [int(level) for level in self.fusion]
-        if mode == "bounded":
-            statistics: dict = {}
-            dist = tiling.vae_encode(self.vae, image, options, mode, statistics=statistics)
-            return dist, EncoderFeatures(self.vae.encoder, levels, image=image, statistics=statistics)
-        maps: dict[int, torch.Tensor] = {}
+        """(latent distribution, the encoder's feature maps {fusion level: map}). In the bounded tiled mode the
+        maps are spilled off the device (diffsr.tiling), so nothing image-sized stays on it for the decoder."""
+        features: dict[int, FeatureMap] = {}
 
         def keep(level):
-            return lambda module, output, region: maps.__setitem__(level, output)
+            return lambda module, output, runner: features.__setitem__(level, output)
 
-        keeps = {self.vae.encoder.down_blocks[level].resnets[-1]: keep(level) for level in levels}
-        dist = tiling.vae_encode(self.vae, image, options, mode, callbacks=keeps)
-        return dist, EncoderFeatures(self.vae.encoder, levels, maps=maps)
+        keeps = {self.vae.encoder.down_blocks[int(level)].resnets[-1]: keep(int(level)) for level in self.fusion}
+        return tiling.vae_encode(self.vae, image, options, callbacks=keeps), features
 
-    def decode(self, z: torch.Tensor, features: EncoderFeatures | None = None, w: float = 0.0,
+    def decode(self, z: torch.Tensor, features: dict[int, FeatureMap] | None = None, w: float = 0.0,
                options: TilingOptions = TilingOptions()) -> torch.Tensor:
         if w == 0 or features is None or len(self.fusion) == 0:
             return tiling.vae_decode(self.vae, z, options)
 
         def fuse(level):
             layer = self.fusion[str(level)]
-            return lambda module, output, region: layer(features.region(level, region.box), output, w,
-                                                        region.statistics)
+            return lambda module, output, runner: layer(features[level], output, w, runner)
 
         # diffusers orders decoder up-blocks from the lowest resolution: LDM level l is up_blocks[-1 - l].
         fuses = {self.vae.decoder.up_blocks[self.levels - 1 - int(level)].resnets[-1]: fuse(int(level))

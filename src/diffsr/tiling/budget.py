@@ -1,5 +1,5 @@
 """The memory budget: how much working memory there is, how much the networks need per latent pixel (hints
-declared as data below), and from those the tile sizes and the VAE mode (untiled, exact or bounded)."""
+declared as data below), and from those the tile sizes, the VAE mode (untiled, exact or bounded) and its bands."""
 
 from __future__ import annotations
 
@@ -24,24 +24,29 @@ class UnetHint:
 
 @dataclass(frozen=True)
 class VaeHint:
-    """A VAE encoder's or decoder's tiling: the releases' tile, the context around a bounded-mode tile, and the
-    feature maps alive at once (measured: SD VAE decoder tile, bf16, ~4 maps of its widest stage)."""
+    """A VAE encoder's or decoder's tiling: the releases' tile, and the feature maps alive at once (measured:
+    SD VAE decoder tile, bf16, ~4 maps of its widest stage)."""
 
     tile: int  # latent px
-    halo: int  # latent px
     live_maps: int = 4
     # more where the convolutions run by NNPACK (CPU float32): its workspace is about twice the input of the
     # convolution it runs (full-size decoder at 1024 px: 3.7 maps direct, 5.6 by Winograd)
     winograd_maps: int = 2
+    # more in the bounded mode: a band read from the spilled map and the reordered copy of a band written to it
+    spill_maps: int = 2
 
 
 SD_UNET = UnetHint(bytes_per_latent_px=64 * 1024, base_channels=320)  # SD-2.x UNet
-ENCODER = VaeHint(tile=128, halo=4)  # 1024 image px tiles as the releases, 32 px of context
-DECODER = VaeHint(tile=224, halo=11)  # as the releases
+ENCODER = VaeHint(tile=128)  # 1024 image px tiles as the releases
+DECODER = VaeHint(tile=224)  # as the releases
+# bytes per pair of a query and a key in the bounded mode's chunked mid-block attention: float32 scores, their
+# exponentials in place, and the slack of the product with the values
+ATTENTION_BYTES_PER_PAIR = 12
+
+VAE_MODES = ("untiled", "exact", "bounded")
 
 UNET_BYTES_PER_LATENT_PX = SD_UNET.bytes_per_latent_px
-ENCODER_TILE, ENCODER_HALO = ENCODER.tile, ENCODER.halo
-DECODER_TILE, DECODER_HALO = DECODER.tile, DECODER.halo
+ENCODER_TILE, DECODER_TILE = ENCODER.tile, DECODER.tile
 LIVE_MAPS = DECODER.live_maps
 
 
@@ -77,37 +82,56 @@ def _stage_channels_scales(block_out_channels, decoder: bool) -> list[tuple[int,
     return list(zip(block_out_channels, scales)) + [(c, s / 4) for c, s in zip(block_out_channels[:-1], scales[:-1])]
 
 
-def vae_bytes_per_latent_px(vae, decoder: bool, dtype: torch.dtype) -> float:
-    """Memory of the live feature maps per latent pixel at the widest stage of the encoder or decoder."""
+def _live_maps(vae, decoder: bool, dtype: torch.dtype) -> int:
     from diffsr.nets.winograd import runs_winograd
 
-    stages = _stage_channels_scales(vae.config.block_out_channels, decoder)
     hint = DECODER if decoder else ENCODER
-    maps = hint.live_maps + (hint.winograd_maps if dtype == torch.float32 and runs_winograd(vae) else 0)
-    return maps * max(c * s for c, s in stages) * _itemsize(dtype)
+    return hint.live_maps + (hint.winograd_maps if dtype == torch.float32 and runs_winograd(vae) else 0)
+
+
+def vae_bytes_per_latent_px(vae, decoder: bool, dtype: torch.dtype) -> float:
+    """Memory of the live feature maps per latent pixel at the widest stage of the encoder or decoder."""
+    stages = _stage_channels_scales(vae.config.block_out_channels, decoder)
+    return _live_maps(vae, decoder, dtype) * max(c * s for c, s in stages) * _itemsize(dtype)
 
 
 def vae_tile(options, vae, decoder: bool, device, dtype) -> int:
     """The VAE tile in latent pixels for `options` (a TilingOptions): given, else the release default shrunk
-    until one tile with its halo of context fits the budget."""
+    until a latent of one tile runs untiled within the budget. The exact mode runs bands of this many rows."""
     if options.vae_tile_size is not None:
         return options.vae_tile_size
     hint = DECODER if decoder else ENCODER
-    per_px = vae_bytes_per_latent_px(vae, decoder, dtype)
-    fitting = math.sqrt(options.budget_bytes(torch.device(device)) / per_px) - 2 * hint.halo
+    fitting = math.sqrt(options.budget_bytes(torch.device(device)) / vae_bytes_per_latent_px(vae, decoder, dtype))
     return min(hint.tile, _multiple_of_8(fitting))
 
 
-def vae_plan(options, vae, latent_hw, decoder: bool, device, dtype) -> tuple[str, int]:
-    """(mode, tile) for encoding/decoding a latent of `latent_hw`: untiled when it is no larger than a tile
-    in area; exact when the whole feature maps fit the budget (exact mode bounds only the per-operation
-    working memory: attention, convolution buffers); bounded otherwise."""
+def vae_band_rows(options, vae, decoder: bool, latent_width: int, device, dtype) -> int:
+    """Rows per band in the bounded mode (the same count at every stage): the given tile, else as many as fit
+    the budget with the live bands of the widest stage and the spill copies, and the mid-block attention's
+    scores of one band of queries against one band of keys (both at the latent's width)."""
+    if options.vae_tile_size is not None:
+        return options.vae_tile_size
+    budget = options.budget_bytes(torch.device(device))
+    stages = _stage_channels_scales(vae.config.block_out_channels, decoder)
+    maps = _live_maps(vae, decoder, dtype) + (DECODER if decoder else ENCODER).spill_maps
+    row_bytes = maps * max(c * math.sqrt(s) for c, s in stages) * latent_width * _itemsize(dtype)
+    attention_rows = math.sqrt(budget / ATTENTION_BYTES_PER_PAIR) / latent_width
+    return max(8, int(min(budget / row_bytes, attention_rows)))
+
+
+def vae_plan(options, vae, latent_hw, decoder: bool, device, dtype, mode: str | None = None) -> tuple[str, int]:
+    """(mode, rows) for encoding/decoding a latent of `latent_hw`: untiled when it is no larger than a tile in
+    area; exact, in bands of a tile's rows, when the whole feature maps fit the budget; bounded, in bands of
+    `vae_band_rows`, otherwise. A given `mode` is kept and gets its rows."""
+    if mode not in (None, *VAE_MODES):
+        raise ValueError(f"unknown VAE mode {mode!r}: one of {', '.join(VAE_MODES)}")
     tile = vae_tile(options, vae, decoder, device, dtype)
     height, width = latent_hw
-    if height * width <= tile * tile:
-        return "untiled", tile
-    whole_maps = height * width * vae_bytes_per_latent_px(vae, decoder, dtype)
-    return ("exact" if whole_maps <= options.budget_bytes(torch.device(device)) else "bounded"), tile
+    if mode is None:
+        whole_maps = height * width * vae_bytes_per_latent_px(vae, decoder, dtype)
+        mode = ("untiled" if height * width <= tile * tile
+                else "exact" if whole_maps <= options.budget_bytes(torch.device(device)) else "bounded")
+    return mode, (vae_band_rows(options, vae, decoder, width, device, dtype) if mode == "bounded" else tile)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

@@ -20,7 +20,7 @@ class TilingOptions:
 
     tile_size: int | None = None  # denoiser tile; None: the method's default, shrunk to fit max_memory
     tile_overlap: int = DEFAULT_OVERLAP
-    vae_tile_size: int | None = None  # VAE encoder and decoder tile; None: derived from max_memory
+    vae_tile_size: int | None = None  # VAE tile (and rows per band when tiled); None: from max_memory
     tile_batch: int = 1  # denoiser tiles per call
     max_memory: float | None = None  # GB of working memory (model weights not counted); None: from the device
     release_gaussian: bool = False  # the releases' off-centre Gaussian and square tiles, for parity
