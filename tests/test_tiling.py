@@ -184,9 +184,9 @@ def spilled(monkeypatch):
     shapes = []
     original = tiling.SpilledMap.__init__
 
-    def recording(self, shape, dtype, device):
+    def recording(self, shape, *args):
         shapes.append(tuple(shape))
-        original(self, shape, dtype, device)
+        original(self, shape, *args)
 
     monkeypatch.setattr(tiling.SpilledMap, "__init__", recording)
     return shapes

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from diffsr.tiling.norms import group_norm, map_statistics
-from diffsr.tiling.spill import SpilledMap
+from diffsr.tiling.spill import FilePool, ReadBuffer, SpilledMap
 
 WHOLE_MAP = 1 << 30  # rows of a band that is always the whole map
 
@@ -38,6 +38,7 @@ class VaeRunner:
         self.rows = WHOLE_MAP if rows is None else max(rows, 8)
         self.spill = spill
         self.callbacks = callbacks or {}
+        self.files = FilePool()  # for the maps spilled to files (CPU), closed at the end of the run
 
     def steps(self) -> list[Callable[[FeatureMap], FeatureMap]]:
         """The network as a list of blocks (conv_in, resnets, attention, resamplers, head), each x -> x."""
@@ -57,27 +58,33 @@ class VaeRunner:
 
     def __call__(self, x: torch.Tensor, advance: Callable[[], None] = lambda: None) -> torch.Tensor:
         """The network's output for `x` (a tensor on the device); `advance()` after every block."""
-        for step in self.steps():
-            x = step(x)
-            advance()
-        return x
+        try:
+            for step in self.steps():
+                x = step(x)
+                advance()
+            return x
+        finally:
+            self.files.close()
 
     # -- feature maps, band by band ------------------------------------------------------------------------
 
     @staticmethod
-    def band(x: FeatureMap, top: int, bottom: int) -> torch.Tensor:
-        """Rows [top, bottom) of map `x`, clipped to it, on the compute device."""
+    def band(x: FeatureMap, top: int, bottom: int, buffer: ReadBuffer | None = None) -> torch.Tensor:
+        """Rows [top, bottom) of map `x`, clipped to it, on the compute device (a spilled map's read into
+        `buffer` if given: valid until its next read)."""
         if isinstance(x, SpilledMap):
-            return x.rows(top, bottom)
+            return x.rows(top, bottom, buffer)
         return x[:, :, max(top, 0):bottom]
 
     def bands(self, x: FeatureMap) -> Iterator[torch.Tensor]:
-        return (self.band(x, top, top + self.rows) for top in range(0, x.shape[2], self.rows))
+        """The bands of `x` in order, each valid until the next is taken."""
+        buffer = ReadBuffer()
+        return (self.band(x, top, top + self.rows, buffer) for top in range(0, x.shape[2], self.rows))
 
     def _new_map(self, like: torch.Tensor, height: int, whole: bool) -> FeatureMap:
         """An empty map of `height` rows shaped like the band `like`: spilled in bounded mode unless `whole`."""
         shape = (like.shape[0], like.shape[1], height, like.shape[3])
-        return SpilledMap(shape, like.dtype, like.device) if self.spill and not whole else like.new_empty(shape)
+        return SpilledMap(shape, like.dtype, like.device, self.files) if self.spill and not whole else like.new_empty(shape)
 
     @staticmethod
     def _write(out: FeatureMap, top: int, band: torch.Tensor) -> None:
@@ -92,11 +99,12 @@ class VaeRunner:
         height = maps[0].shape[2]
         if height <= self.rows:
             return fn(*(self.band(x, 0, height) for x in maps))
-        out = None
+        out, buffers = None, [ReadBuffer() for _ in maps]
         for top in range(0, height, self.rows):
             bottom = min(top + self.rows, height)
             start, stop = max(top - halo, 0), min(bottom + halo, height)
-            y = fn(*(self.band(x, start, stop) for x in maps))[:, :, (top - start) * up:(bottom - start) * up]
+            bands = (self.band(x, start, stop, buffer) for x, buffer in zip(maps, buffers))
+            y = fn(*bands)[:, :, (top - start) * up:(bottom - start) * up]  # written before the next read
             if out is None:
                 out = self._new_map(y, height * up, whole)
             self._write(out, top * up, y)
@@ -109,10 +117,10 @@ class VaeRunner:
         band_rows = max(self.rows // 2, 1)
         if out_height <= band_rows:
             return down(self.band(x, 0, height))
-        out = None
+        out, buffer = None, ReadBuffer()
         for top in range(0, out_height, band_rows):
             bottom = min(top + band_rows, out_height)
-            y = down(self.band(x, 2 * top, 2 * bottom + 1))[:, :, :bottom - top]
+            y = down(self.band(x, 2 * top, 2 * bottom + 1, buffer))[:, :, :bottom - top]
             if out is None:
                 out = self._new_map(y, out_height, whole=False)
             self._write(out, top, y)
