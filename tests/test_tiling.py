@@ -163,21 +163,6 @@ def test_tiled_upscaling_has_no_seams(upscaler):
 # -- tiled VAE -------------------------------------------------------------------------------------------
 
 
-def test_exact_tiled_vae_equals_untiled(backbone):
-    vae = backbone.vae
-    options = TilingOptions(vae_tile_size=8, max_memory=BIG_BUDGET)
-    image = (smooth((1, 3, 200, 136), 7, cells=12) * 0.5).clamp(-1, 1)
-    assert tiling.vae_plan(options, vae, (25, 17), False, "cpu", torch.float32) == ("exact", 8)
-    untiled = vae.encode(image).latent_dist
-    tiled = tiling.vae_encode(vae, image, options)
-    encode_diff = max((tiled.mean - untiled.mean).abs().max().item(),
-                      (tiled.logvar - untiled.logvar).abs().max().item())
-    latent = smooth((1, 4, 40, 24), 8, cells=6)
-    decode_diff = (tiling.vae_decode(vae, latent, options) - vae.decode(latent).sample).abs().max().item()
-    print(f"tiled VAE max abs diff: encode {encode_diff:.2e}, decode {decode_diff:.2e}")
-    assert encode_diff < 1e-3 and decode_diff < 1e-3
-
-
 @pytest.fixture
 def spilled(monkeypatch):
     """The shapes of the maps spilled off the device while the test runs."""
@@ -192,14 +177,16 @@ def spilled(monkeypatch):
     return shapes
 
 
-def test_bounded_vae_equals_untiled_with_its_maps_off_the_device(backbone, spilled):
-    """Bounded mode: every map taller than a band is spilled (a temporary file on the CPU) and read back band
-    by band, the attention merged over key chunks; the result is still the untiled one. Sizes the bands do
-    not divide (the encoder's input is 25 latent px high, bands of 16 rows)."""
+@pytest.mark.parametrize("mode, budget, rows", [("exact", BIG_BUDGET, 8), ("bounded", 1e-6, 16)])
+def test_tiled_vae_equals_untiled(backbone, spilled, mode, budget, rows):
+    """Both tiled modes run row bands with whole-map GroupNorm statistics and attention: the untiled result.
+    Exact keeps the maps on the device; bounded spills every map taller than a band (a temporary file on the
+    CPU), reads it back band by band and merges the attention over key chunks. Sizes the bands do not divide
+    (the encoder's input is 25 latent px high)."""
     vae = backbone.vae
-    options = TilingOptions(vae_tile_size=16, max_memory=1e-6)
+    options = TilingOptions(vae_tile_size=rows, max_memory=budget)
     image = (smooth((1, 3, 200, 136), 7, cells=12) * 0.5).clamp(-1, 1)
-    assert tiling.vae_plan(options, vae, (25, 17), False, "cpu", torch.float32) == ("bounded", 16)
+    assert tiling.vae_plan(options, vae, (25, 17), False, "cpu", torch.float32) == (mode, rows)
     untiled = vae.encode(image).latent_dist
     tiled = tiling.vae_encode(vae, image, options)
     encode_diff = max((tiled.mean - untiled.mean).abs().max().item(),
@@ -207,12 +194,15 @@ def test_bounded_vae_equals_untiled_with_its_maps_off_the_device(backbone, spill
     encoder_maps = len(spilled)
     latent = smooth((1, 4, 40, 24), 8, cells=6)
     decode_diff = (tiling.vae_decode(vae, latent, options) - vae.decode(latent).sample).abs().max().item()
-    print(f"bounded VAE max abs diff: encode {encode_diff:.2e}, decode {decode_diff:.2e}; "
+    print(f"{mode} VAE max abs diff: encode {encode_diff:.2e}, decode {decode_diff:.2e}; "
           f"maps spilled: encoder {encoder_maps}, decoder {len(spilled) - encoder_maps}")
     assert encode_diff < 1e-3 and decode_diff < 1e-3
-    assert encoder_maps > 5 and len(spilled) - encoder_maps > 5
-    assert all(shape[2] > 16 for shape in spilled)  # only maps taller than a band leave the device
-    assert spilled.count((1, 32, 40, 24)) >= 2 + 2 * 3  # latent-size maps: mid-block keys and values, resnets
+    if mode == "exact":
+        assert spilled == []
+    else:
+        assert encoder_maps > 5 and len(spilled) - encoder_maps > 5
+        assert all(shape[2] > rows for shape in spilled)  # only maps taller than a band leave the device
+        assert spilled.count((1, 32, 40, 24)) >= 2 + 2 * 3  # latent-size maps: mid-block keys and values, resnets
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -225,6 +215,28 @@ def test_spilled_map_reads_back_the_rows_written(dtype):
         band = stored.rows(top, bottom)
         assert band.is_contiguous() and band.dtype == dtype
         assert torch.equal(band, whole[:, :, max(top, 0):bottom])
+
+
+def test_a_full_disk_is_one_clear_error(monkeypatch):
+    import errno
+
+    from diffsr.errors import OutputError
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)  # where the disk space is claimed
+    with pytest.raises(OutputError, match="no space in .* for the bounded VAE mode's feature maps .*TMPDIR"):
+        tiling.SpilledMap((1, 8, 64, 64), torch.float32, "cpu").write(0, torch.zeros((1, 8, 64, 64)))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_bounded_vae_closes_its_files(backbone):
+    """The spilled maps' files close when the run ends (the encoder's kept features: when they are dropped)."""
+    before = len(os.listdir("/proc/self/fd"))
+    latent = smooth((1, 4, 40, 24), 8, cells=6)
+    tiling.vae_decode(backbone.vae, latent, TilingOptions(vae_tile_size=8), mode="bounded")
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_attention_over_key_chunks_equals_attention_over_all_keys():
