@@ -84,7 +84,9 @@ class VaeRunner:
     def _new_map(self, like: torch.Tensor, height: int, whole: bool) -> FeatureMap:
         """An empty map of `height` rows shaped like the band `like`: spilled in bounded mode unless `whole`."""
         shape = (like.shape[0], like.shape[1], height, like.shape[3])
-        return SpilledMap(shape, like.dtype, like.device, self.files) if self.spill and not whole else like.new_empty(shape)
+        if self.spill and not whole:
+            return SpilledMap(shape, like.dtype, like.device, self.files)
+        return like.new_empty(shape)
 
     @staticmethod
     def _write(out: FeatureMap, top: int, band: torch.Tensor) -> None:
