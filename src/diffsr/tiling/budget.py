@@ -32,7 +32,7 @@ class VaeHint:
     # more where the convolutions run by NNPACK (CPU float32): its workspace is about twice the input of the
     # convolution it runs (full-size decoder at 1024 px: 3.7 maps direct, 5.6 by Winograd)
     winograd_maps: int = 2
-    # more in the bounded mode: a band read from the spilled map and the reordered copy of a band written to it
+    # more in the bounded mode: the reused read buffers of an operation's (up to two) spilled inputs
     spill_maps: int = 2
 
 

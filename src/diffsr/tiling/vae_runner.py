@@ -162,19 +162,20 @@ class VaeRunner:
         def heads(t):
             return t.reshape(batch, t.shape[1], attn.heads, -1).transpose(1, 2)
 
-        def as_map(projection):  # keys and values are kept as maps (batch, channels, rows, width)
-            return lambda band: projection(tokens(band)).transpose(1, 2).reshape(batch, -1, band.shape[2], width)
+        def keys_and_values(band):  # one map (batch, 2 x channels, rows, width): keys, then values
+            normed = tokens(band)
+            both = torch.cat([attn.to_k(normed), attn.to_v(normed)], dim=2)
+            return both.transpose(1, 2).reshape(batch, -1, band.shape[2], width)
 
-        keys, values = self.local(as_map(attn.to_k), x), self.local(as_map(attn.to_v), x)
-        def as_heads(key_or_value):  # a map or band of keys or values -> (batch, heads, tokens, head width)
-            return heads(key_or_value.flatten(2).transpose(1, 2))
+        def as_heads(keys_values):  # a map or band of them -> key, value: (batch, heads, tokens, head width)
+            return tuple(heads(part.flatten(2).transpose(1, 2)) for part in keys_values.chunk(2, dim=1))
 
-        if isinstance(keys, SpilledMap):
+        keys_values = self.local(keys_and_values, x)  # one pass over x for both
+        if isinstance(keys_values, SpilledMap):
             def attend_all(query):
-                chunks = ((as_heads(k), as_heads(v)) for k, v in zip(self.bands(keys), self.bands(values)))
-                return attend_in_chunks(query, chunks, attn.scale)
+                return attend_in_chunks(query, map(as_heads, self.bands(keys_values)), attn.scale)
         else:
-            key, value = as_heads(keys), as_heads(values)
+            key, value = as_heads(keys_values)
 
             def attend_all(query):
                 return F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
