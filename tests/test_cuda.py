@@ -82,6 +82,18 @@ def test_half_precision_on_cuda(name, dtype, tiny_base, weights):
     assert difference < (0.02 if dtype == torch.float16 else 0.05)
 
 
+@pytest.mark.parametrize("name", ["osediff", "s3diff"])
+def test_the_cuda_default_is_float16_near_float32(name, tiny_base, weights):
+    """dtype "auto" (the default) on CUDA: float16, within test_half_precision_on_cuda's float16 tolerance."""
+    knobs = METHODS[name][1]
+    default = diffsr.load_upscaler(name, base=tiny_base, weights=weights[name], device="cuda")
+    assert default.dtype == torch.float16
+    half = restore(default, lr_image(), **knobs)
+    full = restore(load(name, tiny_base, weights), lr_image(), **knobs)
+    assert torch.isfinite(half).all()
+    assert (full - half).abs().mean().item() < 0.02
+
+
 def test_upscale_on_cuda_writes_the_same_picture_as_on_cpu(tiny_base, weights):
     image = smooth_image(40, 48, seed=3)
     on_cpu = np.asarray(load("stablesr", tiny_base, weights, "cpu")(image, scale=4, steps=4), dtype=np.int16)

@@ -224,6 +224,14 @@ def test_unavailable_device_and_dtype_are_named(tiny_base, osediff_weights):
         diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights, dtype="float8")
 
 
+def test_auto_dtype_is_float16_on_cuda_and_float32_elsewhere(tiny_base, osediff_weights):
+    from diffsr.backbone import resolve_dtype
+
+    assert resolve_dtype("auto", "cuda:1") == torch.float16  # the releases' GPU setting
+    assert resolve_dtype("auto", "cpu") == resolve_dtype("auto", "mps") == torch.float32
+    assert diffsr.load_upscaler("osediff", base=tiny_base, weights=osediff_weights).dtype == torch.float32
+
+
 @pytest.mark.slow  # over 10 s on CI's 2 cores; the default run must stay under 10 minutes
 def test_hub_ids_resolve_through_the_huggingface_cache(tmp_path, tiny_base, osediff_weights):
     """A hub id loads like any diffusers model: here from a populated offline cache (no network).

@@ -71,7 +71,7 @@ def y_psnr(sr, gt):
 def fake_methods(monkeypatch):
     calls = []
 
-    def load_upscaler(method, base=None, weights=None, device="cpu", dtype="float32", **options):
+    def load_upscaler(method, base=None, weights=None, device="cpu", dtype="auto", **options):
         calls.append((method, base, weights, device, dtype))
         return NoisyUpscaler({"osediff": 3, "s3diff": 12}[method])
 
@@ -84,7 +84,7 @@ def test_benchmark_runs_methods_through_the_api(dataset, tmp_path, fake_methods,
     bench = run_benchmark(["osediff", "s3diff", "bicubic"], lr, gt, tmp_path / "out", "psnr,ssim,lpips,niqe",
                           runs=2, bases=["BASE", "s3diff=TURBO"], weights=["osediff=o.pkl", "s3diff=s.pkl"],
                           metric_weights=metric_weights, download=False, dataset="div2k", log=lambda m: None)
-    assert fake_methods == [("osediff", "BASE", "o.pkl", "cpu", "float32"), ("s3diff", "TURBO", "s.pkl", "cpu", "float32")]
+    assert fake_methods == [("osediff", "BASE", "o.pkl", "cpu", "auto"), ("s3diff", "TURBO", "s.pkl", "cpu", "auto")]
     assert [m.name for m in bench.methods] == ["osediff", "s3diff", "bicubic"]
     assert sorted(p.name for p in (tmp_path / "out" / "s3diff" / "seed1").iterdir()) == ["a.png", "b.png", "c.png"]
     # The benchmark's numbers, recomputed here from the images it wrote (the fakes only make the images).

@@ -1,9 +1,11 @@
 """Tiling: latent aggregation, tiled VAE, the automatic choice and bad input (diffsr.tiling, issue #3)."""
 
+import copy
 import os
 import platform
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -279,6 +281,74 @@ def test_stablesr_cfw_decoder_runs_under_the_tiled_vae(cfw, spilled):
     diffs["bounded encode, untiled decode"] = (cfw.decode(z, tiled_features, 0.5) - reference).abs().max().item()
     print("CFW tiled, max abs diff to untiled: " + ", ".join(f"{mode} {diff:.2e}" for mode, diff in diffs.items()))
     assert max(diffs.values()) < 1e-3
+
+
+VAE_MODES = [("untiled", BIG_BUDGET), ("exact", BIG_BUDGET), ("bounded", 1e-6)]
+
+
+def overflowing(vae):
+    """Scale `vae`'s (float16) mid-block convolutions so that their outputs pass float16's 65504 in the encoder
+    and the decoder; the GroupNorms after them bring the values back, so in float32 the output stays finite."""
+    for coder in (vae.encoder, vae.decoder):
+        coder.mid_block.resnets[0].conv2.weight.data *= 1e5
+    return vae
+
+
+@pytest.mark.parametrize("mode, budget", VAE_MODES)
+def test_a_float16_vae_that_overflows_is_redone_in_float32(backbone, mode, budget):
+    """float16, the CUDA default, overflows where a VAE's activations pass 65504: that pass is redone with the
+    VAE in float32 (one warning), then the VAE is float16 again for the next image."""
+    vae = overflowing(copy.deepcopy(backbone.vae).half())
+    in_float32 = copy.deepcopy(vae).float()  # the same float16-rounded weights
+    options = TilingOptions(vae_tile_size=4, max_memory=budget)  # small: float16 convolutions are slow on CPUs
+    image = (smooth((1, 3, 96, 64), 7, cells=6) * 0.5).clamp(-1, 1).half()
+    latent = smooth((1, 4, 12, 8), 8, cells=4).half()
+    with torch.no_grad():
+        assert not torch.isfinite(vae.decode(latent).sample).all()  # the overflow is real
+        assert not torch.isfinite(vae.encode(image).latent_dist.parameters).all()
+        with pytest.warns(UserWarning, match="float16 VAE encode overflowed"):
+            encoded = tiling.vae_encode(vae, image, options, mode).parameters
+        with pytest.warns(UserWarning, match="float16 VAE decode overflowed"):
+            decoded = tiling.vae_decode(vae, latent, options, mode)
+        expected_encoded = in_float32.encode(image.float()).latent_dist.parameters
+        expected_decoded = in_float32.decode(latent.float()).sample
+    assert encoded.dtype == decoded.dtype == torch.float16
+    assert {p.dtype for p in vae.parameters()} == {torch.float16}
+    differences = (encoded.float() - expected_encoded).abs().max().item(), \
+        (decoded.float() - expected_decoded).abs().max().item()
+    print(f"{mode}: redone in float32, max abs diff to float32 (float16 rounding): {differences}")
+    assert max(differences) < 4e-3
+
+
+def test_a_float16_vae_that_does_not_overflow_runs_once(backbone):
+    vae = copy.deepcopy(backbone.vae).half()
+    latent = smooth((1, 4, 12, 8), 8, cells=4).half()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(tiling.vae_decode(vae, latent), vae.decode(latent).sample)
+
+
+@pytest.mark.parametrize("mode, tile, budget", [("untiled", 64, BIG_BUDGET), ("bounded", 4, 1e-6)])
+def test_stablesr_cfw_overflow_is_redone_with_its_fusion_layers(cfw, mode, tile, budget):
+    """A redone CFW decode upcasts the fusion layers with the VAE, and takes features from an encode that was
+    itself redone in float32 (float32 maps into a float16 decoder)."""
+    half = copy.deepcopy(cfw).half()
+    overflowing(half.vae)
+    in_float32 = copy.deepcopy(half).float()
+    options = TilingOptions(vae_tile_size=tile, max_memory=budget)  # the fusion layers' two paths
+    image = (smooth((1, 3, 64, 48), 7, cells=6) * 0.5).clamp(-1, 1).half()
+    z = smooth((1, 4, 8, 6), 8, cells=4).half()
+    assert tiling.vae_plan(options, half.vae, (8, 6), True, "cpu", torch.float16)[0] == mode
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, features = half.encode(image, options)
+        decoded = half.decode(z, features, 0.5, options)
+        _, expected_features = in_float32.encode(image.float())
+        expected = in_float32.decode(z.float(), expected_features, 0.5)
+    assert decoded.dtype == torch.float16 and {p.dtype for p in half.parameters()} == {torch.float16}
+    difference = (decoded.float() - expected).abs().max().item()
+    print(f"CFW {mode}: redone in float32, max abs diff to float32 {difference:.2e}")
+    assert difference < 4e-3
 
 
 def test_stablesr_upscales_through_the_bounded_vae_without_seams(cfw, base):

@@ -21,7 +21,7 @@ __all__ = ["load_upscaler", "list_methods", "Upscaler", "DiffsrError", "ImageErr
 
 
 def load_upscaler(method: str, base: str | Path | None = None, weights: str | Path | None = None,
-                  device: str = "cpu", dtype: str = "float32", offline: bool | None = None,
+                  device: str = "cpu", dtype: str = "auto", offline: bool | None = None,
                   progress: bool = True, winograd: bool = True, **options) -> Upscaler:
     """Build `method` on the Stable Diffusion `base` with the authors' released `weights`.
 
@@ -49,7 +49,7 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
     if not isinstance(dtype, (str, torch.dtype)):
         raise ArgumentTypeError(f"dtype must be a name such as 'float32', not {type(dtype).__name__}")
     resolve_device(device)
-    resolve_dtype(dtype)
+    resolve_dtype(dtype, device)
     process_size = options.get("process_size")
     if process_size is not None:
         if isinstance(process_size, bool) or not isinstance(process_size, int):

@@ -21,14 +21,22 @@ _PART_FILES = {
 PARTS = tuple(_PART_FILES)
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype; "auto" is the fastest measured one for `device`: float16 on CUDA (the releases' GPU
+    setting; a float16 VAE pass that overflows is redone in float32, diffsr.tiling.vae), float32 elsewhere (on
+    the CPU it runs convolutions by Winograd and was the fastest: benchmarks/results/speed_vs_release.md)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise UsageError(f"unknown dtype '{dtype}' (choose float32, float16 or bfloat16)")
-    return names[dtype]
+    if dtype == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPE_CHOICES)})")
+    return DTYPES[dtype]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -127,7 +135,7 @@ def load_backbone(base: str | Path, device: str | torch.device = "cpu", dtype: s
     from diffsr.weights import resolve
 
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     base = resolve(base, "base")  # registry names and hub ids become local folders; all downloads live there
     check_base_folder(base)
     base = str(base)

@@ -10,11 +10,14 @@ import re
 import sys
 from pathlib import Path
 
+from diffsr.backbone import DTYPE_CHOICES
 from diffsr.color import COLOR_FIXES
 from diffsr.errors import DiffsrError, UsageError
 from diffsr.images import MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, OUTPUT_FORMATS, collect_inputs
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+DTYPE_HELP = ("auto (default): float16 on CUDA, as the releases run there, with a float16 VAE pass that overflows "
+              "redone in float32; float32 elsewhere (the fastest measured on the CPU)")
 
 
 def _fail(message: str) -> None:
@@ -31,7 +34,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                                           "ccsr-v1; see `diffsr weights list`), a file or the CCSR-v2 folder "
                                           "(default: the method's, fetched on first use)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--winograd", action=argparse.BooleanOptionalAction,
                         help="CPU float32: 3x3 convolutions by NNPACK's Winograd transform (on by default: about "
                              "1.6-2.1x faster per image, same output within float32 rounding); --no-winograd: direct "
@@ -490,7 +493,7 @@ def _add_evaluation_commands(commands) -> None:
     benchmark.add_argument("--results", action="append", default=[], metavar="NAME=DIR",
                            help="also include finished results from another tool")
     benchmark.add_argument("--device", default="cpu")
-    benchmark.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    benchmark.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     benchmark.add_argument("--scale", type=float, default=4)
     benchmark.add_argument("--seed", type=int, default=0)
     benchmark.add_argument("--runs", type=int, default=1, help="runs per method with seeds seed..seed+N-1 (adds G-STD, L-STD)")
@@ -648,8 +651,8 @@ def _warn_if_slow_dtype(device: str, dtype: str) -> None:
     import torch
 
     if dtype in ("float16", "fp16") and torch.device(device).type == "cpu":
-        print("diffsr: warning: --dtype float16 on the CPU is very slow (emulated); float32, the default, is the "
-              "fastest CPU mode measured (benchmarks/results/speed_vs_release.md)", file=sys.stderr)
+        print("diffsr: warning: --dtype float16 on the CPU is very slow (emulated); float32, the default on the CPU "
+              "(auto), is the fastest CPU mode measured (benchmarks/results/speed_vs_release.md)", file=sys.stderr)
 
 
 # -- tags and prompts (OSEDiff's DAPE tagger) ------------------------------------------------------------------
@@ -693,7 +696,7 @@ def _add_tag_command(commands) -> None:
     tag.add_argument("--ram-weights", type=Path, help="ram_swin_large_14m.pth (default: the cached registry copy)")
     tag.add_argument("--dape-weights", type=Path, help="DAPE.pth (default: the cached registry copy)")
     tag.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    tag.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    tag.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
 
 def run_tag(args) -> int:
@@ -939,7 +942,7 @@ def _add_ui_command(commands) -> None:
     ui.add_argument("--share", action="store_true", help="also serve through a public gradio.live link (off by default)")
     ui.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this user and password (use it beyond localhost)")
     ui.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu); requests queue on it")
-    ui.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ui.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     ui.add_argument("--base", action="append", default=[], metavar="[METHOD=]DIR",
                     help="Stable Diffusion base for local --weights (all methods, or per method)")
     ui.add_argument("--weights", action="append", default=[], metavar="METHOD=FILE",

@@ -16,7 +16,7 @@ class Tagger(Protocol):
     def __call__(self, images: torch.Tensor) -> list[str]: ...
 
 
-def load_tagger(name_or_callable: str | Callable | None, device="cpu", dtype="float32",
+def load_tagger(name_or_callable: str | Callable | None, device="cpu", dtype="auto",
                 beside: str | Path | None = None, ram_weights=None, dape_weights=None) -> Tagger | None:
     """None or "none": no tagger; a callable: itself; "dape" / "ram": diffsr.taggers.load (the release's files
     beside the file `beside` or in the weights cache)."""

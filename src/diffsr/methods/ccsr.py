@@ -77,7 +77,7 @@ class CCSR(Upscaler):
             raise UsageError("ccsr needs its weights: the CCSR-v2 folder (controlnet/ + vae/) or real-world_ccsr.ckpt")
         condition_vae = None
         if ccsr_v2.detect(weights):
-            parts = ccsr_v2.read(weights, resolve_dtype(dtype))
+            parts = ccsr_v2.read(weights, resolve_dtype(dtype, device))
             backbone, controlnet = load_backbone(base, device, dtype, vae=parts.vae), parts.controlnet
         else:
             backbone = load_backbone(base, device, dtype)

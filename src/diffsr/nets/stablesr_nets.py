@@ -194,12 +194,14 @@ class FusionLayer(nn.Module):
                                           groups=groups, eps=1e-6)
 
     def forward(self, enc: FeatureMap, dec: FeatureMap, w: float, runner: VaeRunner | None = None) -> FeatureMap:
-        """On whole tensors, or through the tiled VAE's `runner` on the maps it gives (bands, shared norms)."""
+        """On whole tensors, or through the tiled VAE's `runner` on the maps it gives (bands, shared norms).
+        `enc` is taken in `dec`'s dtype: one of the two passes may have been redone in float32 (tiling.vae)."""
         if runner is None:  # the decoder runs untiled (if the encoder did not, its map may be spilled)
-            enc = VaeRunner.band(enc, 0, enc.shape[2])
+            enc = VaeRunner.band(enc, 0, enc.shape[2]).to(dec.dtype)
             fused = self.encode_enc_1(torch.cat([enc, dec], dim=1), None)
             return dec + w * self.encode_enc_3(self.encode_enc_2(fused), None)
-        fused = runner.resnet(self.encode_enc_1, runner.local(lambda e, d: torch.cat([e, d], dim=1), enc, dec))
+        fused = runner.resnet(self.encode_enc_1,
+                              runner.local(lambda e, d: torch.cat([e.to(d.dtype), d], dim=1), enc, dec))
         # each dense block's 5 convolutions see 5 rows further, 3 blocks per RRDB
         fused = runner.local(self.encode_enc_2, fused, halo=15 * len(self.encode_enc_2))
         fused = runner.resnet(self.encode_enc_3, fused)
@@ -252,4 +254,4 @@ class CFWAutoencoder(nn.Module):
         # diffusers orders decoder up-blocks from the lowest resolution: LDM level l is up_blocks[-1 - l].
         fuses = {self.vae.decoder.up_blocks[self.levels - 1 - int(level)].resnets[-1]: fuse(int(level))
                  for level in self.fusion}
-        return tiling.vae_decode(self.vae, z, options, callbacks=fuses)
+        return tiling.vae_decode(self.vae, z, options, callbacks=fuses, callback_modules=[self.fusion])

@@ -214,7 +214,7 @@ def check_knobs_taken(knobs: dict, methods: list[str]) -> None:
 
 
 def run_benchmark(methods: list[str], lr_dir, gt_dir, output, metrics=None, scale: float = 4, seed: int = 0,
-                  runs: int = 1, device: str = "cpu", dtype: str = "float32", bases: list[str] = (),
+                  runs: int = 1, device: str = "cpu", dtype: str = "auto", bases: list[str] = (),
                   weights: list[str] = (), de_nets: list[str] = (), results: list[str] = (), metric_device=None,
                   metric_backend: str = "auto", metric_weights=None, download: bool = True, crop_border: int = 0,
                   dataset: str | None = None, knobs: dict | None = None, progress=None, log=print,

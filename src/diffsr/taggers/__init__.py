@@ -55,7 +55,7 @@ def find_file(item: str, file_name: str, given: str | Path | None, beside: str |
         raise WeightsError(f"the tagger needs {file_name}:{where} {error} (or use --tagger none)") from None
 
 
-def load(name: str = "dape", device="cpu", dtype="float32", ram_weights: str | Path | None = None,
+def load(name: str = "dape", device="cpu", dtype="auto", ram_weights: str | Path | None = None,
          dape_weights: str | Path | None = None, beside: str | Path | None = None) -> RamTagger:
     """Tagger `name` ("dape": RAM + DAPE's LoRA, OSEDiff's release default; "ram": RAM alone) on `device` in
     `dtype`, from the release's files (read with the restricted loader)."""
@@ -64,7 +64,8 @@ def load(name: str = "dape", device="cpu", dtype="float32", ram_weights: str | P
 
     if name not in NAMES:
         raise UsageError(f"no tagger named {name!r} (choose {', '.join(NAMES)}, or none)")
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     ram_path = find_file(RAM_ITEM, RAM_FILE, ram_weights, beside)
     state = tagging_state(read_weights(ram_path), str(ram_path))
     if name == "dape":

@@ -3,6 +3,8 @@ Progress: one unit per untiled run, per block of the network in the tiled modes.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -17,24 +19,29 @@ Callbacks = dict[torch.nn.Module, Callback]
 
 
 def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(), mode: str | None = None,
-               callbacks: Callbacks | None = None):
+               callbacks: Callbacks | None = None, callback_modules: Sequence[torch.nn.Module] = ()):
     """`vae.encode(image).latent_dist` for an image of any size (see diffsr.tiling for the modes).
 
     `callbacks` {resnet block: callback(block, output, runner)} are called after those blocks of the encoder
-    with whole feature maps: tensors, or in the bounded mode spilled maps (see vae_runner)."""
+    with whole feature maps: tensors, or in the bounded mode spilled maps (see vae_runner). A float16 pass whose
+    result is not finite is redone in float32 (`_float32_if_not_finite`), with the VAE and `callback_modules`
+    (the modules the callbacks run) upcast for it."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if image.shape[-1] % 8 or image.shape[-2] % 8:
         raise UsageError(f"image size {tuple(image.shape[-2:])} must be a multiple of 8 pixels to encode")
-    mode, rows = encode_plan(options, vae, image, mode)
     progress = options.progress or Progress()
-    if mode == "untiled":
-        return _run_untiled(lambda: vae.encode(image).latent_dist, callbacks, progress, "encode")
-    with torch.no_grad():  # the tiled modes are for inference
-        moments = _run_tiled(VaeRunner(vae.encoder, rows, mode == "bounded", callbacks), image, progress, "encode")
-        if vae.quant_conv is not None:
-            moments = vae.quant_conv(moments)
-    return DiagonalGaussianDistribution(moments)
+
+    def encode(image):
+        run_mode, rows = encode_plan(options, vae, image, mode)
+        if run_mode == "untiled":
+            return _run_untiled(lambda: vae.encode(image).latent_dist, callbacks, progress, "encode").parameters
+        with torch.no_grad():  # the tiled modes are for inference
+            moments = _run_tiled(VaeRunner(vae.encoder, rows, run_mode == "bounded", callbacks), image, progress,
+                                 "encode")
+            return moments if vae.quant_conv is None else vae.quant_conv(moments)
+
+    return DiagonalGaussianDistribution(_float32_if_not_finite(encode, image, (vae, *callback_modules), "encode"))
 
 
 def _run_untiled(run, callbacks: Callbacks | None, progress: Progress, phase: str):
@@ -53,20 +60,52 @@ def encode_plan(options: TilingOptions, vae, image: torch.Tensor, mode: str | No
 
 
 def vae_decode(vae, latent: torch.Tensor, options: TilingOptions = TilingOptions(), mode: str | None = None,
-               callbacks: Callbacks | None = None):
+               callbacks: Callbacks | None = None, callback_modules: Sequence[torch.nn.Module] = ()):
     """`vae.decode(latent).sample` (latent unscaled) for a latent of any size.
 
     `callbacks` on the decoder's resnet blocks are called as in `vae_encode`, and may replace the block's output
     (StableSR's fusion layers, which run their own blocks through the runner they are given). Untiled runs keep
-    the autograd mode (training decodes through here); the tiled modes run without gradients."""
-    mode, rows = vae_plan(options, vae, latent.shape[-2:], True, latent.device, latent.dtype, mode)
+    the autograd mode (training decodes through here); the tiled modes run without gradients. A float16 result
+    that is not finite is redone in float32, as in `vae_encode`."""
     progress = options.progress or Progress()
-    if mode == "untiled":
-        return _run_untiled(lambda: vae.decode(latent).sample, callbacks, progress, "decode")
-    with torch.no_grad():
-        if vae.post_quant_conv is not None:
-            latent = vae.post_quant_conv(latent)
-        return _run_tiled(VaeRunner(vae.decoder, rows, mode == "bounded", callbacks), latent, progress, "decode")
+
+    def decode(latent):
+        run_mode, rows = vae_plan(options, vae, latent.shape[-2:], True, latent.device, latent.dtype, mode)
+        if run_mode == "untiled":
+            return _run_untiled(lambda: vae.decode(latent).sample, callbacks, progress, "decode")
+        with torch.no_grad():
+            if vae.post_quant_conv is not None:
+                latent = vae.post_quant_conv(latent)
+            return _run_tiled(VaeRunner(vae.decoder, rows, run_mode == "bounded", callbacks), latent, progress,
+                              "decode")
+
+    return _float32_if_not_finite(decode, latent, (vae, *callback_modules), "decode")
+
+
+def _float32_if_not_finite(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                          modules: Sequence[torch.nn.Module], phase: str) -> torch.Tensor:
+    """`run(x)`; when x is float16 and the result has inf or NaN values (float16 overflows at 65504, as VAEs'
+    activations can on some images), run again on x in float32 with `modules` upcast for that run, and return
+    that result in float16. One warning names the redo."""
+    result = run(x)
+    if x.dtype != torch.float16 or torch.isfinite(result).all():
+        return result
+    warnings.warn(f"the float16 VAE {phase} overflowed (inf or NaN values): redone in float32", stacklevel=3)
+    with _in_float32(modules):
+        return run(x.float()).to(x.dtype)
+
+
+@contextmanager
+def _in_float32(modules: Sequence[torch.nn.Module]):
+    """float16 `modules` in float32 for the block, then in float16 again (exact both ways). `.float()` and
+    `.half()`, not `.to(dtype)`: diffusers' `to` warns about keep-in-float32 modules even when there are none."""
+    try:
+        for module in modules:
+            module.float()
+        yield
+    finally:
+        for module in modules:
+            module.half()
 
 
 def _run_tiled(runner: VaeRunner, x: torch.Tensor, progress: Progress, phase: str) -> torch.Tensor:

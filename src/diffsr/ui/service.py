@@ -142,7 +142,7 @@ class ModelCache:
     """Loaded upscalers kept between requests, keyed by (method, weights, device, dtype); the least recently
     used one is dropped beyond `keep`. One lock: a model is loaded once even when requests overlap."""
 
-    def __init__(self, device: str = "cpu", dtype: str = "float32", bases: dict[str, str] | None = None,
+    def __init__(self, device: str = "cpu", dtype: str = "auto", bases: dict[str, str] | None = None,
                  default_base: str | None = None, offline: bool | None = None, keep: int = 2, load=None):
         self.device, self.dtype, self.offline, self.keep = device, dtype, offline, max(1, keep)
         self.bases, self.default_base = dict(bases or {}), default_base
