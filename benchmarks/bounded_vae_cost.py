@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
                         help="Winograd convolutions, as load_upscaler does on the CPU (default: on)")
     parser.add_argument("--phases", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
+    parser.add_argument("--command-allocator", action="store_true",
+                        help="glibc's allocator as the `diffsr` command sets it (tiling.return_freed_memory)")
     args = parser.parse_args()
 
     from diffusers import AutoencoderKL
@@ -66,6 +68,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    if args.command_allocator and not tiling.return_freed_memory():
+        parser.error("--command-allocator: not glibc, or MALLOC_MMAP_THRESHOLD_ is set")
     vae = AutoencoderKL(**SD21_VAE).eval()
     use_winograd([vae], args.winograd)
     options = (tiling.TilingOptions(max_memory=args.max_memory) if args.max_memory is not None
@@ -86,7 +90,8 @@ def main() -> None:
           f"torch {torch.__version__}, float32, {'Winograd' if args.winograd else 'direct'} convolutions, "
           f"{args.threads} thread(s); {args.size} px image "
           f"({args.size // 8} px latent), bounded mode in bands of {rows} rows"
-          + (f" (budget {args.max_memory} GB)" if args.max_memory is not None else ""))
+          + (f" (budget {args.max_memory} GB)" if args.max_memory is not None else "")
+          + ("; the diffsr command's allocator setting" if args.command_allocator else ""))
     for phase in args.phases:
         seconds = {"untiled": [], "bounded": []}
         outputs = {}

@@ -7,6 +7,10 @@
 # the releases' pinned versions for theirs (those shadow the image's transformers etc. in their worker only).
 # Fetches nothing. The tables go to stdout and to $OUT/speed_vs_release_gpu.md (or $WORK).
 #   run(carry=["benchmarks/gpu/carry"], command="bash benchmarks/gpu/run_speed.sh", timeout_s=600)
+# `run_speed.sh tests` runs tests/test_cuda.py instead (tiny models: every method on CUDA against the CPU, float16
+# and bfloat16 against float32, the float16 default, the tiled VAE modes with maps spilled to host RAM, training
+# steps), with pytest and kornia from carry/wheels/tests where the image lacks them; its log goes to
+# $OUT/test_cuda.log. About 2-3 minutes (not measured yet): run it first, in the same warm machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=benchmarks/gpu/carry
@@ -24,6 +28,15 @@ DIFFSR_SITE=$WORK/diffsr-site RELEASE_SITE=$WORK/release-site
 export PYTHONPATH=src:$DIFFSR_SITE
 if ! "$PYTHON" -c "import diffusers.models, transformers, peft" 2>/dev/null; then  # the image's hub too old
     "$PYTHON" -m pip install -q --no-index --no-deps --target "$DIFFSR_SITE" "$(ls "$CARRY"/wheels/diffsr/huggingface_hub-*.whl)"
+fi
+if [ "${1:-speed}" = tests ]; then
+    for module in pytest kornia; do
+        "$PYTHON" -c "import $module" 2>/dev/null ||
+            "$PYTHON" -m pip install -q --no-index --no-deps --target "$DIFFSR_SITE" --find-links "$CARRY/wheels/tests" \
+                $( [ $module = kornia ] && echo kornia kornia_rs || echo pytest pluggy iniconfig )
+    done
+    timeout 400 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "${OUT:-$WORK}/test_cuda.log"
+    exit "${PIPESTATUS[0]}"
 fi
 "$PYTHON" -m pip install -q --no-index --no-deps --target "$RELEASE_SITE" --find-links "$CARRY/wheels/release" \
     diffusers==0.25.1 peft==0.10.0 transformers==4.45.2 huggingface_hub==0.25.2 tokenizers==0.20.3 \
