@@ -511,51 +511,6 @@ def test_cpu_upscaling_returns_freed_feature_maps_to_the_system():
     assert returned_mb("apply") > 150
 
 
-BAND_HEAP = """
-import resource
-from pathlib import Path
-import torch
-from diffsr.tiling import return_freed_memory
-from diffsr.tiling.budget import heap_for_bands
-
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-def rss_mb():
-    status = Path("/proc/self/status").read_text().splitlines()
-    return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) / 1024
-
-def bands():  # 8 MB bands made and freed in turn, as a band pass does; the page faults they cost
-    start = faults()
-    for _ in range(20):
-        torch.ones(2 << 20)
-    return faults() - start
-
-assert return_freed_memory()
-mapped = bands()
-with heap_for_bands():
-    heaped = bands()
-    blocks = [torch.ones(2 << 18) for _ in range(200)]  # 2 MB each, from the heap now
-    before = rss_mb()
-    del blocks[::2]
-print(mapped, heaped, before - rss_mb())
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
-def test_band_passes_reuse_heap_memory_and_still_return_it():
-    """Under the command's 1 MB mmap threshold every band is mapped afresh (about 2000 page faults per 8 MB
-    band); within `heap_for_bands` the bands reuse heap memory, and on leaving it freed blocks between live ones
-    go back to the system all the same."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    done = subprocess.run([sys.executable, "-c", BAND_HEAP], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    mapped, heaped, returned_mb = map(float, done.stdout.split())
-    print(f"page faults for 20 bands: mapped {mapped:.0f}, heap {heaped:.0f}; returned {returned_mb:.0f} MB")
-    assert mapped > 20 * 1000 and heaped < mapped / 5
-    assert returned_mb > 150
-
-
 def test_the_allocator_setting_is_the_command_lines_not_a_library_calls(upscaler, monkeypatch, capsys):
     """A process-wide setting: `diffsr` applies it at its entry; an upscale through the library leaves the
     process's allocator alone."""

@@ -3,7 +3,6 @@ declared as data below), and from those the tile sizes, the VAE mode (untiled, e
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import math
@@ -135,10 +134,8 @@ def vae_plan(options, vae, latent_hw, decoder: bool, device, dtype, mode: str | 
     return mode, (vae_band_rows(options, vae, decoder, width, device, dtype) if mode == "bounded" else tile)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 HEAP_BLOCK_LIMIT = 1 << 20  # bytes
-BAND_HEAP_LIMIT = 32 << 20  # glibc's largest mmap threshold
-DEFAULT_TRIM = 128 << 10  # glibc's trim threshold once the mmap threshold is set
 
 
 @functools.cache
@@ -152,28 +149,6 @@ def return_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT))
-
-
-@contextlib.contextmanager
-def heap_for_bands():
-    """Undo `return_freed_memory` while a tiled VAE pass runs: blocks up to 32 MB come from the heap and stay
-    there between bands. A band pass allocates and frees the same sizes over and over; mapped afresh each time,
-    and with the heap trimmed at every free, each band paid its page faults again: the full-size decoder at 512
-    px in 32-row bands took 1.45x the untiled CPU time, 1.23x with this (1.20x with glibc's defaults). Then the
-    1 MB threshold is back, and malloc_trim gives the heap's free pages back, so freed maps still leave the
-    process. Does nothing where `return_freed_memory` was not applied."""
-    if not (return_freed_memory.cache_info().currsize and return_freed_memory()):  # cached: not applied here
-        yield
-        return
-    libc = ctypes.CDLL(None)
-    libc.mallopt(M_MMAP_THRESHOLD, BAND_HEAP_LIMIT)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 * BAND_HEAP_LIMIT)
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM)
-        libc.malloc_trim(0)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

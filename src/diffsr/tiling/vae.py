@@ -11,7 +11,7 @@ import torch
 
 from diffsr.errors import UsageError
 from diffsr.progress import Progress
-from diffsr.tiling.budget import heap_for_bands, vae_plan
+from diffsr.tiling.budget import vae_plan
 from diffsr.tiling.options import TilingOptions
 from diffsr.tiling.vae_runner import Callback, VaeRunner
 
@@ -111,8 +111,7 @@ def _in_float32(modules: Sequence[torch.nn.Module]):
 def _run_tiled(runner: VaeRunner, x: torch.Tensor, progress: Progress, phase: str) -> torch.Tensor:
     """The tiled modes report each block (over all its row bands) as one unit of `phase`."""
     progress.start(phase, len(runner.steps()))
-    with heap_for_bands():
-        return runner(x, advance=lambda: progress.advance(phase))
+    return runner(x, advance=lambda: progress.advance(phase))
 
 
 @contextmanager
