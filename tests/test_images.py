@@ -108,3 +108,26 @@ def test_write_keeps_no_partial_file_and_collect_walks_folders(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "x" / "c.JPG")
     assert [p.name for p in collect_inputs([tmp_path / "x"])] == ["a.png", "c.JPG"]
     assert collect_inputs([tmp_path / "nope.png"]) == [tmp_path / "nope.png"]
+
+
+def test_a_batch_names_the_input_of_each_warning(tmp_path):
+    """A warning raised while one image is upscaled (e.g. a float16 VAE pass redone in float32) is that image's
+    line; one that names its file already is kept as it is."""
+    import warnings
+
+    from diffsr.batch import plan_outputs, upscale_all
+
+    sources = []
+    for name in ("a.png", "b.png"):
+        Image.fromarray(smooth_image(8, 8)).save(tmp_path / name)
+        sources.append(tmp_path / name)
+
+    def upscale(path, callback):
+        warnings.warn("the float16 VAE decode overflowed (inf or NaN values): redone in float32" if path.name == "a.png"
+                      else f"{path.name}: an animation of 3 frames; only the first frame is used")
+        return as_picture(smooth_image(16, 16))
+
+    report = upscale_all(plan_outputs(sources, tmp_path / "out"), upscale)
+    assert len(report.written) == 2
+    assert report.warnings == [f"{sources[0]}: the float16 VAE decode overflowed (inf or NaN values): redone in "
+                               "float32", "b.png: an animation of 3 frames; only the first frame is used"]

@@ -172,8 +172,9 @@ def upscale_all(plan: Plan, upscale: Callable[[Path, Callback | None], Picture],
                     tell("error", f"{source}: {first_line(error)}")
             if display is not None:
                 display.finish(source, time.perf_counter() - start, written)
-            for warning in caught:
-                tell("warning", str(warning.message))
+            for warning in caught:  # named by their input, as failures are
+                message = str(warning.message)
+                tell("warning", message if source.name in message else f"{source}: {message}")
     finally:
         if display is not None:
             display.end()
