@@ -11,6 +11,8 @@
 # and bfloat16 against float32, the float16 default, the tiled VAE modes with maps spilled to host RAM, training
 # steps), with pytest and kornia from carry/wheels/tests where the image lacks them; its log goes to
 # $OUT/test_cuda.log. About 2-3 minutes (not measured yet): run it first, in the same warm machine.
+# `run_speed.sh large` runs the 2048 px case (REPEATS=2 suggested, up to 4 minutes per method), if device time is
+# left after the other two.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=benchmarks/gpu/carry
@@ -58,20 +60,27 @@ echo "set-up done in $(( $(date +%s) - START )) s"
     echo "# diffsr vs the releases on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u '+%Y-%m-%d %H:%M') UTC"
     echo "(benchmarks/gpu/run_speed.sh; each table is one benchmarks/speed_vs_release.py run)"
 } > "$RESULTS"
-run() {  # method size extra-args...: one interleaved run of three sides, at most 120 s
+RUN_SECONDS=${RUN_SECONDS:-120}
+run() {  # method size extra-args...: one interleaved run of three sides, at most RUN_SECONDS
     local method=$1 size=$2 checkout=$CARRY/S3Diff
     shift 2
     [ "$method" = osediff ] && checkout=$CARRY/OSEDiff
     echo "== $method $size px $*" | tee -a "$RESULTS"
-    timeout 120 "$PYTHON" benchmarks/speed_vs_release.py --method "$method" --size "$size" --device cuda \
+    timeout "$RUN_SECONDS" "$PYTHON" benchmarks/speed_vs_release.py --method "$method" --size "$size" --device cuda \
         --release-checkout "$checkout" --release-python "$PYTHON" --release-path "$RELEASE_SITE" \
         --release-dtype fp16 --models "$WORK/models" --repeats "$REPEATS" --warmup 1 \
         --sides diffsr+float16 diffsr+bfloat16 release "$@" 2>&1 | tee -a "$RESULTS"
     echo "(exit ${PIPESTATUS[0]}, $(( $(date +%s) - START )) s since the start)" | tee -a "$RESULTS"
 }
 # OSEDiff's release merges its LoRA in its own timing script (test_inference_time.py): its fastest path.
-run osediff 512 --release-merge-lora
-run osediff 1024 --release-merge-lora
-run s3diff 512
-run s3diff 1024
+if [ "${1:-speed}" = large ]; then  # the issue's 2048 px case, each side with its own tiling defaults
+    RUN_SECONDS=${RUN_SECONDS_LARGE:-240}
+    run osediff 2048 --release-merge-lora
+    run s3diff 2048
+else
+    run osediff 512 --release-merge-lora
+    run osediff 1024 --release-merge-lora
+    run s3diff 512
+    run s3diff 1024
+fi
 echo "results: $RESULTS"
