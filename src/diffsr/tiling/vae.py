@@ -19,13 +19,12 @@ Callbacks = dict[torch.nn.Module, Callback]
 
 
 def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(), mode: str | None = None,
-               callbacks: Callbacks | None = None, callback_modules: Sequence[torch.nn.Module] = ()):
+               callbacks: Callbacks | None = None):
     """`vae.encode(image).latent_dist` for an image of any size (see diffsr.tiling for the modes).
 
     `callbacks` {resnet block: callback(block, output, runner)} are called after those blocks of the encoder
     with whole feature maps: tensors, or in the bounded mode spilled maps (see vae_runner). A float16 pass whose
-    result is not finite is redone in float32 (`_float32_if_not_finite`), with the VAE and `callback_modules`
-    (the modules the callbacks run) upcast for it."""
+    result is not finite is redone with the VAE in float32 (`_float32_if_not_finite`)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if image.shape[-1] % 8 or image.shape[-2] % 8:
@@ -41,7 +40,7 @@ def vae_encode(vae, image: torch.Tensor, options: TilingOptions = TilingOptions(
                                  "encode")
             return moments if vae.quant_conv is None else vae.quant_conv(moments)
 
-    return DiagonalGaussianDistribution(_float32_if_not_finite(encode, image, (vae, *callback_modules), "encode"))
+    return DiagonalGaussianDistribution(_float32_if_not_finite(encode, image, [vae], "encode"))
 
 
 def _run_untiled(run, callbacks: Callbacks | None, progress: Progress, phase: str):
@@ -66,7 +65,8 @@ def vae_decode(vae, latent: torch.Tensor, options: TilingOptions = TilingOptions
     `callbacks` on the decoder's resnet blocks are called as in `vae_encode`, and may replace the block's output
     (StableSR's fusion layers, which run their own blocks through the runner they are given). Untiled runs keep
     the autograd mode (training decodes through here); the tiled modes run without gradients. A float16 result
-    that is not finite is redone in float32, as in `vae_encode`."""
+    that is not finite is redone in float32, as in `vae_encode`, with `callback_modules` (the modules the
+    callbacks run) upcast along with the VAE."""
     progress = options.progress or Progress()
 
     def decode(latent):
