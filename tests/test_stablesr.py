@@ -308,6 +308,29 @@ def test_whole_run_matches_the_release_script(stablesr, release_runs, name):
     assert difference.max().item() <= 1
 
 
+@pytest.mark.parametrize("name", ["ddpm_canvas_tile_adain", "ddpm_canvas_tile_wavelet", "ddpm_old_adain",
+                                  "ddpm_old_wavelet"])
+def test_whole_run_matches_the_release_script_with_its_colour_fix(stablesr, files, name):
+    """The same scripts with --colorfix_type adain / wavelet (make_release_runs.py colorfix): they fix the decoded
+    image before clamping it, and the canvas script fixes the padded image against the padded input before
+    cropping the padding away."""
+    from diffsr.images import Picture
+
+    runs = parity_fixture("stablesr/stablesr_release_colorfix.pt", *release_files(files))
+    case = runs[name]
+    method = StableSR(stablesr.backbone, stablesr.unet, stablesr.encoder, stablesr.autoencoder,
+                      process_size=runs["input_size"])
+    knobs = dict(steps=case["steps"], sampler="ddpm", fidelity=case["dec_w"], tile_overlap=runs["tile_overlap"],
+                 release_gaussian=True, **({"start": "noise"} if case["script"] == "old" else {}))
+    lr = case.get("lr", runs["lr"]).numpy()
+    out = method.upscale(Picture(lr), scale=case["upscale"], seed=case["seed"], color_fix=case["colorfix"],
+                         **knobs).rgb
+    difference = (torch.from_numpy(out).float() - case["out"].float()).abs()
+    print(f"{name}: max {difference.max().item():.3f}, mean {difference.mean().item():.4f} levels of 255")
+    assert out.shape == tuple(case["out"].shape)
+    assert difference.max().item() <= 1
+
+
 def test_checkpoint_module_reads_writes_and_detects(files, tmp_path):
     """checkpoints.stablesr: detect either file of the pair and the safetensors copy (not a foreign file); write
     gives back what read took, in the release's format and as the copy."""

@@ -133,9 +133,14 @@ class Upscaler:
 
     def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions, **knobs) -> torch.Tensor:
         """The restored image in [0, 1] (values outside are left for the flow to clamp when
-        `clamp_before_color_fix` is False). `tiling` says how to split work that does not fit (diffsr.tiling);
-        the method passes it on to tiling.vae_encode / aggregate / vae_decode."""
+        `clamp_before_color_fix` is False), `lr`'s size at the top left; a method may return a margin beyond it
+        (see `color_reference`), which the flow crops after the colour fix. `tiling` says how to split work that
+        does not fit (diffsr.tiling); the method passes it on to tiling.vae_encode / aggregate / vae_decode."""
         raise NotImplementedError
+
+    def color_reference(self, lr: torch.Tensor) -> torch.Tensor:
+        """What the colour fix matches `restore`'s output to: `lr`, with the margin `restore` returns beyond it."""
+        return lr
 
     # -- the shared flow -------------------------------------------------------------------------
     def check_knobs(self, knobs: dict) -> None:
@@ -202,7 +207,8 @@ class Upscaler:
         lr = prepared.lr.to(self.device, torch.float32)
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
         restored = self.restore(lr, generator, tiling=tiling, **knobs).float()
-        restored = color_fix_and_clamp(restored, lr, fix, self.clamp_before_color_fix)
+        restored = color_fix_and_clamp(restored, self.color_reference(lr), fix, self.clamp_before_color_fix)
+        restored = restored[..., :lr.shape[-2], :lr.shape[-1]]
         depth = picture.rgb.dtype
         rgb = self.quantize(restored, np.uint16 if depth == np.uint16 else np.uint8)
         rgb = resize(rgb, prepared.out_size, self.output_resample)

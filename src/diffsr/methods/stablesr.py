@@ -66,6 +66,7 @@ class StableSR(Upscaler):
     name = "stablesr"
     default_base = "sd21-base"
     default_color_fix = "adain"
+    clamp_before_color_fix = False  # the release's scripts colour-fix the decoded image, then clamp
     weights_name = "stablesr_000117.ckpt"
     Knobs = StableSRKnobs
 
@@ -166,14 +167,15 @@ class StableSR(Upscaler):
         return sample_ddim(model, x, schedule, eta, generator, self.prediction,
                            release_ddim_alphas(alphas_cumprod, steps))
 
+    def color_reference(self, lr: torch.Tensor) -> torch.Tensor:
+        """`lr` padded as `restore` pads it: the release colour-fixes the padded image, then crops the padding."""
+        pad_h, pad_w = release_padding(*lr.shape[-2:])
+        return F.pad(lr, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else lr
+
     def restore(self, lr: torch.Tensor, generator: torch.Generator, tiling: TilingOptions = TilingOptions(),
                 **given) -> torch.Tensor:
         knobs = self.settings(given)
-        height, width = lr.shape[-2:]
-        image = lr * 2 - 1
-        pad_h, pad_w = release_padding(height, width)
-        if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect")
+        image = self.color_reference(lr) * 2 - 1  # the release's reflect padding to a multiple of 32
         dist, features = self.autoencoder.encode(image.to(self.dtype), tiling)
         condition = dist.sample(generator) * self.scaling_factor
         backbone = self.backbone
@@ -185,4 +187,4 @@ class StableSR(Upscaler):
                              tiler=lambda denoise, x, cond: tiling.aggregate(denoise, x, cond, tile, backbone.unet))
         decoded = self.autoencoder.decode((latent / self.scaling_factor).to(self.dtype), features, knobs.fidelity,
                                           tiling)
-        return decoded[..., :height, :width].float().clamp_(-1, 1).add_(1).div_(2)
+        return decoded.float().add_(1).div_(2)  # unclamped, padded: as the release colour-fixes it
