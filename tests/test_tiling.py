@@ -479,7 +479,7 @@ FRAGMENTING_HEAP = """
 import sys
 from pathlib import Path
 import torch
-from diffsr.tiling import return_freed_memory
+from diffsr.tiling import return_freed_memory, trim_heap
 
 def rss_mb():
     status = Path("/proc/self/status").read_text().splitlines()
@@ -491,6 +491,8 @@ if sys.argv[1] == "apply":
 blocks = [torch.ones(2 << 18) for _ in range(200)]  # 2 MB each
 before = rss_mb()
 del blocks[::2]  # every other block: the freed ones sit between live ones
+if sys.argv[1] == "trim":
+    assert trim_heap()
 print(before - rss_mb())
 """
 
@@ -509,6 +511,20 @@ def test_cpu_upscaling_returns_freed_feature_maps_to_the_system():
 
     assert returned_mb("default") < 50
     assert returned_mb("apply") > 150
+    # trim_heap, once after the blocks were freed (load_upscaler's call), returns them without the setting
+    assert returned_mb("trim") > 150
+
+
+def test_load_upscaler_returns_its_freed_loading_buffers(base, monkeypatch):
+    """load_upscaler trims the heap once, after the method is built (its read and conversion buffers are freed by
+    then); the trim's effect is the test above."""
+    from diffsr.testing import make_tiny_weights
+
+    weights = make_tiny_weights("osediff", base, base.parent / "osediff.pkl")
+    calls = []
+    monkeypatch.setattr("diffsr.tiling.trim_heap", lambda: calls.append(1))
+    diffsr.load_upscaler("osediff", base=base, weights=weights)
+    assert calls == [1]
 
 
 def test_the_allocator_setting_is_the_command_lines_not_a_library_calls(upscaler, monkeypatch, capsys):

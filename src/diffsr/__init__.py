@@ -67,6 +67,9 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
                               progress=progress, convert=cls.convert_weights,
                               unused_extras=cls.unused_extras(options))
     upscaler = cls.load(resolved.base, resolved.weights, device=device, dtype=dtype, **resolved.options)
+    from diffsr.tiling import trim_heap
+
+    trim_heap()  # the loading buffers, freed, back to the system (glibc keeps them otherwise)
     if winograd and upscaler.device.type == "cpu" and upscaler.dtype == torch.float32:
         from diffsr.nets.winograd import use_winograd
 

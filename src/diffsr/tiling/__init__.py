@@ -28,8 +28,8 @@ Written by hand: diffusers' own VAE tiling normalises each tile with its own sta
 
 from diffsr.tiling.aggregate import DEFAULT_OVERLAP, GAUSSIAN_VAR, Denoiser, aggregate, gaussian_weights, tile_starts
 from diffsr.tiling.budget import (DECODER_TILE, ENCODER_TILE, LIVE_MAPS, UNET_BYTES_PER_LATENT_PX, VAE_MODES,
-                                  available_memory, return_freed_memory, vae_band_rows, vae_bytes_per_latent_px,
-                                  vae_plan, vae_tile)
+                                  available_memory, return_freed_memory, trim_heap, vae_band_rows,
+                                  vae_bytes_per_latent_px, vae_plan, vae_tile)
 from diffsr.tiling.options import TILING_KNOBS, TilingOptions
 from diffsr.tiling.norms import Statistics, group_norm
 from diffsr.tiling.spill import SpilledMap
@@ -40,6 +40,6 @@ __all__ = [
     "Callback", "FeatureMap", "SpilledMap", "Statistics", "VaeRunner", "group_norm",
     "DECODER_TILE", "DEFAULT_OVERLAP", "ENCODER_TILE", "GAUSSIAN_VAR", "LIVE_MAPS", "TILING_KNOBS",
     "UNET_BYTES_PER_LATENT_PX", "VAE_MODES", "Denoiser", "TilingOptions", "aggregate", "available_memory",
-    "encode_plan", "gaussian_weights", "return_freed_memory", "tile_starts", "vae_band_rows",
+    "encode_plan", "gaussian_weights", "return_freed_memory", "tile_starts", "trim_heap", "vae_band_rows",
     "vae_bytes_per_latent_px", "vae_decode", "vae_encode", "vae_plan", "vae_tile",
 ]

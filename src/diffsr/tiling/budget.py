@@ -151,6 +151,16 @@ def return_freed_memory() -> bool:
     return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT))
 
 
+def trim_heap() -> bool:
+    """On glibc, give the heap's free pages back to the system (malloc_trim). Loading weights frees gigabytes of
+    read and conversion buffers, and without the command line's threshold (`return_freed_memory`) glibc keeps
+    those under its threshold: full-size StableSR stayed at 6.88 GB resident after load_upscaler, 4.54 GB after
+    this call. One call, no lasting setting; does nothing elsewhere. True if memory was returned."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).malloc_trim(0))
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
