@@ -10,18 +10,29 @@ reset after loading and warm-up), and the ratios diffsr / release. Model loading
 
 The authors' code is imported from --release-checkout (a local checkout, never copied into this repository)
 and driven as their test scripts drive it: OSEDiff's OSEDiff_test with test_osediff.py's per-image steps,
-S3Diff's S3Diff (s3diff_tile) + DEResNet with inference_s3diff.py's. Their tagger (OSEDiff's RAM/DAPE) is off
-on both sides: a fixed prompt; both take the VAE posterior's mean (the release's draw replaced, as in the
-parity fixtures), so the printed output differences show whether the two did the same work. Where torchvision
-cannot be imported (this CPU machine) small stand-ins supply the two transforms their colour fix uses; CUDA
-calls are mapped to the CPU with --device cpu.
+S3Diff's S3Diff (s3diff_tile) + DEResNet with inference_s3diff.py's, StableSR's LatentDiffusionSRTextWT +
+AutoencoderKLResi (built from the release's own yaml configs) with the README's StableSR-Turbo command
+(sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py --ddpm_steps 4 --dec_w 0.5 --n_samples 1 --colorfix_type wavelet),
+CCSR v1's ControlNet + ControlledUnetModel (configs/model/ccsr_stage2.yaml's shapes) with inference_ccsr.py's
+process() at its defaults (45 steps, t_max 0.6667, t_min 0.3333, adain). Their tagger (OSEDiff's RAM/DAPE) is off
+on both sides: a fixed prompt; OSEDiff and S3Diff take the VAE posterior's mean on both sides (the release's
+draw replaced, as in the parity fixtures); StableSR and CCSR use the scripts' seeds, which diffsr reproduces.
+So the printed output differences show whether the two did the same work. Where torchvision cannot be imported
+(this CPU machine) small stand-ins supply the two transforms their colour fix uses; CUDA calls are mapped to the
+CPU with --device cpu. StableSR's and CCSR's text encoder (OpenCLIP in the releases) is the same text tower as
+the base's CLIP: its embedding of "" is computed once by diffsr and handed to the release (the parity fixtures'
+harnesses in tests/fixtures/stablesr and tests/fixtures/ccsr supply the import stand-ins).
 
     PYTHONPATH=src python benchmarks/speed_vs_release.py --method osediff \\
         --release-checkout /tmp/OSEDiff --release-python /tmp/relvenv/bin/python --size 512 --repeats 3
     ... --device cuda --dtype float16 --release-dtype fp16    # on a GPU (the releases run fp16 there)
 
 The release environment used here: diffusers==0.25.1 peft==0.10.0 transformers==4.45.2
-huggingface_hub==0.25.2 tokenizers==0.20.3 numpy<2 (the versions the parity fixtures were made with).
+huggingface_hub==0.25.2 tokenizers==0.20.3 numpy<2 (the versions the parity fixtures were made with), and
+omegaconf, einops for StableSR and CCSR.
+
+    ... --method stablesr --release-checkout /path/to/IceClear/StableSR     # StableSR-Turbo's 4 DDPM steps
+    ... --method ccsr --release-checkout /path/to/csslc/CCSR (its v1 tree)  # 45 steps, t 0.6667 -> 0.3333
 """
 
 from __future__ import annotations
@@ -46,7 +57,13 @@ sys.path.insert(0, str(HERE))  # tiling_memory: the full-size base writer and th
 
 RESULT = "@@speed "  # prefix of the workers' report lines (the release prints its own lines on stdout)
 OSEDIFF_PROMPT = "a photo of a city street, clean, high-resolution, 8k"
-WEIGHTS = {"osediff": "osediff.pkl", "s3diff": "s3diff/s3diff.pkl"}
+WEIGHTS = {"ccsr": "ccsr/real-world_ccsr.ckpt", "osediff": "osediff.pkl", "s3diff": "s3diff/s3diff.pkl",
+           "stablesr": "stablesr/stablesr_000117.ckpt"}
+TEXTS = "empty_prompt.pt"  # the full-size base's embedding of "" (StableSR's and CCSR's release side)
+# The README's StableSR-Turbo command (sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py): 4 DDPM steps, dec_w 0.5,
+# seed 42, wavelet colour fix; CCSR v1: inference_ccsr.py's --seed.
+STABLESR_TURBO = dict(steps=4, fidelity=0.5, color_fix="wavelet")
+SEEDS = {"ccsr": 233, "osediff": 0, "s3diff": 0, "stablesr": 42}
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -88,17 +105,17 @@ def diffsr_runner(args):
     side = parse_side(args.worker, args)
     base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
     options = {} if side["winograd"] is None else {"winograd": side["winograd"]}
+    knobs = {}
     if args.method == "osediff":
         if side["merge_lora"] is not None:
             options["merge_lora"] = side["merge_lora"]
-        upscaler = diffsr.load_upscaler("osediff", base=base, weights=weights, device=args.device,
-                                        dtype=side["dtype"], tagger="none", **options)
+        options["tagger"] = "none"
         knobs = {"prompt": OSEDIFF_PROMPT}
-    else:
-        upscaler = diffsr.load_upscaler("s3diff", base=base, weights=weights, device=args.device,
-                                        dtype=side["dtype"], **options)
-        knobs = {}
-    return lambda image: upscaler.upscale(image, scale=4, seed=0, **knobs).rgb
+    elif args.method == "stablesr":
+        knobs = STABLESR_TURBO
+    upscaler = diffsr.load_upscaler(args.method, base=base, weights=weights, device=args.device,
+                                    dtype=side["dtype"], **options)
+    return lambda image: upscaler.upscale(image, scale=4, seed=SEEDS[args.method], **knobs).rgb
 
 
 def _release_imports(checkout: Path, device: str) -> None:
@@ -149,47 +166,63 @@ def _release_imports(checkout: Path, device: str) -> None:
     vae.DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
 
 
+RELEASE_TILES = dict(vae_encoder_tiled_size=1024, vae_decoder_tiled_size=224, latent_tiled_size=96,
+                     latent_tiled_overlap=32)  # OSEDiff's and S3Diff's test scripts' defaults
+
+
 def release_runner(args):
+    """The release's per-image steps as a function of the RGB input (its models loaded once)."""
+    checkout = args.release_checkout.resolve()
+    base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
+    runners = {"ccsr": release_ccsr, "osediff": release_osediff, "s3diff": release_s3diff,
+               "stablesr": release_stablesr}
+    return runners[args.method](args, checkout, base, weights)
+
+
+def release_osediff(args, checkout: Path, base: Path, weights: Path):
+    from argparse import Namespace
+
+    import torch
+    from PIL import Image
+
+    _release_imports(checkout, args.device)
+    sys.path.insert(0, str(checkout))
+    from my_utils.wavelet_color_fix import adain_color_fix
+    from osediff import OSEDiff_test
+    from torchvision.transforms import ToPILImage, ToTensor
+
+    model = OSEDiff_test(Namespace(pretrained_model_name_or_path=str(base), osediff_path=str(weights),
+                                   mixed_precision=args.release_dtype,
+                                   merge_and_unload_lora=args.release_merge_lora, **RELEASE_TILES))
+
+    def run(image: np.ndarray) -> np.ndarray:  # test_osediff.py's loop body, the tagger left out
+        input_image = Image.fromarray(image)
+        ori_width, ori_height = input_image.size
+        rscale = 4
+        if ori_width < 512 // rscale or ori_height < 512 // rscale:
+            scale = (512 // rscale) / min(ori_width, ori_height)
+            input_image = input_image.resize((int(scale * ori_width), int(scale * ori_height)))
+        input_image = input_image.resize((input_image.size[0] * rscale, input_image.size[1] * rscale))
+        new_width, new_height = input_image.width - input_image.width % 8, input_image.height - input_image.height % 8
+        input_image = input_image.resize((new_width, new_height), Image.LANCZOS)
+        lq = ToTensor()(input_image).unsqueeze(0).to(args.device)
+        with torch.no_grad():
+            output_image = model(lq * 2 - 1, prompt=OSEDIFF_PROMPT)
+            output_pil = ToPILImage()(output_image[0].cpu() * 0.5 + 0.5)
+            output_pil = adain_color_fix(target=output_pil, source=input_image)
+        return np.asarray(output_pil)
+    return run
+
+
+def release_s3diff(args, checkout: Path, base: Path, weights: Path):
+    from argparse import Namespace
+
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
-    checkout = args.release_checkout.resolve()
     _release_imports(checkout, args.device)
-    base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
     half = args.release_dtype == "fp16"
-    tiles = dict(vae_encoder_tiled_size=1024, vae_decoder_tiled_size=224, latent_tiled_size=96,
-                 latent_tiled_overlap=32)  # both test scripts' defaults
-    from argparse import Namespace
-
-    if args.method == "osediff":
-        sys.path.insert(0, str(checkout))
-        from my_utils.wavelet_color_fix import adain_color_fix
-        from osediff import OSEDiff_test
-        from torchvision.transforms import ToPILImage, ToTensor
-
-        model = OSEDiff_test(Namespace(pretrained_model_name_or_path=str(base), osediff_path=str(weights),
-                                       mixed_precision=args.release_dtype,
-                                       merge_and_unload_lora=args.release_merge_lora, **tiles))
-
-        def run(image: np.ndarray) -> np.ndarray:  # test_osediff.py's loop body, the tagger left out
-            input_image = Image.fromarray(image)
-            ori_width, ori_height = input_image.size
-            rscale = 4
-            if ori_width < 512 // rscale or ori_height < 512 // rscale:
-                scale = (512 // rscale) / min(ori_width, ori_height)
-                input_image = input_image.resize((int(scale * ori_width), int(scale * ori_height)))
-            input_image = input_image.resize((input_image.size[0] * rscale, input_image.size[1] * rscale))
-            new_width, new_height = input_image.width - input_image.width % 8, input_image.height - input_image.height % 8
-            input_image = input_image.resize((new_width, new_height), Image.LANCZOS)
-            lq = ToTensor()(input_image).unsqueeze(0).to(args.device)
-            with torch.no_grad():
-                output_image = model(lq * 2 - 1, prompt=OSEDIFF_PROMPT)
-                output_pil = ToPILImage()(output_image[0].cpu() * 0.5 + 0.5)
-                output_pil = adain_color_fix(target=output_pil, source=input_image)
-            return np.asarray(output_pil)
-        return run
-
     sys.path[:0] = [str(checkout / "src"), str(checkout)]
     from de_net import DEResNet
     from s3diff_tile import S3Diff
@@ -201,7 +234,7 @@ def release_runner(args):
     net_de.load_model(str(weights.parent / "de_net.pth"))
     net_de.eval()
     net_sr = S3Diff(lora_rank_unet=32, lora_rank_vae=16, sd_path=str(base), pretrained_path=str(weights),
-                    args=Namespace(**tiles))
+                    args=Namespace(**RELEASE_TILES))
     net_sr.set_eval()
     net_sr.to(args.device, dtype=dtype)
     net_de.to(args.device, dtype=dtype)
@@ -229,6 +262,62 @@ def release_runner(args):
         output_pil = wavelet_color_fix(output_pil, ToPILImage()(im_lr_resize[0].cpu().detach()))
         return np.asarray(output_pil)
     return run
+
+
+def release_stablesr(args, checkout: Path, base: Path, weights: Path):
+    """sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py's per-image lines (tests/fixtures/stablesr/make_release_runs.py's
+    release_run) with the README's StableSR-Turbo options (--ddpm_steps 4 --dec_w 0.5 --seed 42 --n_samples 1
+    --colorfix_type wavelet --upscale 4; --input_size 512 and --tile_overlap 32 at their defaults). Images up to
+    --vqgantile_size (1280 px) are one piece, as here."""
+    import torch
+
+    os.environ.update(STABLESR_SRC=str(checkout), STABLESR_GROUPS="32")  # the release's GroupNorm32
+    sys.path.insert(0, str(REPO / "tests" / "fixtures" / "stablesr"))
+    import make_reference as harness  # the import stand-ins (Lightning, torchvision, OpenCLIP ...)
+    import make_release_runs as script
+    from omegaconf import OmegaConf
+
+    torch.set_num_threads(args.threads)  # the fixture harness sets one thread
+    configs = OmegaConf.load(checkout / "configs/stableSRNew/v2-finetune_text_T_512.yaml")
+    configs.model.params.cond_stage_config = {"target": "harness.NullText"}  # the text embedding is given
+    vq_config = OmegaConf.load(checkout / "configs/autoencoder/autoencoder_kl_64x64x4_resi.yaml").model
+    vq_config.params.lossconfig = {"target": "torch.nn.Identity"}  # LPIPS + discriminator: training only
+    harness.MODEL, harness.VQ = configs.model, vq_config
+    model, vq, _ = harness.load_models(weights.parent)
+    script.INPUT_SIZE, script.TILE_OVERLAP, script.N_SAMPLES = 512, 32, 1  # the script's defaults, Turbo's 1
+    texts = {"empty": torch.load(args.models / TEXTS)}  # model.cond_stage_model([""] * n_samples)
+    # Their encoder's latent is channels_last on the CPU, and randn_like would draw in that memory order; on the
+    # GPU, where the release runs, it is contiguous (as make_release_runs.py).
+    torch.randn_like = lambda x, **kw: torch.randn(x.shape, dtype=kw.get("dtype", x.dtype), device=x.device)
+    turbo = STABLESR_TURBO
+
+    def run(image: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out, _, _ = script.release_run(model, vq, image, texts, "ddpm", SEEDS["stablesr"], 4.0, turbo["steps"],
+                                           None, turbo["fidelity"], turbo["color_fix"])
+        return out.astype(np.uint8)  # as the script saves it
+    return run
+
+
+def release_ccsr(args, checkout: Path, base: Path, weights: Path):
+    """inference_ccsr.py's main() and process() for one image at the script's defaults (45 steps, t_max 0.6667,
+    t_min 0.3333, adain colour fix, seed 233, no tiling: tests/fixtures/ccsr/make_v1_release_run.py's process),
+    with configs/model/ccsr_stage2.yaml's network shapes."""
+    import torch
+
+    os.environ["CCSR_SRC"] = str(checkout)
+    sys.path.insert(0, str(REPO / "tests" / "fixtures" / "ccsr"))
+    import make_v1_release_run as harness  # the import stand-ins and a ControlLDM holder without Lightning
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(checkout / "configs/model/ccsr_stage2.yaml").params
+    unet = OmegaConf.to_container(config.unet_config.params)
+    del unet["out_channels"]  # the holder adds it (ControlNet: hint_channels)
+    harness.UNET, harness.GROUPS = unet, 32  # the release's GroupNorm32
+    harness.DDCONFIG = OmegaConf.to_container(config.first_stage_config.params.ddconfig)
+    model, _ = harness.build(weights.parent, {"empty": torch.load(args.models / TEXTS)})
+    assert harness.SEED == SEEDS["ccsr"]
+    return lambda image: harness.process(model, image)["pred"]
 
 
 def worker(args) -> None:
@@ -316,15 +405,28 @@ def git_commit() -> str:
 
 
 def ensure_models(models: Path, method: str) -> None:
-    from diffsr.testing import _prefix_text_encoder_keys, make_tiny_weights
+    from diffsr.testing import _prefix_text_encoder_keys, _write_tiny_stablesr, make_tiny_weights
     from tiling_memory import write_full_size_base
 
     base = models / "sd21-full"
     if not (base / "unet" / "diffusion_pytorch_model.safetensors").exists():
         write_full_size_base(base)
         _prefix_text_encoder_keys(base / "text_encoder" / "model.safetensors")  # older transformers need it
-    if not (models / WEIGHTS[method]).exists():
-        make_tiny_weights(method, base, models / WEIGHTS[method])
+    weights = models / WEIGHTS[method]
+    if weights.exists():
+        pass
+    elif method == "stablesr":  # the release's time-aware encoder is 256 wide, not the UNet's 320
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        _write_tiny_stablesr(base, weights, encoder_channels=256)
+    else:
+        make_tiny_weights(method, base, weights)
+    if method in ("ccsr", "stablesr") and not (models / TEXTS).exists():
+        import torch
+
+        from diffsr.backbone import load_backbone
+
+        with torch.no_grad():
+            torch.save(load_backbone(base).encode_prompt([""]), models / TEXTS)
 
 
 def main() -> None:
@@ -362,6 +464,9 @@ def main() -> None:
         args.warmup = 1 if args.device.startswith("cuda") else 0
     if args.worker:
         return worker(args)
+    if args.method in ("ccsr", "stablesr") and (args.device != "cpu" or args.release_dtype != "fp32"):
+        raise SystemExit(f"speed_vs_release: the {args.method} release side is driven on the CPU in fp32 only "
+                         f"(its harness builds the networks without Lightning and keeps them on the CPU)")
 
     import tempfile
 

@@ -173,16 +173,17 @@ def make_tiny_weights(method: str, base_path: str | Path, out_file: str | Path, 
     return out_file
 
 
-def _write_tiny_stablesr(base: Path, out_file: Path, seed: int = 0) -> None:
+def _write_tiny_stablesr(base: Path, out_file: Path, seed: int = 0, encoder_channels: int | None = None) -> None:
     """A random StableSR .ckpt pair in the release's format, shaped for `base`: `out_file` (UNet with SFT layers,
-    time-aware encoder, first-stage VAE) and vqgan_cfw_00011.ckpt (VAE + fusion layers) beside it."""
+    time-aware encoder, first-stage VAE) and vqgan_cfw_00011.ckpt (VAE + fusion layers) beside it.
+    `encoder_channels`: the time-aware encoder's width (the release's: 256); None: the UNet's first width."""
     from diffsr.backbone import load_backbone
     from diffsr.checkpoints import stablesr as checkpoint
     from diffsr.nets.stablesr_nets import SFT_HIDDEN, CFWAutoencoder, TimeAwareEncoder, add_sft
 
     backbone = load_backbone(base)
     unet, vae = backbone.unet, backbone.vae
-    channels = unet.config.block_out_channels[0]
+    channels = encoder_channels or unet.config.block_out_channels[0]
     add_sft(unet, channels, SFT_HIDDEN)
     encoder = TimeAwareEncoder(in_channels=4, model_channels=channels, out_channels=channels, channel_mult=(1, 1, 2, 2),
                                num_res_blocks=2, attention_levels=(0, 1, 2), num_heads=4,
