@@ -283,12 +283,9 @@ def release_stablesr(args, checkout: Path, base: Path, weights: Path):
     vq_config = OmegaConf.load(checkout / "configs/autoencoder/autoencoder_kl_64x64x4_resi.yaml").model
     vq_config.params.lossconfig = {"target": "torch.nn.Identity"}  # LPIPS + discriminator: training only
     harness.MODEL, harness.VQ = configs.model, vq_config
-    model, vq, _ = harness.load_models(weights.parent)
+    model, vq, _ = script.load_models(weights.parent)  # randn_like in the contiguous order, as on the GPU
     script.INPUT_SIZE, script.TILE_OVERLAP, script.N_SAMPLES = 512, 32, 1  # the script's defaults, Turbo's 1
     texts = {"empty": torch.load(args.models / TEXTS)}  # model.cond_stage_model([""] * n_samples)
-    # Their encoder's latent is channels_last on the CPU, and randn_like would draw in that memory order; on the
-    # GPU, where the release runs, it is contiguous (as make_release_runs.py).
-    torch.randn_like = lambda x, **kw: torch.randn(x.shape, dtype=kw.get("dtype", x.dtype), device=x.device)
     turbo = STABLESR_TURBO
 
     def run(image: np.ndarray) -> np.ndarray:
