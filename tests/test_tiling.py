@@ -209,15 +209,60 @@ def test_tiled_vae_equals_untiled(backbone, spilled, mode, budget, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_spilled_map_reads_back_the_rows_written(dtype):
-    whole = torch.randn((2, 5, 37, 11), generator=torch.Generator().manual_seed(0)).to(dtype)
+@pytest.mark.parametrize("written", ["bands", "row slices"])
+def test_spilled_map_reads_back_the_rows_written(dtype, written):
+    """Written as separate bands, or as row slices of a taller map (as the runner writes a band computed with
+    its halo rows: not contiguous, written without a copy)."""
+    taller = torch.randn((2, 5, 41, 11), generator=torch.Generator().manual_seed(0)).to(dtype)
+    whole = taller[:, :, 2:39]
     stored = tiling.SpilledMap(whole.shape, dtype, "cpu")
     for top, bottom in ((0, 10), (10, 13), (13, 37)):
-        stored.write(top, whole[:, :, top:bottom])
+        band = whole[:, :, top:bottom]
+        stored.write(top, band.clone() if written == "bands" else band)
     for top, bottom in ((0, 37), (5, 20), (-3, 4), (30, 50)):
         band = stored.rows(top, bottom)
         assert band.is_contiguous() and band.dtype == dtype
         assert torch.equal(band, whole[:, :, max(top, 0):bottom])
+
+
+def test_map_statistics_merged_over_bands_are_the_whole_maps():
+    """GroupNorm statistics merged band by band (bands of any height, row slices, channel means far from zero,
+    bfloat16 maps measured in float32) against float64 over the whole map."""
+    from diffsr.tiling.norms import map_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    taller = (torch.randn((2, 64, 42, 24), generator=generator) * 3
+              + torch.randn((64, 1, 1), generator=generator) * 40)
+    whole = taller[:, :, 1:41]
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+        whole = whole.to(dtype)
+        mean, var = map_statistics([whole[:, :, a:b] for a, b in ((0, 13), (13, 30), (30, 31), (31, 40))], 32)
+        groups = whole.double().reshape(2, 32, -1)
+        assert mean.dtype == var.dtype == torch.float32
+        torch.testing.assert_close(mean.double(), groups.mean(-1), rtol=tolerance, atol=1e-4)
+        torch.testing.assert_close(var.double(), groups.var(-1, unbiased=False), rtol=tolerance, atol=0)
+
+
+def test_bounded_vae_measures_spilled_maps_as_it_writes_them(backbone, monkeypatch):
+    """The GroupNorm statistics of a spilled map are measured while its bands are written: no map is read back
+    for them (only maps no taller than a band, held whole, are measured when normalised)."""
+    from diffsr.tiling import vae_runner
+
+    bands_read, original = [], vae_runner.map_statistics
+
+    def counting(bands, groups):
+        bands = list(bands)
+        bands_read.append(len(bands))
+        return original(bands, groups)
+
+    monkeypatch.setattr(vae_runner, "map_statistics", counting)
+    latent = smooth((1, 4, 40, 24), 8, cells=6)
+    bounded = tiling.vae_decode(backbone.vae, latent, TilingOptions(vae_tile_size=8), mode="bounded")
+    assert all(count == 1 for count in bands_read)
+    bands_read.clear()
+    exact = tiling.vae_decode(backbone.vae, latent, TilingOptions(vae_tile_size=8), mode="exact")
+    assert max(bands_read) > 1  # the exact mode's maps, on the device, are measured when normalised
+    torch.testing.assert_close(bounded, exact, rtol=0, atol=1e-4)
 
 
 def test_a_full_disk_is_one_clear_error(monkeypatch):

@@ -16,6 +16,7 @@ import weakref
 import torch
 
 from diffsr.errors import OutputError
+from diffsr.tiling.norms import Statistics
 
 
 class FilePool:
@@ -73,6 +74,9 @@ class SpilledMap:
 
     def __init__(self, shape, dtype: torch.dtype, device: torch.device | str, files: FilePool | None = None):
         self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device(device)
+        # GroupNorm statistics per group count, measured by the writer as the bands went in (saves reading
+        # the whole map back for them)
+        self.statistics: dict[int, Statistics] = {}
         batch, channels, height, width = self.shape
         if self.device.type == "cpu":
             self._host = None
@@ -97,10 +101,9 @@ class SpilledMap:
         shape = (*self.shape[:2], bottom - top, self.shape[3])
         band = buffer.take(shape, self.dtype) if buffer is not None else torch.empty(shape, dtype=self.dtype)
         for offset, part in self._runs(top, band):
-            self._file.seek(offset)
             done = 0
             while done < len(part):
-                read = self._file.readinto(part[done:])
+                read = os.preadv(self._file.fileno(), [part[done:]], offset + done)
                 if not read:
                     raise OSError(f"feature map file ended {len(part) - done} bytes early")
                 done += read
@@ -112,19 +115,27 @@ class SpilledMap:
             self._host[:, :, top:top + band.shape[2]].copy_(band)
             return
         with _space_for(self._file_bytes):
-            for offset, part in self._runs(top, band.detach().to("cpu", self.dtype).contiguous()):
-                self._file.seek(offset)
+            for offset, part in self._runs(top, band.detach().to("cpu", self.dtype)):
                 done = 0
                 while done < len(part):
-                    done += self._file.write(part[done:])
+                    done += os.pwritev(self._file.fileno(), [part[done:]], offset + done)
 
     def _runs(self, top: int, band: torch.Tensor):
-        """(file offset, bytes of the band) of each channel's rows: one run of the file each."""
+        """(file offset, memory of the band) of each channel's rows: one run of the file each, and one run of
+        memory where the band's rows are whole rows (a row band of a whole map, as the runner writes them: no
+        copy)."""
+        if band.stride(-1) != 1 or band.stride(-2) != band.shape[-1]:
+            band = band.contiguous()
         height, rows = self.shape[2], band.shape[2]
-        run = rows * self._row_bytes
-        memory = memoryview(band.view(torch.uint8).numpy()).cast("B")  # numpy: a writable view (it has no bfloat16)
-        return [((plane * height + top) * self._row_bytes, memory[plane * run:(plane + 1) * run])
-                for plane in range(band.shape[0] * band.shape[1])]
+        run, item = rows * self._row_bytes, band.element_size()
+        # numpy: a writable view of the band's storage (it has no bfloat16)
+        storage = torch.empty(0, dtype=torch.uint8).set_(band.untyped_storage()).numpy()
+        memory = memoryview(storage).cast("B")
+        first, batch_step, channel_step = band.storage_offset(), band.stride(0), band.stride(1)
+        starts = [(first + b * batch_step + c * channel_step) * item
+                  for b in range(band.shape[0]) for c in range(band.shape[1])]
+        return [((plane * height + top) * self._row_bytes, memory[start:start + run])
+                for plane, start in enumerate(starts)]
 
 
 @contextlib.contextmanager

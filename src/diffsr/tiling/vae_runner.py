@@ -5,7 +5,8 @@ attends over the whole map, so the result equals the untiled one up to float err
 Where the whole maps live is the mode: on the compute device (exact mode: only the per-operation working memory
 is bounded), or spilled off it (bounded mode, `spill.SpilledMap`: host RAM for an accelerator, a temporary file
 for the CPU), where every operation reads the bands it needs and writes its output band by band, so that the
-device holds a few bands at a time. A map no taller than a band is kept whole on the device in both modes."""
+device holds a few bands at a time; a spilled map's GroupNorm statistics are measured as its bands are written,
+so it is not read back for them. A map no taller than a band is kept whole on the device in both modes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Callable, Iterator, Union
 import torch
 import torch.nn.functional as F
 
-from diffsr.tiling.norms import group_norm, map_statistics
+from diffsr.tiling.norms import RunningStatistics, Statistics, group_norm, map_statistics
 from diffsr.tiling.spill import FilePool, ReadBuffer, SpilledMap
 
 WHOLE_MAP = 1 << 30  # rows of a band that is always the whole map
@@ -38,6 +39,9 @@ class VaeRunner:
         self.rows = WHOLE_MAP if rows is None else max(rows, 8)
         self.spill = spill
         self.callbacks = callbacks or {}
+        # the group count of the net's GroupNorms (one for a whole diffusers VAE): spilled maps are measured
+        # for it as they are written
+        self.groups = next((m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)), None)
         self.files = FilePool()  # for the maps spilled to files (CPU), closed at the end of the run
 
     def steps(self) -> list[Callable[[FeatureMap], FeatureMap]]:
@@ -88,12 +92,31 @@ class VaeRunner:
             return SpilledMap(shape, like.dtype, like.device, self.files)
         return like.new_empty(shape)
 
-    @staticmethod
-    def _write(out: FeatureMap, top: int, band: torch.Tensor) -> None:
-        if isinstance(out, SpilledMap):
-            out.write(top, band)
-        else:
-            out[:, :, top:top + band.shape[2]] = band
+    def _assemble(self, parts: Iterator[tuple[int, torch.Tensor]], height: int, whole: bool) -> FeatureMap:
+        """The map of `height` rows made of the bands `parts` (top row, band), each written before the next
+        is made; a spilled map is measured for its GroupNorm statistics on the way in."""
+        out = running = None
+        for top, band in parts:
+            if out is None:
+                out = self._new_map(band, height, whole)
+                if isinstance(out, SpilledMap) and self.groups is not None:
+                    running = RunningStatistics(self.groups)
+            if isinstance(out, SpilledMap):
+                out.write(top, band)
+            else:
+                out[:, :, top:top + band.shape[2]] = band
+            if running is not None:
+                running.add(band)
+        if running is not None:
+            out.statistics[self.groups] = running.result()
+        return out
+
+    def statistics(self, x: FeatureMap, groups: int) -> Statistics:
+        """GroupNorm statistics of map `x` over `groups` groups: measured while it was written if it was
+        spilled, else now, band by band."""
+        if isinstance(x, SpilledMap) and groups in x.statistics:
+            return x.statistics[groups]
+        return map_statistics(self.bands(x), groups)
 
     def local(self, fn, *maps: FeatureMap, halo: int = 0, up: int = 1, whole: bool = False) -> FeatureMap:
         """fn over row bands of `maps` (all of one height) with `halo` rows of context each side; fn is local
@@ -101,16 +124,16 @@ class VaeRunner:
         height = maps[0].shape[2]
         if height <= self.rows:
             return fn(*(self.band(x, 0, height) for x in maps))
-        out, buffers = None, [ReadBuffer() for _ in maps]
-        for top in range(0, height, self.rows):
-            bottom = min(top + self.rows, height)
-            start, stop = max(top - halo, 0), min(bottom + halo, height)
-            bands = (self.band(x, start, stop, buffer) for x, buffer in zip(maps, buffers))
-            y = fn(*bands)[:, :, (top - start) * up:(bottom - start) * up]  # written before the next read
-            if out is None:
-                out = self._new_map(y, height * up, whole)
-            self._write(out, top * up, y)
-        return out
+        buffers = [ReadBuffer() for _ in maps]
+
+        def parts():
+            for top in range(0, height, self.rows):
+                bottom = min(top + self.rows, height)
+                start, stop = max(top - halo, 0), min(bottom + halo, height)
+                bands = (self.band(x, start, stop, buffer) for x, buffer in zip(maps, buffers))
+                yield top * up, fn(*bands)[:, :, (top - start) * up:(bottom - start) * up]
+
+        return self._assemble(parts(), height * up, whole)
 
     def _downsample(self, down, x: FeatureMap) -> FeatureMap:
         # Downsample2D pads one zero row/column at the bottom/right, then a 3x3 stride-2 conv.
@@ -119,19 +142,19 @@ class VaeRunner:
         band_rows = max(self.rows // 2, 1)
         if out_height <= band_rows:
             return down(self.band(x, 0, height))
-        out, buffer = None, ReadBuffer()
-        for top in range(0, out_height, band_rows):
-            bottom = min(top + band_rows, out_height)
-            y = down(self.band(x, 2 * top, 2 * bottom + 1, buffer))[:, :, :bottom - top]
-            if out is None:
-                out = self._new_map(y, out_height, whole=False)
-            self._write(out, top, y)
-        return out
+        buffer = ReadBuffer()
+
+        def parts():
+            for top in range(0, out_height, band_rows):
+                bottom = min(top + band_rows, out_height)
+                yield top, down(self.band(x, 2 * top, 2 * bottom + 1, buffer))[:, :, :bottom - top]
+
+        return self._assemble(parts(), out_height, whole=False)
 
     # -- blocks --------------------------------------------------------------------------------------------
 
     def _norm_act(self, norm, act, x: FeatureMap):
-        statistics = map_statistics(self.bands(x), norm.num_groups)
+        statistics = self.statistics(x, norm.num_groups)
         return lambda band: act(group_norm(band, norm, statistics))
 
     def resnet(self, block, x: FeatureMap) -> FeatureMap:
@@ -154,7 +177,7 @@ class VaeRunner:
         if attn.spatial_norm is not None or attn.group_norm is None:
             raise NotImplementedError("tiled VAE supports group-norm self-attention only")
         batch, channels, height, width = x.shape
-        statistics = map_statistics(self.bands(x), attn.group_norm.num_groups)
+        statistics = self.statistics(x, attn.group_norm.num_groups)
 
         def tokens(band):
             return group_norm(band, attn.group_norm, statistics).flatten(2).transpose(1, 2)
