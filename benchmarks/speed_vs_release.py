@@ -80,11 +80,15 @@ def cpu_seconds() -> float:
 def parse_side(spec: str, args) -> dict:
     """'release', or 'diffsr' with options joined by '+': a dtype (float32, bfloat16, float16), for OSEDiff
     'merged' / 'unmerged' (LoRA; default: --merge-lora, else the library's default), and 'winograd' / 'direct'
-    (CPU float32 convolutions; default: the library's, Winograd)."""
+    (CPU float32 convolutions; default: the library's, Winograd), and 'compile' or 'compile=MODE' (torch.compile;
+    MODE default: reduce-overhead on CUDA, default on the CPU)."""
     name, *options = spec.split("+")
-    side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora, "winograd": None}
+    side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora, "winograd": None, "compile": None}
     for option in options:
-        if option in ("float32", "bfloat16", "float16"):
+        if option == "compile" or option.startswith("compile="):
+            side["compile"] = option.partition("=")[2] or (
+                "reduce-overhead" if args.device.startswith("cuda") else "default")
+        elif option in ("float32", "bfloat16", "float16"):
             side["dtype"] = option
         elif option in ("merged", "unmerged"):
             side["merge_lora"] = option == "merged"
@@ -94,7 +98,7 @@ def parse_side(spec: str, args) -> dict:
             raise SystemExit(f"speed_vs_release: unknown option {option!r} in side {spec!r}")
     if name not in ("diffsr", "release") or (name == "release" and options):
         raise SystemExit(f"speed_vs_release: a side is 'release' or "
-                         f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct]', not {spec!r}")
+                         f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]]', not {spec!r}")
     return side
 
 
@@ -104,7 +108,7 @@ def diffsr_runner(args):
 
     side = parse_side(args.worker, args)
     base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
-    options = {} if side["winograd"] is None else {"winograd": side["winograd"]}
+    options = {name: side[name] for name in ("winograd", "compile") if side[name] is not None}
     knobs = {}
     if args.method == "osediff":
         if side["merge_lora"] is not None:
@@ -328,14 +332,19 @@ def worker(args) -> None:
     start = time.perf_counter()
     run = release_runner(args) if args.worker == "release" else diffsr_runner(args)
     image = smooth_image(args.size // 4)
+    warmup_seconds = []  # each warm-up image's time: with compile, the first pays the compilation
     for _ in range(args.warmup):
+        started = time.perf_counter()
         run(image)
+        if cuda:
+            torch.cuda.synchronize()
+        warmup_seconds.append(time.perf_counter() - started)
     if cuda:
         torch.cuda.synchronize()
         loaded = torch.cuda.memory_allocated() / 2**30
     else:
         loaded = peak_rss_gb()
-    report(event="ready", load_seconds=time.perf_counter() - start, loaded_gb=loaded)
+    report(event="ready", load_seconds=time.perf_counter() - start, loaded_gb=loaded, warmup_seconds=warmup_seconds)
     for line in sys.stdin:
         if line.strip() != "run":
             break
@@ -429,7 +438,8 @@ def ensure_models(models: Path, method: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=sorted(WEIGHTS), default="osediff")
-    parser.add_argument("--release-checkout", type=Path, required=True, help="local checkout of the authors' repo")
+    parser.add_argument("--release-checkout", type=Path,
+                        help="local checkout of the authors' repo (needed with a 'release' side)")
     parser.add_argument("--release-python", default=sys.executable,
                         help="Python of an environment with the release's pinned versions")
     parser.add_argument("--release-path", type=Path, nargs="*", default=[],
@@ -451,8 +461,10 @@ def main() -> None:
                         help="OSEDiff release: --merge_and_unload_lora (off in test_osediff.py)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sides", nargs="+", default=["diffsr", "release"],
-                        help="what runs, interleaved: 'release' and 'diffsr[+dtype][+merged|+unmerged]' (e.g. "
-                             "diffsr+bfloat16); ratios and output differences are against the last one")
+                        help="what runs, interleaved: 'release' and "
+                             "'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]]' (e.g. "
+                             "diffsr+bfloat16, diffsr+float16+compile); ratios and output differences are against "
+                             "the last one. A compiled side wants --warmup 2 or more (its first images compile)")
     parser.add_argument("--verbose", action="store_true", help="show the workers' own output on stderr")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -461,6 +473,8 @@ def main() -> None:
         args.warmup = 1 if args.device.startswith("cuda") else 0
     if args.worker:
         return worker(args)
+    if "release" in args.sides and args.release_checkout is None:
+        parser.error("a 'release' side needs --release-checkout")
     if args.method in ("ccsr", "stablesr") and (args.device != "cpu" or args.release_dtype != "fp32"):
         raise SystemExit(f"speed_vs_release: the {args.method} release side is driven on the CPU in fp32 only "
                          f"(its harness builds the networks without Lightning and keeps them on the CPU)")
@@ -469,7 +483,7 @@ def main() -> None:
 
     ensure_models(args.models, args.method)
     out = Path(tempfile.mkdtemp(prefix="speed_vs_release_"))
-    args.worker_args = ["--method", args.method, "--release-checkout", str(args.release_checkout), "--models",
+    args.worker_args = ["--method", args.method, "--release-checkout", str(args.release_checkout or ""), "--models",
                         str(args.models), "--size", str(args.size), "--warmup", str(args.warmup), "--device",
                         args.device, "--dtype", args.dtype, "--release-dtype", args.release_dtype, "--threads",
                         str(args.threads), "--out", str(out),
@@ -487,7 +501,8 @@ def main() -> None:
             merge = side["merge_lora"]
             merged = "" if args.method != "osediff" or merge is None else " merged LoRA" if merge else " unmerged LoRA"
             conv = {None: "", True: " winograd", False: " direct conv"}[side["winograd"]]
-            labels[spec] = f"diffsr {side['dtype']}{merged}{conv}"
+            compiled = f" compiled ({side['compile']})" if side["compile"] else ""
+            labels[spec] = f"diffsr {side['dtype']}{merged}{conv}{compiled}"
     cuda = args.device.startswith("cuda")
     print(f"# speed_vs_release {args.method} x4, {args.size} px output, "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, diffsr {git_commit()}, {device_name(args.device)}, "
@@ -533,6 +548,10 @@ def main() -> None:
     print(f"# ratios: each side / {labels[reference]} (times, memory) and {labels[reference]} / each side "
           f"(throughput); CPU time: user + system of the worker process (on a loaded machine, less affected by "
           f"the neighbours than wall time)")
+    for side in args.sides:
+        warmup = ", ".join(f"{seconds:.2f}" for seconds in ready[side]["warmup_seconds"])
+        print(f"# {labels[side]}: loaded in {ready[side]['load_seconds']:.1f} s (warm-up included)"
+              + (f"; warm-up images {warmup} s" if warmup else ""))
     last = np.load(out / f"{reference}.npy").astype(np.int16)
     for side in args.sides[:-1]:
         output = np.load(out / f"{side}.npy").astype(np.int16)

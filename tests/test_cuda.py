@@ -94,6 +94,20 @@ def test_the_cuda_default_is_float16_near_float32(name, tiny_base, weights):
     assert (full - half).abs().mean().item() < 0.02
 
 
+@pytest.mark.parametrize("name, mode", [("osediff", "reduce-overhead"), ("s3diff", "default")])
+def test_compiled_on_cuda_stays_within_the_float16_tolerance(name, mode, tiny_base, weights):
+    """load_upscaler(compile=...) on the float16 default: within test_half_precision_on_cuda's float16 tolerance
+    of float32, every run (reduce-overhead records CUDA graphs after its first runs, then replays them)."""
+    knobs = METHODS[name][1]
+    full = restore(load(name, tiny_base, weights), lr_image(), **knobs)
+    fast = diffsr.load_upscaler(name, base=tiny_base, weights=weights[name], device="cuda", compile=mode)
+    runs = [restore(fast, lr_image(), **knobs) for _ in range(4)]
+    for run in runs:
+        assert torch.isfinite(run).all()
+        assert (full - run).abs().mean().item() < 0.02
+    assert (runs[1] - runs[-1]).abs().max().item() < 1e-3  # the replays give what the compiled code gave
+
+
 def test_upscale_on_cuda_writes_the_same_picture_as_on_cpu(tiny_base, weights):
     image = smooth_image(40, 48, seed=3)
     on_cpu = np.asarray(load("stablesr", tiny_base, weights, "cpu")(image, scale=4, steps=4), dtype=np.int16)

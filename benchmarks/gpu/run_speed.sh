@@ -8,11 +8,15 @@
 # Fetches nothing. The tables go to stdout and to $OUT/speed_vs_release_gpu.md (or $WORK).
 #   run(carry=["benchmarks/gpu/carry"], command="bash benchmarks/gpu/run_speed.sh", timeout_s=600)
 # `run_speed.sh tests` runs tests/test_cuda.py instead (tiny models: every method on CUDA against the CPU, float16
-# and bfloat16 against float32, the float16 default, the tiled VAE modes with maps spilled to host RAM, training
+# and bfloat16 against float32, the float16 default, compiled OSEDiff and S3Diff (torch.compile needs triton, which
+# CUDA builds of torch bring), the tiled VAE modes with maps spilled to host RAM, training
 # steps), with pytest and kornia from carry/wheels/tests where the image lacks them; its log goes to
-# $OUT/test_cuda.log. About 2-3 minutes (not measured yet): run it first, in the same warm machine.
+# $OUT/test_cuda.log. About 3-5 minutes with the compile tests (not measured yet): run it first, in the same warm
+# machine.
 # `run_speed.sh large` runs the 2048 px case (REPEATS=2 suggested, up to 4 minutes per method), if device time is
-# left after the other two.
+# left after the other two. `run_speed.sh compile` times OSEDiff compiled (load_upscaler(compile="reduce-overhead"),
+# CUDA graphs) against eager float16 and the release at 512 and 1024 px, three warm-up images each, the first
+# one's time (the compilation) reported.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=benchmarks/gpu/carry
@@ -37,7 +41,7 @@ if [ "${1:-speed}" = tests ]; then
             "$PYTHON" -m pip install -q --no-index --no-deps --target "$DIFFSR_SITE" --find-links "$CARRY/wheels/tests" \
                 $( [ $module = kornia ] && echo kornia kornia_rs || echo pytest pluggy iniconfig )
     done
-    timeout 400 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "${OUT:-$WORK}/test_cuda.log"
+    timeout 500 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "${OUT:-$WORK}/test_cuda.log"
     exit "${PIPESTATUS[0]}"
 fi
 "$PYTHON" -m pip install -q --no-index --no-deps --target "$RELEASE_SITE" --find-links "$CARRY/wheels/release" \
@@ -68,8 +72,8 @@ run() {  # method size extra-args...: one interleaved run of three sides, at mos
     echo "== $method $size px $*" | tee -a "$RESULTS"
     timeout "$RUN_SECONDS" "$PYTHON" benchmarks/speed_vs_release.py --method "$method" --size "$size" --device cuda \
         --release-checkout "$checkout" --release-python "$PYTHON" --release-path "$RELEASE_SITE" \
-        --release-dtype fp16 --models "$WORK/models" --repeats "$REPEATS" --warmup 1 \
-        --sides diffsr+float16 diffsr+bfloat16 release "$@" 2>&1 | tee -a "$RESULTS"
+        --release-dtype fp16 --models "$WORK/models" --repeats "$REPEATS" --warmup "${WARMUP:-1}" \
+        --sides ${SIDES:-diffsr+float16 diffsr+bfloat16 release} "$@" 2>&1 | tee -a "$RESULTS"
     echo "(exit ${PIPESTATUS[0]}, $(( $(date +%s) - START )) s since the start)" | tee -a "$RESULTS"
 }
 # OSEDiff's release merges its LoRA in its own timing script (test_inference_time.py): its fastest path.
@@ -77,6 +81,10 @@ if [ "${1:-speed}" = large ]; then  # the issue's 2048 px case, each side with i
     RUN_SECONDS=${RUN_SECONDS_LARGE:-240}
     run osediff 2048 --release-merge-lora
     run s3diff 2048
+elif [ "${1:-speed}" = compile ]; then  # torch.compile's reduce-overhead (CUDA graphs) against eager, float16
+    RUN_SECONDS=${RUN_SECONDS_COMPILE:-270} SIDES="diffsr+float16+compile diffsr+float16 release" WARMUP=3
+    run osediff 512 --release-merge-lora
+    run osediff 1024 --release-merge-lora
 else
     run osediff 512 --release-merge-lora
     run osediff 1024 --release-merge-lora

@@ -22,7 +22,8 @@ __all__ = ["load_upscaler", "list_methods", "Upscaler", "DiffsrError", "ImageErr
 
 def load_upscaler(method: str, base: str | Path | None = None, weights: str | Path | None = None,
                   device: str = "cpu", dtype: str = "auto", offline: bool | None = None,
-                  progress: bool = True, winograd: bool = True, **options) -> Upscaler:
+                  progress: bool = True, winograd: bool = True, compile: str | None = None,
+                  **options) -> Upscaler:
     """Build `method` on the Stable Diffusion `base` with the authors' released `weights`.
 
     `base` and `weights` are registry names (`diffsr weights list`), local paths, or for `base` a hub id;
@@ -31,11 +32,15 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
     the cache only). Options are method knobs fixed at load time (e.g. merge_lora=True).
     winograd: on the CPU in float32, run 3x3 convolutions by NNPACK's Winograd transform (1.6-2.1x faster
     per image, output within float32 rounding of direct convolution: diffsr.nets.winograd); False: direct.
+    compile: None (default), or a torch.compile mode ("default", "reduce-overhead": CUDA graphs on a GPU,
+    "max-autotune", ...) for the UNet, the VAE's encoder and decoder and the method's networks
+    (Upscaler.compile); the first image of each size pays the compilation. Winograd is off when compiling (torch's
+    compiler cannot trace NNPACK's convolution).
     Bad arguments are refused here, before anything is read or fetched: UsageError, or ArgumentTypeError for a
     wrong type."""
     import torch
 
-    from diffsr.backbone import resolve_device, resolve_dtype
+    from diffsr.backbone import check_compile_mode, resolve_device, resolve_dtype
 
     if not isinstance(method, str):
         raise ArgumentTypeError(f"method must be a name such as 'osediff', not {type(method).__name__}")
@@ -46,6 +51,8 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
         raise ArgumentTypeError(f"device must be a name such as 'cpu' or 'cuda', not {type(device).__name__}")
     if not isinstance(winograd, bool):
         raise ArgumentTypeError(f"winograd must be True or False, not {type(winograd).__name__}")
+    if compile is not None:
+        check_compile_mode(compile)
     if not isinstance(dtype, (str, torch.dtype)):
         raise ArgumentTypeError(f"dtype must be a name such as 'float32', not {type(dtype).__name__}")
     resolve_device(device)
@@ -70,7 +77,9 @@ def load_upscaler(method: str, base: str | Path | None = None, weights: str | Pa
     from diffsr.tiling import trim_heap
 
     trim_heap()  # the loading buffers, freed, back to the system (glibc keeps them otherwise)
-    if winograd and upscaler.device.type == "cpu" and upscaler.dtype == torch.float32:
+    if compile is not None:
+        upscaler.compile(compile)
+    elif winograd and upscaler.device.type == "cpu" and upscaler.dtype == torch.float32:
         from diffsr.nets.winograd import use_winograd
 
         use_winograd(upscaler.networks())

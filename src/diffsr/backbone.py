@@ -39,6 +39,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     return DTYPES[dtype]
 
 
+# torch.compile's modes (load_upscaler(compile=...)): reduce-overhead adds CUDA graphs on a GPU
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode) -> None:
+    if mode not in COMPILE_MODES:
+        raise UsageError(f"unknown compile mode {mode!r} (choose {', '.join(COMPILE_MODES)})")
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """A torch.device that exists on this machine, or one clear error line."""
     try:

@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from diffsr.backbone import DTYPE_CHOICES
+from diffsr.backbone import COMPILE_MODES, DTYPE_CHOICES
 from diffsr.color import COLOR_FIXES
 from diffsr.errors import DiffsrError, UsageError
 from diffsr.images import MAX_INPUT_PIXELS, MAX_OUTPUT_PIXELS, OUTPUT_FORMATS, collect_inputs
@@ -39,6 +39,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="CPU float32: 3x3 convolutions by NNPACK's Winograd transform (on by default: about "
                              "1.6-2.1x faster per image, same output within float32 rounding); --no-winograd: direct "
                              "convolution")
+    parser.add_argument("--compile", choices=COMPILE_MODES, metavar="MODE",
+                        help="torch.compile the UNet and the VAE in this mode (" + ", ".join(COMPILE_MODES) + "; "
+                             "reduce-overhead adds CUDA graphs on a GPU); the first image of each size pays the "
+                             "compilation, so it pays off on folders of same-size images. Off by default")
     parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction,
                         help="osediff: fold LoRA into the base weights (on by default: faster, same output within "
                              "float error); --no-merge-lora keeps the adapters apart")
@@ -509,7 +513,7 @@ def _add_evaluation_commands(commands) -> None:
     _add_knob_options(benchmark)  # each method gets the knobs it takes
 
 
-SHARED_LOAD_OPTIONS = ("winograd",)  # load_upscaler's own options, for every method
+SHARED_LOAD_OPTIONS = ("winograd", "compile")  # load_upscaler's own options, for every method
 
 
 def _load_options(args) -> dict:
@@ -517,7 +521,7 @@ def _load_options(args) -> dict:
     given = {"merge_lora": args.merge_lora, "sample_posterior": args.sample_posterior, "tagger": args.tagger,
              "tagger_device": args.tagger_device, "ram_weights": args.ram_weights, "dape_weights": args.dape_weights,
              "de_net": args.de_net, "cfw_weights": args.cfw_weights, "process_size": args.process_size,
-             "winograd": args.winograd}
+             "winograd": args.winograd, "compile": args.compile}
     # --no-merge-lora and --no-winograd are an explicit False; the other flags are left out unless set
     return {name: value for name, value in given.items()
             if value or (name in ("merge_lora", "winograd") and value is not None)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffsr.backbone import Backbone
+from diffsr.backbone import Backbone, check_compile_mode
 from diffsr import knobs as knobs_module
 from diffsr.color import COLOR_FIXES, color_fix
 from diffsr.errors import ArgumentTypeError, UsageError
@@ -113,6 +113,17 @@ class Upscaler:
         found = [self.backbone.unet, self.backbone.vae, self.backbone.text_encoder]
         return found + [value for value in vars(self).values()
                         if isinstance(value, torch.nn.Module) and all(value is not known for known in found)]
+
+    def compile(self, mode: str = "default") -> None:
+        """torch.compile, in place and in torch's `mode`, the networks the flow calls whole: the UNet, the VAE's
+        encoder and decoder (the tiled VAE modes run their blocks uncompiled) and the method's own; not the text
+        encoder, which runs once per prompt. Each new input shape, dtype or device compiles again on first use."""
+        check_compile_mode(mode)
+        vae = self.backbone.vae
+        for net in self.networks():
+            if net is not self.backbone.text_encoder:
+                for module in ((vae.encoder, vae.decoder) if net is vae else (net,)):
+                    module.compile(mode=mode)
 
     # -- what a method supplies ------------------------------------------------------------------
     @classmethod
