@@ -114,18 +114,19 @@ class SpilledMap:
         if self._host is not None:
             self._host[:, :, top:top + band.shape[2]].copy_(band)
             return
+        band = band.detach().to("cpu", self.dtype)
+        if band.stride(-1) != 1 or band.stride(-2) != band.shape[-1]:  # rows not whole runs of memory
+            band = band.contiguous()
         with _space_for(self._file_bytes):
-            for offset, part in self._runs(top, band.detach().to("cpu", self.dtype)):
+            for offset, part in self._runs(top, band):
                 done = 0
                 while done < len(part):
                     done += os.pwritev(self._file.fileno(), [part[done:]], offset + done)
 
     def _runs(self, top: int, band: torch.Tensor):
-        """(file offset, memory of the band) of each channel's rows: one run of the file each, and one run of
-        memory where the band's rows are whole rows (a row band of a whole map, as the runner writes them: no
-        copy)."""
-        if band.stride(-1) != 1 or band.stride(-2) != band.shape[-1]:
-            band = band.contiguous()
+        """(file offset, memory of the band) of each channel's rows: one run of the file each, and of memory,
+        since the band's rows are whole runs of memory (a contiguous band, or a row slice of a whole map as the
+        runner writes them: no copy). The memory is the band's own, so reads land in it."""
         height, rows = self.shape[2], band.shape[2]
         run, item = rows * self._row_bytes, band.element_size()
         # numpy: a writable view of the band's storage (it has no bfloat16)
