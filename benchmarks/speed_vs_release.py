@@ -419,12 +419,10 @@ def ensure_models(models: Path, method: str) -> None:
         write_full_size_base(base)
         _prefix_text_encoder_keys(base / "text_encoder" / "model.safetensors")  # older transformers need it
     weights = models / WEIGHTS[method]
-    if weights.exists():
-        pass
-    elif method == "stablesr":  # the release's time-aware encoder is 256 wide, not the UNet's 320
+    if not weights.exists() and method == "stablesr":  # the release's time-aware encoder is 256 wide, not 320
         weights.parent.mkdir(parents=True, exist_ok=True)
         _write_tiny_stablesr(base, weights, encoder_channels=256)
-    else:
+    elif not weights.exists():
         make_tiny_weights(method, base, weights)
     if method in ("ccsr", "stablesr") and not (models / TEXTS).exists():
         import torch
