@@ -359,7 +359,7 @@ def test_the_display_says_each_phase_once_with_its_time_left(monkeypatch):
                           (1, Step("decode", 2, 2))]:
         now[0] += seconds
         display.step(step)
-    display.finish(Path("a.png"), 23.0, written=True)
+    display.finish(Path("a.png"), 23.0, upscaled=True)
     display.end()
     assert stream.getvalue().splitlines() == [
         "diffsr: a.png: denoise 1/40 (2%), about 78 s left",  # 2 s for the first of 40
@@ -491,7 +491,7 @@ def test_terminal_bars_are_redrawn_while_a_unit_runs(monkeypatch):
     drawn = stream.text.getvalue().count("a.png: denoise")
     time.sleep(0.5)  # no unit ends meanwhile
     assert stream.text.getvalue().count("a.png: denoise") >= drawn + 3
-    display.finish(Path("a.png"), 1.0, written=True)
+    display.finish(Path("a.png"), 1.0, upscaled=True)
     display.end()
     closed = stream.text.getvalue()
     time.sleep(0.2)

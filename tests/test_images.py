@@ -131,3 +131,97 @@ def test_a_batch_names_the_input_of_each_warning(tmp_path):
     assert len(report.written) == 2
     assert report.warnings == [f"{sources[0]}: the float16 VAE decode overflowed (inf or NaN values): redone in "
                                "float32", "b.png: an animation of 3 frames; only the first frame is used"]
+
+
+def _batch_inputs(folder, names):
+    sources = []
+    for name in names:
+        Image.fromarray(smooth_image(8, 8)).save(folder / name)
+        sources.append(folder / name)
+    return sources
+
+
+def test_a_batch_writes_each_output_while_the_next_image_upscales(tmp_path, monkeypatch):
+    """The write of one output overlaps the upscale of the next: the first write here waits (at most 10 s) for
+    the second upscale to begin, which a write done before it would never see."""
+    import threading
+
+    from diffsr import batch
+
+    second_upscale = threading.Event()
+    overlapped = []
+    write = batch.write_atomically
+
+    def slow_write(path, encode):
+        if path.stem == "a":
+            overlapped.append(second_upscale.wait(timeout=10))
+        write(path, encode)
+
+    monkeypatch.setattr(batch, "write_atomically", slow_write)
+    outputs = {"a": smooth_image(16, 16), "b": smooth_image(16, 24)}
+
+    def upscale(path, callback):
+        if path.stem == "b":
+            second_upscale.set()
+        return as_picture(outputs[path.stem])
+
+    report = batch.upscale_all(batch.plan_outputs(_batch_inputs(tmp_path, ["a.png", "b.png"]), tmp_path / "out"),
+                               upscale)
+    assert overlapped == [True]
+    assert report.written == [tmp_path / "out" / "a.png", tmp_path / "out" / "b.png"]
+    for name, rgb in outputs.items():  # complete when upscale_all returns
+        np.testing.assert_array_equal(read_image(tmp_path / "out" / f"{name}.png").rgb, rgb)
+
+
+def test_a_batch_writes_large_outputs_before_the_next_image_upscales(tmp_path, monkeypatch):
+    from diffsr import batch
+
+    monkeypatch.setattr(batch, "BACKGROUND_WRITE_PIXELS", 16 * 16 - 1)  # the outputs below are 16 x 16
+    seen = []
+
+    def upscale(path, callback):
+        seen.append(sorted(p.name for p in (tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else [])
+        return as_picture(smooth_image(16, 16))
+
+    report = batch.upscale_all(batch.plan_outputs(_batch_inputs(tmp_path, ["a.png", "b.png", "c.png"]),
+                                                  tmp_path / "out"), upscale)
+    assert seen == [[], ["a.png"], ["a.png", "b.png"]]  # each output there, complete, before the next upscale
+    assert len(report.written) == 3
+
+
+def test_an_interrupted_batch_completes_the_write_under_way(tmp_path):
+    from diffsr.batch import plan_outputs, upscale_all
+
+    def upscale(path, callback):
+        if path.stem == "b":
+            raise KeyboardInterrupt
+        return as_picture(smooth_image(16, 16))
+
+    with pytest.raises(KeyboardInterrupt):
+        upscale_all(plan_outputs(_batch_inputs(tmp_path, ["a.png", "b.png"]), tmp_path / "out"), upscale)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]  # no temporary left
+    np.testing.assert_array_equal(read_image(tmp_path / "out" / "a.png").rgb, smooth_image(16, 16))
+
+
+def test_a_batch_reports_a_failed_write_in_order_and_goes_on(tmp_path):
+    """a's output cannot be written (a folder is in its place), b cannot be upscaled, c is written: one line
+    each for a and b, in the inputs' order, though a's write ends while b upscales."""
+    from diffsr.batch import plan_outputs, upscale_all
+    from diffsr.errors import ImageError
+
+    sources = _batch_inputs(tmp_path, ["a.png", "b.png", "c.png"])
+    (tmp_path / "out" / "a.png").mkdir(parents=True)
+
+    def upscale(path, callback):
+        if path.stem == "b":
+            raise ImageError(f"{path}: not an image")
+        return as_picture(smooth_image(16, 16))
+
+    said = []
+    report = upscale_all(plan_outputs(sources, tmp_path / "out", overwrite=True), upscale,
+                         lambda kind, line: said.append((kind, line)))
+    assert report.written == [tmp_path / "out" / "c.png"]
+    assert [line.split(":")[0] for line in report.failures] == [str(sources[0]), str(sources[1])]
+    assert report.failures[0].startswith(f"{sources[0]}: not written: {tmp_path / 'out' / 'a.png'}: cannot write it")
+    assert said == [("error", line) for line in report.failures]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]  # (a.png: the folder)

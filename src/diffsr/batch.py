@@ -3,9 +3,9 @@ benchmark (and so `evaluate --runs`), the web app and training validation.
 
 First the plan: every input's output name, refusing (one line each, on every run) two inputs that ask for one
 output and an output that is one of the inputs; outputs that exist already are skipped unless overwriting.
-Then each image is upscaled and written through a temporary; a failure of one image is one line and the
-others go on. In a launched job (torchrun, accelerate launch) or with --shard, `plan_share` gives each
-process its part (diffsr.distributed) and `Tally` gathers what every process did into one summary.
+Then each image is upscaled and written through a temporary, while the next one upscales; a failure of one image
+is one line and the others go on. In a launched job (torchrun, accelerate launch) or with --shard, `plan_share`
+gives each process its part (diffsr.distributed) and `Tally` gathers what every process did into one summary.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from diffsr.distributed import Processes, pixel_counts
 from diffsr.errors import DiffsrError, OutputError, first_line
-from diffsr.images import OUTPUT_FORMATS, Picture, write_image
+from diffsr.images import OUTPUT_FORMATS, Picture, image_encoder, write_atomically
 from diffsr.progress import Callback, Step
 
 
@@ -130,29 +131,51 @@ class Display(Protocol):
     def batch(self, title: str, count: int) -> None: ...
     def start(self, source: Path) -> None: ...
     def step(self, step: Step) -> None: ...
-    def finish(self, source: Path, seconds: float, written: bool) -> None: ...
+    def finish(self, source: Path, seconds: float, upscaled: bool) -> None: ...
     def end(self) -> None: ...
+
+
+# Outputs up to this many pixels are written in a background thread while the next image upscales (PIL and
+# OpenCV encode without the GIL; a 512 px PNG takes about as long as a one-step upscale on a GPU). Larger ones
+# are written before the next image starts: their upscale dwarfs the write, and two held at once would raise
+# the batch's memory bound.
+BACKGROUND_WRITE_PIXELS = 4096 * 4096
 
 
 def upscale_all(plan: Plan, upscale: Callable[[Path, Callback | None], Picture],
                 say: Callable[[str, str], None] | None = None, display: Display | None = None,
                 title: str = "") -> Report:
     """THE read -> upscale -> write loop: `upscale(source, callback)` reads and upscales one input (passing
-    `callback` on as Upscaler.upscale's, for the display), the loop writes it through a temporary. A failure of
-    one image is one line (the image is left out, the others go on); `say(kind, line)` hears each 'error' and
-    'warning' as it happens, and the report keeps them."""
+    `callback` on as Upscaler.upscale's, for the display), the loop writes it through a temporary, in the
+    background while the next input upscales (see BACKGROUND_WRITE_PIXELS); every write is complete when this
+    returns, also when it is interrupted. A failure of one image is one line (the image is left out, the others go
+    on); `say(kind, line)` hears each 'error' and 'warning' as it happens, and the report keeps them."""
     report = Report(skipped=plan.skipped, failures=list(plan.refused))
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffsr-write")
+    writing: tuple[Path, Path, Future] | None = None  # (input, output, its write) while the next image upscales
 
     def tell(kind: str, line: str) -> None:
         (report.failures if kind == "error" else report.warnings).append(line)
         if say is not None:
             say(kind, line)
 
+    def settle() -> None:
+        """Wait for the write under way, and report it."""
+        nonlocal writing
+        if writing is not None:
+            source, target, write = writing
+            writing = None
+            try:
+                write.result()
+                report.written.append(target)
+            except OutputError as error:  # names the output: say which input it was for
+                tell("error", f"{source}: not written: {error}")
+
     if display is not None:
         display.batch(title, len(plan.jobs))
     try:
         for source, target in plan.jobs:
-            written = False
+            encode = failure = None
             if display is not None:
                 display.start(source)
             start = time.perf_counter()
@@ -161,21 +184,28 @@ def upscale_all(plan: Plan, upscale: Callable[[Path, Callback | None], Picture],
                 try:
                     result = upscale(source, display.step if display is not None else None)
                     report.seconds += time.perf_counter() - start
-                    write_image(target, result.rgb, result.alpha, result.icc_profile, result.exif)
-                    report.written.append(target)
-                    written = True
-                except OutputError as error:  # names the output: say which input it was for
-                    tell("error", f"{source}: not written: {error}")
+                    encode = image_encoder(target, result.rgb, result.alpha, result.icc_profile, result.exif)
+                except OutputError as error:
+                    failure = f"{source}: not written: {error}"
                 except DiffsrError as error:  # names the input already
-                    tell("error", str(error))
+                    failure = str(error)
                 except (RuntimeError, MemoryError) as error:  # e.g. out of memory on the device
-                    tell("error", f"{source}: {first_line(error)}")
+                    failure = f"{source}: {first_line(error)}"
+            settle()  # the image before: written while this one upscaled (its lines come first)
+            if failure is not None:
+                tell("error", failure)
+            if encode is not None:
+                writing = source, target, writer.submit(write_atomically, target, encode)
+                if result.rgb.shape[0] * result.rgb.shape[1] > BACKGROUND_WRITE_PIXELS:
+                    settle()
             if display is not None:
-                display.finish(source, time.perf_counter() - start, written)
+                display.finish(source, time.perf_counter() - start, encode is not None)
             for warning in caught:  # named by their input, as failures are
                 message = str(warning.message)
                 tell("warning", message if source.name in message else f"{source}: {message}")
+        settle()
     finally:
+        writer.shutdown()  # (waits: an interrupted batch still completes the write under way)
         if display is not None:
             display.end()
     return report

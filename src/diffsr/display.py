@@ -3,7 +3,7 @@
 One display, fed by diffsr.batch: on a terminal, a tqdm bar over the images and one for the current image's
 phase (encode, denoise, decode: diffsr.progress Steps, whose totals are known when the phase begins) with tqdm's
 ETA, redrawn every few seconds; elsewhere (a log, a pipe) plain lines with no escape codes or carriage returns: one when a phase begins,
-then at most one every `every` seconds, and one when the image is written. A phase of fewer than MIN_UNITS units
+then at most one every `every` seconds, and one when the image is upscaled. A phase of fewer than MIN_UNITS units
 shows nothing: a one-step method on a small image has nothing to wait for. Messages go through `write`, which
 never glues them to a bar (tqdm.write).
 """
@@ -109,14 +109,14 @@ class Display:
         self.phase_bar.total = step.total  # grows when a method runs a phase again
         self.phase_bar.update(step.done - self.phase_bar.n)
 
-    def finish(self, source: Path, seconds: float, written: bool) -> None:
-        """The image is done: written, or failed (its error line is said apart)."""
+    def finish(self, source: Path, seconds: float, upscaled: bool) -> None:
+        """The image is done: upscaled (and being written), or failed (its error line is said apart)."""
         if self.phase_bar is not None:
             self.phase_bar.close()
             self.phase_bar = None
         if self.images_bar is not None:
             self.images_bar.update(1)
-        elif written and not self.quiet:
+        elif upscaled and not self.quiet:
             self.write(f"diffsr: [{self.index}/{self.count}] {self.name}: upscaled in {seconds:.1f} s")
 
     def end(self) -> None:

@@ -308,30 +308,34 @@ def write_image(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None, ic
     """Write rgb (+alpha) to `path`; 16-bit data stays 16-bit in PNG and TIFF, alpha is dropped for JPEG/BMP.
     The ICC profile is kept in 8-bit PNG, JPEG, WebP and TIFF, the EXIF in 8-bit PNG, JPEG and WebP.
     Written through a temporary (see write_atomically); one OutputError line when it cannot be written."""
+    write_atomically(path, image_encoder(path, rgb, alpha, icc_profile, exif))
+
+
+def image_encoder(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None, icc_profile: bytes | None = None,
+                  exif: bytes | None = None) -> Callable[[BinaryIO], None]:
+    """write_image's encoder for `path`'s type, to pass to write_atomically. Its warnings (an alpha plane that
+    the format drops) are said here, by the caller's thread; the encoding itself warns of nothing, so a batch
+    can run it in another thread (diffsr.batch) and still name each warning's image."""
     suffix = path.suffix.lower()
     if alpha is not None and suffix in (".jpg", ".jpeg", ".bmp"):
-        warnings.warn(f"{path.name}: {suffix[1:].upper()} has no alpha channel; the alpha plane is dropped", stacklevel=2)
+        warnings.warn(f"{path.name}: {suffix[1:].upper()} has no alpha channel; the alpha plane is dropped", stacklevel=3)
         alpha = None
     if rgb.dtype == np.uint16 and suffix in (".png", ".tif", ".tiff"):
-        import cv2
-
-        data = rgb[:, :, ::-1] if alpha is None else np.dstack([rgb[:, :, ::-1], alpha])
-        encoded, buffer = cv2.imencode(suffix, np.ascontiguousarray(data))
-        if not encoded:
-            raise OutputError(f"{path}: cannot encode the image as {suffix}")
-
         def encode(file):
+            import cv2
+
+            data = rgb[:, :, ::-1] if alpha is None else np.dstack([rgb[:, :, ::-1], alpha])
+            encoded, buffer = cv2.imencode(suffix, np.ascontiguousarray(data))
+            if not encoded:
+                raise OutputError(f"{path}: cannot encode the image as {suffix}")
             file.write(buffer.tobytes())
-    else:
-        options = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
-        if icc_profile and suffix != ".bmp":
-            options["icc_profile"] = icc_profile
-        if exif and suffix in (".png", ".jpg", ".jpeg", ".webp"):  # (in a TIFF, EXIF would mix with its own tags)
-            options["exif"] = exif
-
-        def encode(file):
-            to_pil(rgb, alpha).save(file, format=Image.registered_extensions()[suffix], **options)
-    write_atomically(path, encode)
+        return encode
+    options = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
+    if icc_profile and suffix != ".bmp":
+        options["icc_profile"] = icc_profile
+    if exif and suffix in (".png", ".jpg", ".jpeg", ".webp"):  # (in a TIFF, EXIF would mix with its own tags)
+        options["exif"] = exif
+    return lambda file: to_pil(rgb, alpha).save(file, format=Image.registered_extensions()[suffix], **options)
 
 
 def _read_umask() -> int:
