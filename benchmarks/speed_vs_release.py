@@ -23,6 +23,13 @@ CPU with --device cpu. StableSR's and CCSR's text encoder (OpenCLIP in the relea
 the base's CLIP: its embedding of "" is computed once by diffsr and handed to the release (the parity fixtures'
 harnesses in tests/fixtures/stablesr and tests/fixtures/ccsr supply the import stand-ins).
 
+--size takes several cases, run one after the other by the same loaded workers (each with its own warm-up and
+table, printed as it ends): SIZE (one image, in memory) or SIZE:N, a folder of N different inputs read from disk
+and written as PNG files, as the tools are used on a folder: diffsr through diffsr.batch.upscale_all (`diffsr
+upscale`'s loop, which writes one output while the next upscales), the release through its test script's loop
+(PIL reads each file, the release upscales it, PIL saves it with its defaults). For a folder, time per image =
+the folder's time / N and throughput = N / the folder's time.
+
     PYTHONPATH=src python benchmarks/speed_vs_release.py --method osediff \\
         --release-checkout /tmp/OSEDiff --release-python /tmp/relvenv/bin/python --size 512 --repeats 3
     ... --device cuda --dtype float16 --release-dtype fp16    # on a GPU (the releases run fp16 there)
@@ -33,6 +40,7 @@ omegaconf, einops for StableSR and CCSR.
 
     ... --method stablesr --release-checkout /path/to/IceClear/StableSR     # StableSR-Turbo's 4 DDPM steps
     ... --method ccsr --release-checkout /path/to/csslc/CCSR (its v1 tree)  # 45 steps, t 0.6667 -> 0.3333
+    ... --size 512 1024 512:16 --sides diffsr+float16 diffsr+float16+serial-writes release   # 3 cases, one load
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,11 +89,24 @@ def cpu_seconds() -> float:
 def parse_side(spec: str, args) -> dict:
     """'release', or 'diffsr' with options joined by '+': a dtype (float32, bfloat16, float16), for OSEDiff
     'merged' / 'unmerged' (LoRA; default: --merge-lora, else the library's default), and 'winograd' / 'direct'
-    (CPU float32 convolutions; default: the library's, Winograd), and 'compile' or 'compile=MODE' (torch.compile;
-    MODE default: reduce-overhead on CUDA, default on the CPU)."""
+    (CPU float32 convolutions; default: the library's, Winograd), 'compile' or 'compile=MODE' (torch.compile;
+    MODE default: reduce-overhead on CUDA, default on the CPU), 'tile_batch=N' (denoiser tiles per UNet call),
+    'channels_last' (the networks' 4-D weights in channels-last memory order, which the convolutions' outputs
+    follow), and 'serial-writes' (in folder cases, each output written before the next image upscales, as before
+    diffsr.batch wrote in the background)."""
     name, *options = spec.split("+")
-    side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora, "winograd": None, "compile": None}
+    side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora, "winograd": None, "compile": None,
+            "serial_writes": False, "tile_batch": None, "channels_last": False}
     for option in options:
+        if option == "serial-writes":
+            side["serial_writes"] = True
+            continue
+        if option == "channels_last":
+            side["channels_last"] = True
+            continue
+        if option.startswith("tile_batch=") and option.partition("=")[2].isdigit():
+            side["tile_batch"] = int(option.partition("=")[2])
+            continue
         if option == "compile" or option.startswith("compile="):
             side["compile"] = option.partition("=")[2] or (
                 "reduce-overhead" if args.device.startswith("cuda") else "default")
@@ -98,12 +120,14 @@ def parse_side(spec: str, args) -> dict:
             raise SystemExit(f"speed_vs_release: unknown option {option!r} in side {spec!r}")
     if name not in ("diffsr", "release") or (name == "release" and options):
         raise SystemExit(f"speed_vs_release: a side is 'release' or "
-                         f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]]', not {spec!r}")
+                         f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]][+tile_batch=N]"
+                         f"[+channels_last][+serial-writes]', not {spec!r}")
     return side
 
 
 def diffsr_runner(args):
-    """diffsr's public API, as a user calls it: load_upscaler + upscale (preprocess, restore, colour fix)."""
+    """diffsr's public API, as a user calls it: load_upscaler + upscale (preprocess, restore, colour fix); for a
+    folder, `diffsr upscale`'s loop. Returns (one image -> output, (inputs, output folder) -> None)."""
     import diffsr
 
     side = parse_side(args.worker, args)
@@ -117,9 +141,39 @@ def diffsr_runner(args):
         knobs = {"prompt": OSEDIFF_PROMPT}
     elif args.method == "stablesr":
         knobs = STABLESR_TURBO
+    if side["tile_batch"]:
+        knobs = {**knobs, "tile_batch": side["tile_batch"]}
     upscaler = diffsr.load_upscaler(args.method, base=base, weights=weights, device=args.device,
                                     dtype=side["dtype"], **options)
-    return lambda image: upscaler.upscale(image, scale=4, seed=SEEDS[args.method], **knobs).rgb
+    if side["channels_last"]:
+        import torch
+
+        for net in upscaler.networks():
+            net.to(memory_format=torch.channels_last)
+
+    def upscale(image):
+        return upscaler.upscale(image, scale=4, seed=SEEDS[args.method], **knobs)
+    from diffsr import batch
+
+    if side["serial_writes"]:
+        batch.BACKGROUND_WRITE_PIXELS = 0
+
+    def run_folder(inputs: list[Path], out: Path) -> None:  # `diffsr upscale`'s loop
+        done = batch.upscale_all(batch.plan_outputs(inputs, out, overwrite=True), lambda path, _: upscale(path))
+        if done.failures:
+            raise SystemExit("\n".join(done.failures))
+    return lambda image: upscale(image).rgb, run_folder
+
+
+def release_folder(run):
+    """The release's test-script loop over a folder: PIL reads each file, the release upscales, PIL saves."""
+    from PIL import Image
+
+    def run_folder(inputs: list[Path], out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in inputs:
+            Image.fromarray(run(np.asarray(Image.open(path).convert("RGB")))).save(out / path.name)
+    return run_folder
 
 
 def _release_imports(checkout: Path, device: str) -> None:
@@ -175,12 +229,14 @@ RELEASE_TILES = dict(vae_encoder_tiled_size=1024, vae_decoder_tiled_size=224, la
 
 
 def release_runner(args):
-    """The release's per-image steps as a function of the RGB input (its models loaded once)."""
+    """The release's per-image steps as a function of the RGB input (its models loaded once), and its test
+    script's loop over a folder."""
     checkout = args.release_checkout.resolve()
     base, weights = args.models / "sd21-full", args.models / WEIGHTS[args.method]
     runners = {"ccsr": release_ccsr, "osediff": release_osediff, "s3diff": release_s3diff,
                "stablesr": release_stablesr}
-    return runners[args.method](args, checkout, base, weights)
+    run = runners[args.method](args, checkout, base, weights)
+    return run, release_folder(run)
 
 
 def release_osediff(args, checkout: Path, base: Path, weights: Path):
@@ -321,24 +377,64 @@ def release_ccsr(args, checkout: Path, base: Path, weights: Path):
     return lambda image: harness.process(model, image)["pred"]
 
 
+def parse_case(text: str) -> tuple[int, int]:
+    """'512' -> (512, 0): one image of 512 px output; '512:16' -> (512, 16): a folder of 16 such inputs."""
+    size, _, count = text.partition(":")
+    if not size.isdigit() or not (count.isdigit() if count else True) or int(size) < 8 or count == "0":
+        raise argparse.ArgumentTypeError(f"a case is SIZE or SIZE:N (a folder of N inputs), not {text!r}")
+    return int(size), int(count or 0)
+
+
+def case_folder(out: Path, size: int, count: int) -> Path:
+    return out / f"inputs-{size}-{count}"
+
+
+def write_folder(folder: Path, size: int, count: int) -> None:
+    """`count` different inputs of `size` px (the same smooth picture, shifted), as PNG files."""
+    from PIL import Image
+
+    from tiling_memory import smooth_image
+
+    folder.mkdir()
+    for index in range(count):
+        Image.fromarray(np.roll(smooth_image(size), 7 * index, axis=1)).save(folder / f"{index:03d}.png")
+
+
 def worker(args) -> None:
-    """Load one side, then upscale one picture per 'run' line on stdin, reporting time and peak memory."""
+    """Load one side, warm each case up, then upscale one case (one picture or one folder) per 'run CASE' line on
+    stdin, reporting time per image and peak memory."""
     import torch
+    from PIL import Image
 
     from tiling_memory import peak_rss_gb, reset_peak, smooth_image
 
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     start = time.perf_counter()
-    run = release_runner(args) if args.worker == "release" else diffsr_runner(args)
-    image = smooth_image(args.size // 4)
-    warmup_seconds = []  # each warm-up image's time: with compile, the first pays the compilation
-    for _ in range(args.warmup):
-        started = time.perf_counter()
-        run(image)
-        if cuda:
-            torch.cuda.synchronize()
-        warmup_seconds.append(time.perf_counter() - started)
+    one, folder = release_runner(args) if args.worker == "release" else diffsr_runner(args)
+
+    def case_run(size: int, count: int):  # () -> the case's (last) output
+        if not count:
+            image = smooth_image(size // 4)
+            return lambda: one(image)
+        inputs = sorted(case_folder(args.out, size, count).glob("*.png"))
+        out = args.out / f"outputs-{args.worker}-{size}-{count}"
+
+        def run_folder():
+            folder(inputs, out)
+            return np.asarray(Image.open(out / inputs[-1].name))
+        return run_folder
+
+    runs = [case_run(*case) for case in args.size]
+    warmup_seconds = []  # per case, each warm-up's time: with compile, the first pays the compilation
+    for run in runs:
+        warmup_seconds.append([])
+        for _ in range(args.warmup):
+            started = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+            warmup_seconds[-1].append(time.perf_counter() - started)
     if cuda:
         torch.cuda.synchronize()
         loaded = torch.cuda.memory_allocated() / 2**30
@@ -346,19 +442,22 @@ def worker(args) -> None:
         loaded = peak_rss_gb()
     report(event="ready", load_seconds=time.perf_counter() - start, loaded_gb=loaded, warmup_seconds=warmup_seconds)
     for line in sys.stdin:
-        if line.strip() != "run":
+        command, _, case = line.strip().partition(" ")
+        if command != "run":
             break
+        case = int(case)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
             reset_peak()
         start, cpu_start = time.perf_counter(), cpu_seconds()
-        output = run(image)
+        output = runs[case]()
         if cuda:
             torch.cuda.synchronize()
-        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        images = args.size[case][1] or 1  # times per image
+        seconds, cpu = (time.perf_counter() - start) / images, (cpu_seconds() - cpu_start) / images
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gb()
-        np.save(args.out / f"{args.worker}.npy", np.asarray(output))  # the last image, compared by the driver
+        np.save(args.out / f"{args.worker}-{case}.npy", np.asarray(output))  # compared by the driver
         report(event="image", seconds=seconds, cpu_seconds=cpu, peak_gb=peak, shape=list(np.shape(output)))
 
 
@@ -445,10 +544,12 @@ def main() -> None:
                              "with pip --target), instead of the driver's")
     parser.add_argument("--models", type=Path, default=Path("/tmp/diffsr-speed-models"),
                         help="full-size random weights, written here once")
-    parser.add_argument("--size", type=int, default=512, help="output size in px (input: size/4, square)")
-    parser.add_argument("--repeats", type=int, default=3, help="images per side (median reported)")
-    parser.add_argument("--warmup", type=int, help="untimed images per side after loading (default: 1 on "
-                                                   "CUDA, 0 on the CPU where one image takes tens of seconds)")
+    parser.add_argument("--size", type=parse_case, nargs="+", default=[(512, 0)], metavar="SIZE[:N]",
+                        help="cases, each timed in turn by the same workers: output size in px (input: size/4, "
+                             "square); SIZE:N, a folder of N such inputs read from and written to disk (PNG)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case per side (median reported)")
+    parser.add_argument("--warmup", type=int, help="untimed runs of each case per side after loading (default: 1 "
+                                                   "on CUDA, 0 on the CPU where one image takes tens of seconds)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="diffsr's dtype")
     parser.add_argument("--release-dtype", default="fp32", choices=["fp32", "fp16"],
@@ -459,10 +560,11 @@ def main() -> None:
                         help="OSEDiff release: --merge_and_unload_lora (off in test_osediff.py)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sides", nargs="+", default=["diffsr", "release"],
-                        help="what runs, interleaved: 'release' and "
-                             "'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]]' (e.g. "
-                             "diffsr+bfloat16, diffsr+float16+compile); ratios and output differences are against "
-                             "the last one. A compiled side wants --warmup 2 or more (its first images compile)")
+                        help="what runs, interleaved: 'release' and 'diffsr[+dtype][+merged|+unmerged]"
+                             "[+winograd|+direct][+compile[=MODE]][+tile_batch=N][+channels_last][+serial-writes]' "
+                             "(e.g. diffsr+bfloat16, diffsr+float16+compile; see parse_side); ratios and output "
+                             "differences are against the last one. A compiled side wants --warmup 2 or more (its "
+                             "first images compile)")
     parser.add_argument("--verbose", action="store_true", help="show the workers' own output on stderr")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -481,11 +583,14 @@ def main() -> None:
 
     ensure_models(args.models, args.method)
     out = Path(tempfile.mkdtemp(prefix="speed_vs_release_"))
+    for size, count in args.size:
+        if count and not case_folder(out, size, count).exists():
+            write_folder(case_folder(out, size, count), size // 4, count)
     args.worker_args = ["--method", args.method, "--release-checkout", str(args.release_checkout or ""), "--models",
-                        str(args.models), "--size", str(args.size), "--warmup", str(args.warmup), "--device",
-                        args.device, "--dtype", args.dtype, "--release-dtype", args.release_dtype, "--threads",
-                        str(args.threads), "--out", str(out),
-                        "--release-merge-lora" if args.release_merge_lora else "--no-release-merge-lora"]
+                        str(args.models), "--warmup", str(args.warmup), "--device", args.device, "--dtype",
+                        args.dtype, "--release-dtype", args.release_dtype, "--threads", str(args.threads),
+                        "--out", str(out), "--release-merge-lora" if args.release_merge_lora else
+                        "--no-release-merge-lora", "--size", *(case_name(*case) for case in args.size)]
     if args.merge_lora is not None:
         args.worker_args.append("--merge-lora" if args.merge_lora else "--no-merge-lora")
     pythons = {side: args.release_python if side == "release" else sys.executable for side in args.sides}
@@ -500,65 +605,99 @@ def main() -> None:
             merged = "" if args.method != "osediff" or merge is None else " merged LoRA" if merge else " unmerged LoRA"
             conv = {None: "", True: " winograd", False: " direct conv"}[side["winograd"]]
             compiled = f" compiled ({side['compile']})" if side["compile"] else ""
-            labels[spec] = f"diffsr {side['dtype']}{merged}{conv}{compiled}"
+            serial = " serial writes" if side["serial_writes"] else ""
+            batched = f" {side['tile_batch']} tiles per call" if side["tile_batch"] else ""
+            layout = " channels-last" if side["channels_last"] else ""
+            labels[spec] = f"diffsr {side['dtype']}{merged}{conv}{compiled}{batched}{layout}{serial}"
     cuda = args.device.startswith("cuda")
-    print(f"# speed_vs_release {args.method} x4, {args.size} px output, "
-          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, diffsr {git_commit()}, {device_name(args.device)}, "
-          f"{args.threads} threads, full-size random weights (SD 2.1-base architecture), fixed prompt (no tagger), "
-          f"{args.repeats} images per side interleaved, {args.warmup} warm-up")
+    print(f"# speed_vs_release {args.method} x4, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, diffsr "
+          f"{git_commit()}, {device_name(args.device)}, {args.threads} threads, random weights from {args.models} "
+          f"(where there were none, ensure_models wrote full-size ones: SD 2.1-base architecture), fixed prompt (no tagger); cases {', '.join(case_name(*case) for case in args.size)}, each "
+          f"run {args.repeats} times per side, sides interleaved, after {args.warmup} warm-up run(s)")
     for side in args.sides:
         print(f"# {labels[side]}: {versions(pythons[side], worker_env(side, args))}")
     workers, ready = {}, {}
+    # A run cut by `timeout` (benchmarks/gpu/run_speed.sh) stops its workers too, not leaving them on the device.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    finished = False
     try:
         for side in args.sides:  # one at a time: the loads do not compete
             workers[side] = start_worker(side, args, pythons[side])
             ready[side] = read_report(workers[side], side, args.verbose)
-        times = {side: [] for side in args.sides}
-        for repeat in range(args.repeats):
-            order = args.sides if repeat % 2 == 0 else args.sides[::-1]
-            for side in order:
-                workers[side].stdin.write("run\n")
-                workers[side].stdin.flush()
-                result = read_report(workers[side], side, args.verbose)
-                times[side].append(result)
-                print(f"#   {labels[side]}: image {repeat + 1}: {result['seconds']:.2f} s wall, "
-                      f"{result['cpu_seconds']:.1f} s CPU, peak {result['peak_gb']:.2f} GB", flush=True)
+            print(f"# {labels[side]}: loaded in {ready[side]['load_seconds']:.1f} s (warm-up included)", flush=True)
+        for index, case in enumerate(args.size):
+            times = time_case(workers, index, case, args, labels)
+            print_case(index, case, times, ready, labels, out, cuda)
+        finished = True
     finally:
         for process in workers.values():
-            if process.poll() is None:
+            if process.poll() is None and finished:
                 process.stdin.close()
                 process.wait(timeout=120)
+            elif process.poll() is None:
+                process.kill()
+
+
+def case_name(size: int, count: int) -> str:
+    return f"{size}:{count}" if count else str(size)
+
+
+def time_case(workers: dict, index: int, case: tuple[int, int], args, labels: dict) -> dict[str, list[dict]]:
+    """Each side's reports of --repeats runs of one case, interleaved (A B, B A, ...)."""
+    times = {side: [] for side in args.sides}
+    for repeat in range(args.repeats):
+        order = args.sides if repeat % 2 == 0 else args.sides[::-1]
+        for side in order:
+            workers[side].stdin.write(f"run {index}\n")
+            workers[side].stdin.flush()
+            result = read_report(workers[side], side, args.verbose)
+            times[side].append(result)
+            unit = f"folder {repeat + 1}, per image" if case[1] else f"image {repeat + 1}"
+            print(f"#   {case_name(*case)}: {labels[side]}: {unit}: {result['seconds']:.3f} s wall, "
+                  f"{result['cpu_seconds']:.1f} s CPU, peak {result['peak_gb']:.2f} GB", flush=True)
+    return times
+
+
+def print_case(index: int, case: tuple[int, int], times: dict, ready: dict, labels: dict, out: Path,
+               cuda: bool) -> None:
+    """One case's table, its warm-up times and the output differences against the last side."""
+    size, count = case
+    sides = list(times)
+    what = (f"folders of {count} inputs read from disk and written as PNG (time per image = folder time / {count})"
+            if count else "one image in memory")
+    print(f"\n## {size} px output, {what}\n")
     peak_name = "peak GPU GB (max allocated)" if cuda else "peak RSS GB"
     print(f"| side | s / image (median) | all s | images / s | CPU s / image (median) | {peak_name} | loaded GB | "
           f"time ratio | throughput ratio | CPU time ratio | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {side: (statistics.median(r["seconds"] for r in times[side]),
                       statistics.median(r["cpu_seconds"] for r in times[side]),
-                      max(r["peak_gb"] for r in times[side])) for side in args.sides}
-    reference = args.sides[-1]
+                      max(r["peak_gb"] for r in times[side])) for side in sides}
+    reference = sides[-1]
     ref_seconds, ref_cpu, ref_peak = summary[reference]
-    for side in args.sides:
+    for side in sides:
         seconds, cpu, peak = summary[side]
-        every = ", ".join(f"{r['seconds']:.2f}" for r in times[side])
-        print(f"| {labels[side]} | {seconds:.2f} | {every} | {1 / seconds:.3f} | {cpu:.1f} | {peak:.2f} | "
+        every = ", ".join(f"{r['seconds']:.3f}" for r in times[side])
+        print(f"| {labels[side]} | {seconds:.3f} | {every} | {1 / seconds:.3f} | {cpu:.1f} | {peak:.2f} | "
               f"{ready[side]['loaded_gb']:.2f} | {seconds / ref_seconds:.2f}x | {ref_seconds / seconds:.2f}x | "
               f"{cpu / ref_cpu:.2f}x | {peak / ref_peak:.2f}x |")
-    print(f"# ratios: each side / {labels[reference]} (times, memory) and {labels[reference]} / each side "
+    print(f"\n# ratios: each side / {labels[reference]} (times, memory) and {labels[reference]} / each side "
           f"(throughput); CPU time: user + system of the worker process (on a loaded machine, less affected by "
           f"the neighbours than wall time)")
-    for side in args.sides:
-        warmup = ", ".join(f"{seconds:.2f}" for seconds in ready[side]["warmup_seconds"])
-        print(f"# {labels[side]}: loaded in {ready[side]['load_seconds']:.1f} s (warm-up included)"
-              + (f"; warm-up images {warmup} s" if warmup else ""))
-    last = np.load(out / f"{reference}.npy").astype(np.int16)
-    for side in args.sides[:-1]:
-        output = np.load(out / f"{side}.npy").astype(np.int16)
+    for side in sides:
+        warmup = ", ".join(f"{seconds:.3f}" for seconds in ready[side]["warmup_seconds"][index])
+        if warmup:
+            print(f"# {labels[side]}: warm-up {'folders' if count else 'images'} {warmup} s")
+    last = np.load(out / f"{reference}-{index}.npy").astype(np.int16)
+    for side in sides[:-1]:
+        output = np.load(out / f"{side}-{index}.npy").astype(np.int16)
         if output.shape == last.shape:
             difference = np.abs(output - last)
             print(f"# output of {labels[side]} against {labels[reference]}, {output.shape}: mean |difference| "
                   f"{difference.mean():.3f}, max {difference.max()} (8-bit levels)")
         else:
             print(f"# output shapes differ: {labels[side]} {output.shape}, {labels[reference]} {last.shape}")
+    print(flush=True)
 
 
 if __name__ == "__main__":
