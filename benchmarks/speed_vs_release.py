@@ -610,10 +610,12 @@ def main() -> None:
             layout = " channels-last" if side["channels_last"] else ""
             labels[spec] = f"diffsr {side['dtype']}{merged}{conv}{compiled}{batched}{layout}{serial}"
     cuda = args.device.startswith("cuda")
+    cases = ", ".join(case_name(*case) for case in args.size)
     print(f"# speed_vs_release {args.method} x4, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, diffsr "
           f"{git_commit()}, {device_name(args.device)}, {args.threads} threads, random weights from {args.models} "
-          f"(where there were none, ensure_models wrote full-size ones: SD 2.1-base architecture), fixed prompt (no tagger); cases {', '.join(case_name(*case) for case in args.size)}, each "
-          f"run {args.repeats} times per side, sides interleaved, after {args.warmup} warm-up run(s)")
+          f"(where there were none, ensure_models wrote full-size ones: SD 2.1-base architecture), fixed prompt "
+          f"(no tagger); cases {cases}, each run {args.repeats} times per side, sides interleaved, after "
+          f"{args.warmup} warm-up run(s)")
     for side in args.sides:
         print(f"# {labels[side]}: {versions(pythons[side], worker_env(side, args))}")
     workers, ready = {}, {}
