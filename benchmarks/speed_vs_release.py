@@ -92,14 +92,18 @@ def parse_side(spec: str, args) -> dict:
     (CPU float32 convolutions; default: the library's, Winograd), 'compile' or 'compile=MODE' (torch.compile;
     MODE default: reduce-overhead on CUDA, default on the CPU), 'tile_batch=N' (denoiser tiles per UNet call),
     'channels_last' (the networks' 4-D weights in channels-last memory order, which the convolutions' outputs
-    follow), and 'serial-writes' (in folder cases, each output written before the next image upscales, as before
-    diffsr.batch wrote in the background)."""
+    follow), 'serial-writes' (in folder cases, each output written before the next image upscales, as before
+    diffsr.batch wrote in the background) and 'no-prompt-cache' (every prompt encoded for every image, as before
+    Backbone.encode_prompt kept its last results)."""
     name, *options = spec.split("+")
     side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora, "winograd": None, "compile": None,
-            "serial_writes": False, "tile_batch": None, "channels_last": False}
+            "serial_writes": False, "tile_batch": None, "channels_last": False, "prompt_cache": True}
     for option in options:
         if option == "serial-writes":
             side["serial_writes"] = True
+            continue
+        if option == "no-prompt-cache":
+            side["prompt_cache"] = False
             continue
         if option == "channels_last":
             side["channels_last"] = True
@@ -121,7 +125,7 @@ def parse_side(spec: str, args) -> dict:
     if name not in ("diffsr", "release") or (name == "release" and options):
         raise SystemExit(f"speed_vs_release: a side is 'release' or "
                          f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]][+tile_batch=N]"
-                         f"[+channels_last][+serial-writes]', not {spec!r}")
+                         f"[+channels_last][+serial-writes][+no-prompt-cache]', not {spec!r}")
     return side
 
 
@@ -157,6 +161,10 @@ def diffsr_runner(args):
 
     if side["serial_writes"]:
         batch.BACKGROUND_WRITE_PIXELS = 0
+    if not side["prompt_cache"]:
+        from diffsr import backbone
+
+        backbone.PROMPT_CACHE_SIZE = 0
 
     def run_folder(inputs: list[Path], out: Path) -> None:  # `diffsr upscale`'s loop
         done = batch.upscale_all(batch.plan_outputs(inputs, out, overwrite=True), lambda path, _: upscale(path))
@@ -561,7 +569,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sides", nargs="+", default=["diffsr", "release"],
                         help="what runs, interleaved: 'release' and 'diffsr[+dtype][+merged|+unmerged]"
-                             "[+winograd|+direct][+compile[=MODE]][+tile_batch=N][+channels_last][+serial-writes]' "
+                             "[+winograd|+direct][+compile[=MODE]][+tile_batch=N][+channels_last][+serial-writes][+no-prompt-cache]' "
                              "(e.g. diffsr+bfloat16, diffsr+float16+compile; see parse_side); ratios and output "
                              "differences are against the last one. A compiled side wants --warmup 2 or more (its "
                              "first images compile)")
@@ -608,7 +616,8 @@ def main() -> None:
             serial = " serial writes" if side["serial_writes"] else ""
             batched = f" {side['tile_batch']} tiles per call" if side["tile_batch"] else ""
             layout = " channels-last" if side["channels_last"] else ""
-            labels[spec] = f"diffsr {side['dtype']}{merged}{conv}{compiled}{batched}{layout}{serial}"
+            uncached = "" if side["prompt_cache"] else " no prompt cache"
+            labels[spec] = f"diffsr {side['dtype']}{merged}{conv}{compiled}{batched}{layout}{serial}{uncached}"
     cuda = args.device.startswith("cuda")
     cases = ", ".join(case_name(*case) for case in args.size)
     print(f"# speed_vs_release {args.method} x4, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, diffsr "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from diffsr.errors import BaseModelError, UsageError, first_line
+
+PROMPT_CACHE_SIZE = 8  # encode_prompt results kept (each 77 x 1024 values per prompt)
 
 # What each part's folder must hold to be loadable.
 _PART_FILES = {
@@ -86,6 +88,7 @@ class Backbone:
     tokenizer: object
     scheduler_config: dict
     folder: Path | None = None  # the local diffusers folder it was loaded from (a registry name or hub id resolved)
+    prompt_cache: dict = field(default_factory=dict, repr=False, compare=False)  # encode_prompt's last results
 
     # Read from the UNet's weights, never stored: moving or casting the modules (a trainer, accelerate) moves them.
     @property
@@ -98,7 +101,23 @@ class Backbone:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP last hidden states for each prompt, padded to the tokenizer's maximum length (77)."""
+        """CLIP last hidden states for each prompt, padded to the tokenizer's maximum length (77). The last few
+        results are kept: a folder's images mostly share their prompts (S3Diff's two, StableSR's and CCSR's empty
+        one), and the full-size text encoder costs about 1 s per prompt on a CPU. A result is kept with the text
+        encoder's state (each weight's storage, device, dtype and in-place version), so moved, cast or changed
+        weights are encoded again."""
+        weights = list(self.text_encoder.parameters())
+        if any(weight.is_inference() for weight in weights):  # made under torch.inference_mode: no versions kept
+            return self._encode(prompts)
+        key = (tuple(prompts), self.dtype, tuple((w.data_ptr(), w.device, w.dtype, w._version) for w in weights))
+        embeddings = self.prompt_cache.get(key)
+        if embeddings is None:
+            embeddings = self.prompt_cache[key] = self._encode(prompts)
+            while len(self.prompt_cache) > PROMPT_CACHE_SIZE:
+                del self.prompt_cache[next(iter(self.prompt_cache))]  # the oldest
+        return embeddings.clone()  # (callers may change theirs in place)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, max_length=self.tokenizer.model_max_length, padding="max_length",
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.dtype)
