@@ -91,13 +91,15 @@ def parse_side(spec: str, args) -> dict:
     'merged' / 'unmerged' (LoRA; default: --merge-lora, else the library's default), and 'winograd' / 'direct'
     (CPU float32 convolutions; default: the library's, Winograd), 'compile' or 'compile=MODE' (torch.compile;
     MODE default: reduce-overhead on CUDA, default on the CPU), 'tile_batch=N' (denoiser tiles per UNet call),
+    'max_memory=GB' (the tiler's working-memory budget; default: from the free device memory),
     'channels_last' (the networks' 4-D weights in channels-last memory order, which the convolutions' outputs
     follow), 'serial-writes' (in folder cases, each output written before the next image upscales, as before
     diffsr.batch wrote in the background) and 'no-prompt-cache' (every prompt encoded for every image, as before
     Backbone.encode_prompt kept its last results)."""
     name, *options = spec.split("+")
     side = {"name": name, "dtype": args.dtype, "merge_lora": args.merge_lora, "winograd": None, "compile": None,
-            "serial_writes": False, "tile_batch": None, "channels_last": False, "prompt_cache": True}
+            "serial_writes": False, "tile_batch": None, "channels_last": False, "prompt_cache": True,
+            "max_memory": None}
     for option in options:
         if option == "serial-writes":
             side["serial_writes"] = True
@@ -110,6 +112,9 @@ def parse_side(spec: str, args) -> dict:
             continue
         if option.startswith("tile_batch=") and option.partition("=")[2].isdigit():
             side["tile_batch"] = int(option.partition("=")[2])
+            continue
+        if option.startswith("max_memory=") and option.partition("=")[2].replace(".", "", 1).isdigit():
+            side["max_memory"] = float(option.partition("=")[2])
             continue
         if option == "compile" or option.startswith("compile="):
             side["compile"] = option.partition("=")[2] or (
@@ -124,7 +129,7 @@ def parse_side(spec: str, args) -> dict:
             raise SystemExit(f"speed_vs_release: unknown option {option!r} in side {spec!r}")
     if name not in ("diffsr", "release") or (name == "release" and options):
         raise SystemExit(f"speed_vs_release: a side is 'release' or "
-                         f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]][+tile_batch=N]"
+                         f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]][+tile_batch=N][+max_memory=GB]"
                          f"[+channels_last][+serial-writes][+no-prompt-cache]', not {spec!r}")
     return side
 
@@ -145,8 +150,7 @@ def diffsr_runner(args):
         knobs = {"prompt": OSEDIFF_PROMPT}
     elif args.method == "stablesr":
         knobs = STABLESR_TURBO
-    if side["tile_batch"]:
-        knobs = {**knobs, "tile_batch": side["tile_batch"]}
+    knobs = {**knobs, **{name: side[name] for name in ("tile_batch", "max_memory") if side[name]}}
     upscaler = diffsr.load_upscaler(args.method, base=base, weights=weights, device=args.device,
                                     dtype=side["dtype"], **options)
     if side["channels_last"]:
@@ -569,7 +573,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sides", nargs="+", default=["diffsr", "release"],
                         help="what runs, interleaved: 'release' and 'diffsr[+dtype][+merged|+unmerged]"
-                             "[+winograd|+direct][+compile[=MODE]][+tile_batch=N][+channels_last][+serial-writes][+no-prompt-cache]' "
+                             "[+winograd|+direct][+compile[=MODE]][+tile_batch=N][+max_memory=GB][+channels_last][+serial-writes]"
+                             "[+no-prompt-cache]' "
                              "(e.g. diffsr+bfloat16, diffsr+float16+compile; see parse_side); ratios and output "
                              "differences are against the last one. A compiled side wants --warmup 2 or more (its "
                              "first images compile)")
@@ -615,6 +620,7 @@ def main() -> None:
             compiled = f" compiled ({side['compile']})" if side["compile"] else ""
             serial = " serial writes" if side["serial_writes"] else ""
             batched = f" {side['tile_batch']} tiles per call" if side["tile_batch"] else ""
+            batched += f" max_memory {side['max_memory']:g} GB" if side["max_memory"] else ""
             layout = " channels-last" if side["channels_last"] else ""
             uncached = "" if side["prompt_cache"] else " no prompt cache"
             labels[spec] = f"diffsr {side['dtype']}{merged}{conv}{compiled}{batched}{layout}{serial}{uncached}"

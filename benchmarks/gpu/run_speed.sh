@@ -18,7 +18,9 @@
 #           (per megapixel), and a folder of 16 inputs of 512 px read from disk and written as PNG (throughput)
 #   levers  OSEDiff 512 px: bfloat16, channels-last, torch.compile (reduce-overhead: CUDA graphs; three warm-up
 #           images, the first one's time is the compilation) against eager float16 and the release
-#   large   2048 px, each side with its own tiling defaults (ours also with 4 tiles per UNet call), REPEATS_LARGE=2
+#   large   2048 px, each side with its own tiling defaults, ours also with 4 tiles per UNet call and with a 4 GB
+#           working-memory budget (on a large GPU our default budget may leave the VAE untiled where the releases
+#           tile it: the memory goal), REPEATS_LARGE=2
 # `run_speed.sh STEP...` runs only those steps (e.g. `run_speed.sh tests compile-tests`; compile-tests: the
 # compiled cases of tests/test_cuda.py, about 2 minutes of compilation). Tables: stdout and
 # $OUT/speed_vs_release_gpu.md (or $WORK); the test log: $OUT/test_cuda.log.
@@ -124,7 +126,7 @@ for step in $STEPS; do
         large)
             release_setup || exit 1
             for method in osediff s3diff; do
-                run $method "diffsr+float16 diffsr+float16+tile_batch=4 release" --size 2048 \
+                run $method "diffsr+float16 diffsr+float16+tile_batch=4 diffsr+float16+max_memory=4 release" --size 2048 \
                     --repeats "${REPEATS_LARGE:-2}" --warmup 1
             done ;;
         *) echo "unknown step $step (speed, tests, compile-tests, levers, large)" >&2; exit 2 ;;
