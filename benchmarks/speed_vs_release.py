@@ -86,6 +86,10 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+SIDES = ("'release' or 'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]][+tile_batch=N]"
+         "[+max_memory=GB][+channels_last][+serial-writes][+no-prompt-cache]'")
+
+
 def parse_side(spec: str, args) -> dict:
     """'release', or 'diffsr' with options joined by '+': a dtype (float32, bfloat16, float16), for OSEDiff
     'merged' / 'unmerged' (LoRA; default: --merge-lora, else the library's default), and 'winograd' / 'direct'
@@ -101,36 +105,29 @@ def parse_side(spec: str, args) -> dict:
             "serial_writes": False, "tile_batch": None, "channels_last": False, "prompt_cache": True,
             "max_memory": None}
     for option in options:
-        if option == "serial-writes":
-            side["serial_writes"] = True
-            continue
-        if option == "no-prompt-cache":
-            side["prompt_cache"] = False
-            continue
-        if option == "channels_last":
-            side["channels_last"] = True
-            continue
-        if option.startswith("tile_batch=") and option.partition("=")[2].isdigit():
-            side["tile_batch"] = int(option.partition("=")[2])
-            continue
-        if option.startswith("max_memory=") and option.partition("=")[2].replace(".", "", 1).isdigit():
-            side["max_memory"] = float(option.partition("=")[2])
-            continue
-        if option == "compile" or option.startswith("compile="):
-            side["compile"] = option.partition("=")[2] or (
-                "reduce-overhead" if args.device.startswith("cuda") else "default")
+        key, _, value = option.partition("=")
+        if key == "compile":
+            side["compile"] = value or ("reduce-overhead" if args.device.startswith("cuda") else "default")
         elif option in ("float32", "bfloat16", "float16"):
             side["dtype"] = option
         elif option in ("merged", "unmerged"):
             side["merge_lora"] = option == "merged"
         elif option in ("winograd", "direct"):
             side["winograd"] = option == "winograd"
+        elif key == "tile_batch" and value.isdigit():
+            side["tile_batch"] = int(value)
+        elif key == "max_memory" and value.replace(".", "", 1).isdigit():
+            side["max_memory"] = float(value)
+        elif option == "channels_last":
+            side["channels_last"] = True
+        elif option == "serial-writes":
+            side["serial_writes"] = True
+        elif option == "no-prompt-cache":
+            side["prompt_cache"] = False
         else:
             raise SystemExit(f"speed_vs_release: unknown option {option!r} in side {spec!r}")
     if name not in ("diffsr", "release") or (name == "release" and options):
-        raise SystemExit(f"speed_vs_release: a side is 'release' or "
-                         f"'diffsr[+dtype][+merged|+unmerged][+winograd|+direct][+compile[=MODE]][+tile_batch=N][+max_memory=GB]"
-                         f"[+channels_last][+serial-writes][+no-prompt-cache]', not {spec!r}")
+        raise SystemExit(f"speed_vs_release: a side is {SIDES}, not {spec!r}")
     return side
 
 
@@ -572,9 +569,7 @@ def main() -> None:
                         help="OSEDiff release: --merge_and_unload_lora (off in test_osediff.py)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sides", nargs="+", default=["diffsr", "release"],
-                        help="what runs, interleaved: 'release' and 'diffsr[+dtype][+merged|+unmerged]"
-                             "[+winograd|+direct][+compile[=MODE]][+tile_batch=N][+max_memory=GB][+channels_last][+serial-writes]"
-                             "[+no-prompt-cache]' "
+                        help=f"what runs, interleaved: {SIDES} "
                              "(e.g. diffsr+bfloat16, diffsr+float16+compile; see parse_side); ratios and output "
                              "differences are against the last one. A compiled side wants --warmup 2 or more (its "
                              "first images compile)")
