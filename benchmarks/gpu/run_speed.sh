@@ -21,6 +21,8 @@
 #   large   2048 px, each side with its own tiling defaults, ours also with 4 tiles per UNet call and with a 4 GB
 #           working-memory budget (on a large GPU our default budget may leave the VAE untiled where the releases
 #           tile it: the memory goal), REPEATS_LARGE=2
+#   batching  two levers not built, measured first (benchmarks/batch_levers.py, float16): four 512 px images in
+#           one UNet call against four calls, and one image's VAE decode overlapped with the next one's encode
 # `run_speed.sh STEP...` runs only those steps (e.g. `run_speed.sh tests compile-tests`; compile-tests: the
 # compiled cases of tests/test_cuda.py, about 2 minutes of compilation). Tables: stdout and
 # $OUT/speed_vs_release_gpu.md (or $WORK); the test log: $OUT/test_cuda.log.
@@ -33,7 +35,7 @@ PYTHON=${PYTHON:-python3}
 REPEATS=${REPEATS:-5}
 TOTAL_SECONDS=${TOTAL_SECONDS:-540}
 STEP_SECONDS=${STEP_SECONDS:-60}
-STEPS=${*:-tests speed levers large}
+STEPS=${*:-tests speed levers large batching}
 mkdir -p "$WORK" "$(dirname "$RESULTS")"
 [ -d "$CARRY/wheels" ] || { echo "no $CARRY: run benchmarks/gpu/fetch_wheels.sh first and carry it" >&2; exit 2; }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -129,7 +131,13 @@ for step in $STEPS; do
                 run $method "diffsr+float16 diffsr+float16+tile_batch=4 diffsr+float16+max_memory=4 release" --size 2048 \
                     --repeats "${REPEATS_LARGE:-2}" --warmup 1
             done ;;
-        *) echo "unknown step $step (speed, tests, compile-tests, levers, large)" >&2; exit 2 ;;
+        batching)
+            release_setup || exit 1
+            echo "== batching: benchmarks/batch_levers.py" | tee -a "$RESULTS"
+            timeout "$(left)" "$PYTHON" benchmarks/batch_levers.py --models "$WORK/models" --device cuda \
+                --dtype float16 --images 4 --repeats "$REPEATS" 2>&1 | tee -a "$RESULTS"
+            echo "(exit ${PIPESTATUS[0]}, $(( $(date +%s) - START )) s since the start)" | tee -a "$RESULTS" ;;
+        *) echo "unknown step $step (speed, tests, compile-tests, levers, large, batching)" >&2; exit 2 ;;
     esac
 done
 echo "results: $RESULTS"
