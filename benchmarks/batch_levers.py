@@ -1,8 +1,10 @@
-"""Two levers of issue #22 that diffsr has not built, measured before building them: several 512 px images in one
-UNet call (a folder's images batched), and one image's VAE decode overlapped with the next image's VAE encode
-(the two ends of a batch run at once).
+"""Three levers of issue #22 that diffsr has not built, measured before building them: several 512 px images in
+one UNet call (a folder's images batched), one image's VAE decode overlapped with the next image's VAE encode (the
+two ends of a batch run at once), and OSEDiff's tagger (RAM Swin-L at 384 px) run for the next image while this
+one's UNet runs (the tagger off the critical path).
 
-The full-size SD 2.1-base networks (random weights from --models, as speed_vs_release.py writes them), on --device
+The full-size SD 2.1-base networks (random weights from --models, as speed_vs_release.py writes them) and a
+full-size RAM tagging network (random weights, built here), on --device
 in --dtype. Each lever runs its two sides interleaved, --repeats times after a warm-up of each; prints the median
 seconds per image of each side, the ratio, the max abs difference of the outputs and, on CUDA, each side's peak
 memory. On the CPU in float32 the convolutions run by Winograd, as diffsr runs them. On CUDA the overlapped side runs the decode and the encode in two threads, each on its own stream.
@@ -24,6 +26,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+LEVERS = ("unet-batch", "decode-encode", "tagger")
+# RAM Swin-L 384 (the release's config_swinL_384.json and q2l_config.json): the tagging network's sizes
+RAM_SWIN = dict(dim=192, patch=4, depths=[2, 2, 18, 2], heads=[6, 12, 24, 48], windows=[12, 12, 12, 12],
+                hidden_ratio=4.0)
+RAM_HEAD = dict(layers=2, hidden=768, inner=3072)
+RAM_LABEL_WIDTH = 512
+
+
+def full_size_tagger(device, dtype):
+    """diffsr's RAM tagger at the release's size, random weights."""
+    from diffsr.taggers import tag_list, thresholds
+    from diffsr.taggers.ram import RamModel, RamTagger
+
+    torch.manual_seed(0)
+    model = RamModel(RAM_SWIN, RAM_HEAD, len(tag_list()), RAM_LABEL_WIDTH, RAM_SWIN["dim"] * 8)
+    with torch.no_grad():
+        model.label_embed.normal_()
+    return RamTagger(model, tag_list(), thresholds(), device, dtype)
 
 
 def synchronize(device: torch.device) -> None:
@@ -89,6 +110,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side, px (latent: size / 8)")
     parser.add_argument("--images", type=int, default=2, help="images per UNet call on the batched side")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=LEVERS)
     args = parser.parse_args()
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -127,15 +149,30 @@ def main() -> None:
     print("| lever | today: s per image (median) | lever: s per image (median) | lever / today | "
           "max abs difference | peak GiB today | peak GiB lever |")
     print("|---|---|---|---|---|---|---|")
-    compare(f"UNet, {args.images} images", {
-        "one per call": lambda: [unet_call(latents[i:i + 1]) for i in range(args.images)],
-        f"{args.images} per call": lambda: list(unet_call(latents).split(1)),
-    }, args.images, args.repeats, device)
-    compare("decode one image, encode the next", {
-        "one after the other": lambda: [decode(), encode()],
-        "overlapped": lambda: in_parallel(decode, encode, device),
-    }, 1, args.repeats, device)
+    if "unet-batch" in args.levers:
+        compare(f"UNet, {args.images} images", {
+            "one per call": lambda: [unet_call(latents[i:i + 1]) for i in range(args.images)],
+            f"{args.images} per call": lambda: list(unet_call(latents).split(1)),
+        }, args.images, args.repeats, device)
+    if "decode-encode" in args.levers:
+        compare("decode one image, encode the next", {
+            "one after the other": lambda: [decode(), encode()],
+            "overlapped": lambda: in_parallel(decode, encode, device),
+        }, 1, args.repeats, device)
+    if "tagger" in args.levers:
+        tagger = full_size_tagger(device, dtype)
+        pixels = (image[:1].float() + 1) / 2
 
+        def tag():
+            return tagger.logits(pixels)
+
+        compare("tag the next image, denoise this one", {
+            "one after the other": lambda: [tag(), unet_call(latents[:1])],
+            "overlapped": lambda: in_parallel(tag, lambda: unet_call(latents[:1]), device),
+        }, 1, args.repeats, device)
+        alone = {name: statistics.median(timed(run, device)[0] for _ in range(args.repeats))
+                 for name, run in (("tagger", tag), ("UNet call", lambda: unet_call(latents[:1])))}
+        print("(alone, median s: " + ", ".join(f"{name} {seconds:.3f}" for name, seconds in alone.items()) + ")")
 
 if __name__ == "__main__":
     main()

@@ -21,8 +21,9 @@
 #   large   2048 px, each side with its own tiling defaults, ours also with 4 tiles per UNet call and with a 4 GB
 #           working-memory budget (on a large GPU our default budget may leave the VAE untiled where the releases
 #           tile it: the memory goal), REPEATS_LARGE=2
-#   batching  two levers not built, measured first (benchmarks/batch_levers.py, float16): four 512 px images in
-#           one UNet call against four calls, and one image's VAE decode overlapped with the next one's encode
+#   batching  three levers not built, measured first (benchmarks/batch_levers.py, float16): four 512 px images
+#           in one UNet call against four calls, one image's VAE decode overlapped with the next one's encode,
+#           and OSEDiff's tagger for the next image overlapped with this one's UNet call
 # `run_speed.sh STEP...` runs only those steps (e.g. `run_speed.sh tests compile-tests`; compile-tests: the
 # compiled cases of tests/test_cuda.py, about 2 minutes of compilation). Tables: stdout and
 # $OUT/speed_vs_release_gpu.md (or $WORK); the test log: $OUT/test_cuda.log.
