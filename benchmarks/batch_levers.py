@@ -4,10 +4,11 @@ two ends of a batch run at once), and OSEDiff's tagger (RAM Swin-L at 384 px) ru
 one's UNet runs (the tagger off the critical path).
 
 The full-size SD 2.1-base networks (random weights from --models, as speed_vs_release.py writes them) and a
-full-size RAM tagging network (random weights, built here), on --device
-in --dtype. Each lever runs its two sides interleaved, --repeats times after a warm-up of each; prints the median
-seconds per image of each side, the ratio, the max abs difference of the outputs and, on CUDA, each side's peak
-memory. On the CPU in float32 the convolutions run by Winograd, as diffsr runs them. On CUDA the overlapped side runs the decode and the encode in two threads, each on its own stream.
+full-size RAM tagging network (random weights, built here), on --device in --dtype. Each lever runs its two sides
+interleaved, --repeats times after a warm-up of each; prints the median seconds per image of each side, the
+ratio, the max abs difference of the outputs and, on CUDA, each side's peak memory. On the CPU in float32 the
+convolutions run by Winograd, as diffsr runs them. On CUDA an overlapped side runs its two networks in two
+threads, each on its own stream.
 
     PYTHONPATH=src python benchmarks/batch_levers.py --models /tmp/speed_models --repeats 3
 """
