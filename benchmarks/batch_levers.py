@@ -16,10 +16,8 @@ threads, each on its own stream.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import subprocess
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -27,6 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_vs_release import device_name, git_commit  # noqa: E402
 
 LEVERS = ("unet-batch", "decode-encode", "tagger")
 # RAM Swin-L 384 (the release's config_swinL_384.json and q2l_config.json): the tagging network's sizes
@@ -141,10 +142,8 @@ def main() -> None:
     def decode():
         return vae.decode(latents[:1]).sample
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    print(f"# batch_levers {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, {machine}, "
+    print(f"# batch_levers {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit()}, "
+          f"{device_name(args.device)}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {args.dtype}, {args.size} px images / {side} px latents, "
           f"{args.repeats} repeats interleaved after one warm-up each")
     print("| lever | today: s per image (median) | lever: s per image (median) | lever / today | "
