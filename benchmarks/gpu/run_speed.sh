@@ -100,11 +100,17 @@ run() {  # method sides extra-args...: one speed_vs_release.py run (its cases in
     shift 2
     [ "$method" = osediff ] && checkout=$CARRY/OSEDiff && set -- "$@" --release-merge-lora
     # (OSEDiff's release merges its LoRA in its own timing script, test_inference_time.py: its fastest path)
-    enough "$method: $*" || return 0
-    echo "== $method: $sides; $*" | tee -a "$RESULTS"
-    timeout "$(left)" "$PYTHON" benchmarks/speed_vs_release.py --method "$method" --device cuda \
+    timed_run "$method: $sides; $*" benchmarks/speed_vs_release.py --method "$method" --device cuda \
         --release-checkout "$checkout" --release-python "$PYTHON" --release-path "$RELEASE_SITE" \
-        --release-dtype fp16 --models "$WORK/models" --sides $sides "$@" 2>&1 | tee -a "$RESULTS"
+        --release-dtype fp16 --models "$WORK/models" --sides $sides "$@"
+}
+
+timed_run() {  # title script-and-arguments...: one benchmark script, cut at the time left, its output in the results
+    local title=$1
+    shift
+    enough "$title" || return 0
+    echo "== $title" | tee -a "$RESULTS"
+    timeout "$(left)" "$PYTHON" "$@" 2>&1 | tee -a "$RESULTS"
     echo "(exit ${PIPESTATUS[0]}, $(( $(date +%s) - START )) s since the start)" | tee -a "$RESULTS"
 }
 
@@ -134,10 +140,8 @@ for step in $STEPS; do
             done ;;
         batching)
             release_setup || exit 1
-            echo "== batching: benchmarks/batch_levers.py" | tee -a "$RESULTS"
-            timeout "$(left)" "$PYTHON" benchmarks/batch_levers.py --models "$WORK/models" --device cuda \
-                --dtype float16 --images 4 --repeats "$REPEATS" 2>&1 | tee -a "$RESULTS"
-            echo "(exit ${PIPESTATUS[0]}, $(( $(date +%s) - START )) s since the start)" | tee -a "$RESULTS" ;;
+            timed_run "batching: benchmarks/batch_levers.py" benchmarks/batch_levers.py --models "$WORK/models" \
+                --device cuda --dtype float16 --images 4 --repeats "$REPEATS" ;;
         *) echo "unknown step $step (speed, tests, compile-tests, levers, large, batching)" >&2; exit 2 ;;
     esac
 done
